@@ -1,0 +1,210 @@
+"""Local training at a site: DP-SGD with Opacus, or plain SGD for a baseline.
+
+`private_training` is the one call that turns a module, optimizer and dataset
+into their DP counterparts (Poisson sampling, per-example clipping, Gaussian
+noise), in the spirit of Opacus' `make_private`, but with the exact sample
+rate of the federation's plan and hooks that are removed again afterwards, so
+the worker's resident model stays a plain model between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.model import ModelBundle, Prepared
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    steps: int
+    sample_rate: float
+    optimizer: str
+    learning_rate: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_physical_batch: int = 64
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    loss: float
+    steps: int
+    examples_seen: int
+
+
+def make_optimizer(params, plan: LocalPlan) -> torch.optim.Optimizer:
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=plan.learning_rate, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    if plan.optimizer == "adam":
+        return torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    if plan.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    raise ValueError(f"train.optimizer: unknown optimizer '{plan.optimizer}'")
+
+
+@contextlib.contextmanager
+def private_training(
+    bundle: ModelBundle,
+    dataset: torch.utils.data.Dataset,
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    *,
+    sample_rate: float,
+    dp: DpSettings,
+    max_physical_batch: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[Iterator, torch.optim.Optimizer, Callable]]:
+    """Yields (batches, DP optimizer, loss function); removes Opacus' hooks on exit."""
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    head = bundle.mode == "head"
+    loader = DPDataLoader(
+        dataset,
+        sample_rate=sample_rate,
+        collate_fn=bundle.collate_fn(),
+        generator=generator,
+        # An empty Poisson batch would crash a transformer; Opacus then feeds
+        # one random, data-independent example instead (privacy unaffected).
+        rand_on_empty=not head,
+    )
+    # Ghost clipping never materialises per-example gradients of the encoder.
+    mode = "ghost" if bundle.mode == "full" else "hooks"
+    with warnings.catch_warnings():
+        # We pass our own generator; Opacus warns that it is not its secure RNG.
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant="prv")
+    prepared = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=False,  # `loader` already samples with the plan's exact rate
+        grad_sample_mode=mode,
+        noise_generator=generator,
+        wrap_model=False,
+    )
+    if mode == "ghost":
+        hooks, dp_optimizer, criterion, dp_loader = prepared
+    else:
+        hooks, dp_optimizer, dp_loader = prepared
+        criterion = nn.CrossEntropyLoss()
+    # Opacus derives the batch size from 1/len(loader); the plan's is exact.
+    dp_optimizer.expected_batch_size = sample_rate * len(dataset)
+    try:
+        if head:
+            yield iter(_cycle(dp_loader)), dp_optimizer, criterion
+        else:
+            with BatchMemoryManager(
+                data_loader=dp_loader, max_physical_batch_size=max_physical_batch, optimizer=dp_optimizer
+            ) as physical:
+                yield iter(_cycle(physical)), dp_optimizer, criterion
+    finally:
+        hooks.cleanup()
+        for p in module.parameters():
+            for attr in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+
+
+def _cycle(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def train_local(
+    bundle: ModelBundle,
+    prepared: Prepared,
+    plan: LocalPlan,
+    *,
+    dp: DpSettings | None,
+    seed: int,
+    anchor: Mapping[str, np.ndarray] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> LocalResult:
+    """Runs `plan.steps` optimizer steps on the bundle's resident model, in place."""
+    module = bundle.trainable_module()
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, plan)
+    generator = torch.Generator().manual_seed(seed)
+    dataset = prepared.dataset()
+    anchors = _anchors(module, anchor) if plan.proximal_mu > 0 and anchor is not None else []
+
+    losses: list[float] = []
+    steps = 0
+    if dp is not None:
+        with private_training(
+            bundle, dataset, optimizer, module,
+            sample_rate=plan.sample_rate, dp=dp, max_physical_batch=plan.max_physical_batch, generator=generator,
+        ) as (batches, dp_optimizer, criterion):
+            while steps < plan.steps:
+                batch = next(batches)
+                logits = bundle.logits(module, batch)
+                loss = criterion(logits, bundle.targets(batch).to(bundle.device))
+                loss.backward()
+                dp_optimizer.step()
+                stepped = not dp_optimizer._is_last_step_skipped
+                dp_optimizer.zero_grad()
+                if len(bundle.targets(batch)):
+                    losses.append(float(loss.detach()))
+                if stepped:
+                    steps += 1
+                    _proximal_step(anchors, plan)
+                    if on_step:
+                        on_step(steps)
+    else:
+        batch_size = max(1, round(plan.sample_rate * len(dataset)))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=bundle.collate_fn()
+        )
+        batches = iter(_cycle(loader))
+        while steps < plan.steps:
+            batch = next(batches)
+            loss = nn.functional.cross_entropy(bundle.logits(module, batch), bundle.targets(batch).to(bundle.device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            steps += 1
+            _proximal_step(anchors, plan)
+            if on_step:
+                on_step(steps)
+    mean_loss = float(np.mean(losses)) if losses else math.nan
+    return LocalResult(loss=mean_loss, steps=steps, examples_seen=len(dataset))
+
+
+def _anchors(module: nn.Module, anchor: Mapping[str, np.ndarray]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, global value) pairs for FedProx; the module's names are the model's."""
+    return [
+        (p, torch.as_tensor(anchor[name], device=p.device))
+        for name, p in module.named_parameters()
+        if p.requires_grad and name in anchor
+    ]
+
+
+@torch.no_grad()
+def _proximal_step(anchors: list[tuple[nn.Parameter, torch.Tensor]], plan: LocalPlan) -> None:
+    # FedProx's pull towards the global model, applied after the private step:
+    # it touches no data, so it is post-processing and costs no privacy.
+    for p, global_value in anchors:
+        p.sub_(plan.learning_rate * plan.proximal_mu * (p - global_value))

@@ -1,0 +1,286 @@
+"""The run configuration: one validated model shared by every role.
+
+The same settings reach the aggregator and every site as a Flower *run config*,
+which only carries flat scalar values. `to_run_config` / `from_run_config`
+translate between the two, so a setting has one name and one default
+everywhere: in a fedpriv TOML file, on the command line, in the pyproject's
+`[tool.flwr.app.config]` and inside the apps.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "builtin:banking77/train.csv",
+        description="Dataset split into sites by the simulation (a site agent reads its own file instead).",
+    )
+    test_path: str = Field(
+        "builtin:banking77/test.csv",
+        description="Test set held by the aggregator for central evaluation; empty for none.",
+    )
+    text_column: str = "text"
+    label_column: str = "category"
+    labels: str = Field(
+        "builtin:banking77/categories.json",
+        description="The federation's fixed label set: a .json list or .txt file (one label per line), or an inline JSON list.",
+    )
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    min_rows: int = Field(10, ge=1, description="A site with fewer usable rows is refused.")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "builtin:all-MiniLM-L6-v2",
+        description="Hugging Face encoder: a local model directory, a cached hub id, or builtin:all-MiniLM-L6-v2.",
+    )
+    mode: Literal["head", "lora", "full"] = Field(
+        "head",
+        description="head: frozen encoder, train the classifier; lora: LoRA adapters + classifier; full: every weight.",
+    )
+    feature_scale: float = Field(
+        4.0, gt=0.0, description="Length of the normalised sentence embedding fed to the classifier."
+    )
+    head_init: Literal["label-names", "zeros"] = Field(
+        "label-names",
+        description="Start the classifier from the embeddings of the label names (public) or from zeros.",
+    )
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: str = Field("query,value", description="Comma-separated module names that get adapters.")
+
+
+class TrainConfig(_Section):
+    local_epochs: float = Field(3.0, gt=0.0, description="Passes over the site's data per round (expected).")
+    sample_rate: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Chance that each example is in a step's batch (Poisson sampling); expected batch = rate x rows.",
+    )
+    max_physical_batch: int = Field(
+        64, ge=1, description="Largest batch run through the model at once; bigger logical batches are split."
+    )
+    optimizer: Literal["auto", "sgd", "adam", "adamw"] = "auto"
+    learning_rate: float = Field(0.0, ge=0.0, description="0 picks the mode's tuned default.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = Field(True, description="false trains without DP (a non-private baseline).")
+    target_epsilon: float = Field(8.0, gt=0.0, description="Each site's epsilon after all planned rounds.")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float = Field(
+        0.0, ge=0.0, description="0 derives it from target-epsilon over the planned rounds."
+    )
+    max_grad_norm: float = Field(0.5, gt=0.0, description="Per-example gradient clipping norm.")
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+class StrategyConfig(_Section):
+    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_sites: int = Field(2, ge=1, description="Sites that must be connected before a round starts.")
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight.")
+    server_learning_rate: float = Field(0.1, gt=0.0, description="FedAdam eta.")
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+    tail_average: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Average the global models of this last fraction of rounds into the final model (free under DP).",
+    )
+    round_timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for the sites in a round.")
+
+
+class SimulationConfig(_Section):
+    sites: int = Field(10, ge=1)
+    partitioner: Literal["iid", "dirichlet", "column"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration: smaller means more label skew.")
+    column: str = Field("", description="For partitioner=column: the column whose values are the sites.")
+    cpus_per_site: float = Field(1.0, gt=0.0)
+    gpus_per_site: float = Field(0.0, ge=0.0)
+
+
+# Tuned per mode (bench/README.md): plain SGD suits the DP linear head on
+# normalised features; adapters and full fine-tuning need Adam's per-weight scale.
+_MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("adamw", 5e-5)}
+
+
+class FedprivConfig(_Section):
+    rounds: int = Field(30, ge=1)
+    seed: int = 42
+    run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
+    central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _inline_label_list(cls, value: Any) -> Any:
+        # A TOML file may list the labels; the run config needs one string.
+        if isinstance(value, Mapping) and isinstance(value.get("labels"), list):
+            value = dict(value)
+            value["labels"] = json.dumps([str(v) for v in value["labels"]])
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FedprivConfig":
+        if self.simulation.partitioner == "column" and not self.simulation.column:
+            raise ValueError("simulation.column must name a column when simulation.partitioner is 'column'")
+        return self
+
+    def optimizer_settings(self) -> tuple[str, float]:
+        """The optimizer and learning rate to use, with 'auto'/0 resolved per mode."""
+        name, rate = _MODE_OPTIMIZERS[self.model.mode]
+        if self.train.optimizer != "auto":
+            name = self.train.optimizer
+        return name, self.train.learning_rate or rate
+
+    # -- Flower run config -------------------------------------------------
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        return flatten(self.model_dump(by_alias=True))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedprivConfig":
+        return parse_config(unflatten(dict(run_config)), source="run config")
+
+    def replace(self, **dotted: Any) -> "FedprivConfig":
+        """A copy with `section.key=value` overrides applied and validated again."""
+        return apply_overrides(self, dotted)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node[leaf] = value
+    return tree
+
+
+def _describe(error: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{field}: {message}")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def parse_config(tree: Mapping[str, Any], source: str = "configuration") -> FedprivConfig:
+    try:
+        return FedprivConfig.model_validate(tree)
+    except ValidationError as error:
+        raise _describe(error, source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedprivConfig:
+    """Read a TOML config file (optional) and apply `section.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        # A fedpriv file may keep its settings under [fedpriv] next to other tools' tables.
+        tree = tree.get("fedpriv", tree)
+    config = parse_config(tree, source)
+    return apply_overrides(config, parse_overrides(overrides))
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings; values are read as TOML (so 3, 0.5, true, "x")."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word is a string
+        parsed[key] = value
+    return parsed
+
+
+def apply_overrides(config: FedprivConfig, overrides: Mapping[str, Any]) -> FedprivConfig:
+    if not overrides:
+        return config
+    flat = config.to_run_config()
+    for key, value in overrides.items():
+        key = _kebab(key)
+        if key not in flat:
+            raise ConfigError(f"{key}: unknown setting (see `fedpriv config show` for every setting)")
+        flat[key] = value
+    return parse_config(unflatten(flat), "overrides")
+
+
+def settings_table(config: FedprivConfig | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted name, value, description) for every setting, for docs and `config show`."""
+    config = config or FedprivConfig()
+    rows = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = f"{prefix}{_kebab(name)}"
+            if isinstance(value, BaseModel):
+                walk(value, f"{key}.")
+            else:
+                rows.append((key, value, field.description or ""))
+
+    walk(config, "")
+    return rows

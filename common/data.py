@@ -1,0 +1,240 @@
+"""Site data: reading a table, checking it against the federation's labels.
+
+Every problem is reported as a `DataError` naming the file, the column and the
+(1-based) row, before any training starts — a site operator must be able to
+fix their export without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.resources import resolve_path
+
+SUPPORTED = {".csv": "CSV", ".jsonl": "JSONL", ".json": "JSONL", ".parquet": "Parquet"}
+
+
+class DataError(ValueError):
+    """Bad site data; the message names the file, column and row."""
+
+    def __init__(self, path: str | Path, message: str, *, column: str | None = None, row: int | None = None):
+        self.path, self.column, self.row = str(path), column, row
+        where = [self.path]
+        if column is not None:
+            where.append(f"column '{column}'")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The federation's labels in a fixed order; a label's id is its position."""
+
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("the label set is empty")
+        seen: set[str] = set()
+        for name in self.names:
+            if name in seen:
+                raise ValueError(f"label '{name}' appears twice in the label set")
+            seen.add(name)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> str:
+        return json.dumps(list(self.names))
+
+    @classmethod
+    def load(cls, spec: str) -> "LabelSet":
+        """From an inline JSON list, a .json list file, or a text file with one label per line."""
+        text = spec.strip()
+        if text.startswith("["):
+            source, raw = "data.labels", text
+        else:
+            path = resolve_path(spec)
+            source = str(path)
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise DataError(path, "labels file not found (data.labels)") from None
+            except UnicodeDecodeError as error:
+                raise DataError(path, f"labels file is not UTF-8 text ({error.reason})") from None
+            if path.suffix != ".json":
+                names = [line.strip() for line in raw.splitlines() if line.strip()]
+                return cls._checked(names, source)
+        try:
+            names = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise DataError(source, f"labels are not a JSON list: {error}") from None
+        if not isinstance(names, list):
+            raise DataError(source, "labels must be a JSON list of strings")
+        return cls._checked([str(n) for n in names], source)
+
+    @classmethod
+    def _checked(cls, names: list[str], source: str) -> "LabelSet":
+        try:
+            return cls(tuple(names))
+        except ValueError as error:
+            raise DataError(source, str(error)) from None
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer labels (ids into the federation's `LabelSet`)."""
+
+    texts: list[str]
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: np.ndarray) -> "TextDataset":
+        return TextDataset([self.texts[i] for i in indices], self.labels[indices], self.source)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    kind = SUPPORTED.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(path, f"unsupported file type '{path.suffix}' (use .csv, .jsonl or .parquet)")
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    if kind == "Parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as error:  # pyarrow raises many types for a bad file
+            raise DataError(path, f"cannot read Parquet: {error}") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        row = line - 1 if kind == "CSV" else line  # CSV line 1 is the header
+        raise DataError(path, f"text is not valid UTF-8 (byte {error.start}, line {line})", row=row) from None
+    if not text.strip():
+        raise DataError(path, "file is empty")
+    if kind == "CSV":
+        try:
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[])
+        except pd.errors.ParserError as error:
+            raise DataError(path, f"malformed CSV: {error}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(path, f"line is not JSON: {error.msg}", row=number) from None
+        if not isinstance(record, dict):
+            raise DataError(path, "each line must be a JSON object", row=number)
+        record["__row__"] = number
+        rows.append(record)
+    return pd.DataFrame(rows)
+
+
+def read_columns(path: str | Path, columns: list[str]) -> tuple[pd.DataFrame, list[int]]:
+    """The named columns of a table, with each row's 1-based number in the file."""
+    path = Path(path)
+    frame = _read_table(path)
+    if len(frame) == 0:
+        raise DataError(path, "file has no data rows")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        found = ", ".join(str(c) for c in frame.columns if c != "__row__") or "none"
+        raise DataError(path, f"missing column (found: {found})", column=missing[0])
+    numbers = frame["__row__"].tolist() if "__row__" in frame.columns else list(range(1, len(frame) + 1))
+    return frame[columns], numbers
+
+
+def _as_text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if not isinstance(value, str):
+        return None
+    return value
+
+
+def load_dataset(
+    path: str | Path,
+    labels: LabelSet,
+    text_column: str,
+    label_column: str,
+    min_rows: int = 1,
+) -> TextDataset:
+    """Read and validate a site's table; any bad row stops with a `DataError`."""
+    path = resolve_path(str(path))
+    frame, numbers = read_columns(path, [text_column, label_column])
+    index = labels.index
+    texts: list[str] = []
+    ids: list[int] = []
+    for number, text, label in zip(numbers, frame[text_column], frame[label_column]):
+        clean = _as_text(text)
+        if clean is None:
+            raise DataError(path, f"expected text, got {type(text).__name__} {text!r:.40}", column=text_column, row=number)
+        if "\ufffd" in clean:
+            raise DataError(path, "text contains undecodable characters (U+FFFD)", column=text_column, row=number)
+        if not clean.strip():
+            raise DataError(path, "empty text", column=text_column, row=number)
+        name = _as_text(label)
+        if name is None and isinstance(label, (int, np.integer)):
+            name = str(label)
+        if name is None or not name.strip():
+            raise DataError(path, "missing label", column=label_column, row=number)
+        name = name.strip()
+        if name not in index:
+            raise DataError(
+                path,
+                f"unknown label '{name}' (not one of the federation's {len(labels)} labels)",
+                column=label_column,
+                row=number,
+            )
+        texts.append(clean)
+        ids.append(index[name])
+    if len(texts) < min_rows:
+        raise DataError(path, f"too few rows: {len(texts)} (at least {min_rows} needed, data.min-rows)")
+    return TextDataset(texts, np.asarray(ids, dtype=np.int64), str(path))
+
+
+def read_column(path: str | Path, column: str) -> list[str]:
+    """One column as strings (the natural partition column of a simulation)."""
+    path = resolve_path(str(path))
+    frame, numbers = read_columns(path, [column])
+    values = []
+    for number, value in zip(numbers, frame[column]):
+        text = _as_text(value)
+        if text is None and isinstance(value, (int, np.integer)):
+            text = str(value)
+        if text is None or not text.strip():
+            raise DataError(path, "missing value", column=column, row=number)
+        values.append(text.strip())
+    return values
+
+
+def split_validation(dataset: TextDataset, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+    """A fixed (seeded) train/validation split; validation is empty for fraction 0."""
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    count = int(round(fraction * len(dataset)))
+    if fraction > 0 and len(dataset) >= 2:
+        count = min(max(count, 1), len(dataset) - 1)
+    return dataset.subset(order[count:]), dataset.subset(order[:count])

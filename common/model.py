@@ -1,0 +1,306 @@
+"""Building the classifier for a fine-tuning mode, and moving its federated state.
+
+Only the *federated state* travels between a site and the aggregator: the
+trainable weights (classifier, LoRA adapters, or everything in `full` mode)
+plus the fixed feature centre. The frozen base never leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.batching import PadCollator, TokenDataset, encode, length_batches
+from common.config import FedprivConfig
+from common.data import LabelSet, TextDataset
+from common.features import FeatureCache, model_fingerprint
+from common.modeling_fedpriv import FedprivConfig as HFConfig
+from common.modeling_fedpriv import FedprivForSequenceClassification
+from common.resources import resolve_model
+
+CENTER = "norm.center"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def default_device() -> torch.device:
+    wanted = os.environ.get("FEDPRIV_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Head(nn.Module):
+    """The trainable end of the model in `head` mode: features -> logits."""
+
+    def __init__(self, model: FedprivForSequenceClassification):
+        super().__init__()
+        self.norm, self.classifier = model.norm, model.classifier
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(pooled))
+
+
+@dataclass
+class Prepared:
+    """A dataset in the form the model trains on: pooled embeddings (head) or token ids."""
+
+    labels: torch.Tensor
+    features: torch.Tensor | None = None
+    token_ids: list[list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        if self.features is not None:
+            return torch.utils.data.TensorDataset(self.features, self.labels)
+        return TokenDataset(self.token_ids, self.labels)
+
+
+@dataclass
+class ModelBundle:
+    """The resident model of a worker: built once, its federated state swapped per call."""
+
+    model: FedprivForSequenceClassification
+    tokenizer: object
+    mode: str
+    max_length: int
+    fingerprint: str
+    device: torch.device
+    cache: FeatureCache | None = None
+    _names: list[str] = field(default_factory=list)
+
+    # -- federated state ------------------------------------------------
+
+    @property
+    def state_names(self) -> list[str]:
+        if not self._names:
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            self._names = names + [CENTER]
+        return self._names
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        tensors = dict(self.model.named_parameters())
+        tensors[CENTER] = self.model.norm.center
+        return {n: tensors[n].detach().cpu().numpy().copy() for n in self.state_names}
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        expected = set(self.state_names)
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            extra = sorted(set(state) - expected)[:3]
+            raise ModelError(
+                f"federated state does not fit this model (mode={self.mode}): missing {missing}, unexpected {extra}"
+            )
+        tensors = dict(self.model.named_parameters())
+        tensors[CENTER] = self.model.norm.center
+        with torch.no_grad():
+            for name in self.state_names:
+                value = torch.as_tensor(np.asarray(state[name]))
+                if value.shape != tensors[name].shape:
+                    raise ModelError(f"federated state '{name}': shape {tuple(value.shape)}, model has {tuple(tensors[name].shape)}")
+                tensors[name].copy_(value)
+
+    # -- data ---------------------------------------------------------------
+
+    def prepare(self, data: TextDataset) -> Prepared:
+        labels = torch.as_tensor(data.labels, dtype=torch.long)
+        token_ids = encode(self.tokenizer, data.texts, self.max_length)
+        if self.mode != "head":
+            return Prepared(labels, token_ids=token_ids)
+        features = self.cache.get(self.fingerprint, token_ids) if self.cache else None
+        if features is None:
+            features = self.embed(token_ids)
+            if self.cache:
+                self.cache.put(self.fingerprint, token_ids, features)
+        return Prepared(labels, features=features)
+
+    @torch.no_grad()
+    def embed(self, token_ids: list[list[int]], batch_size: int = 128) -> torch.Tensor:
+        """Pooled embeddings of the frozen encoder (before the feature norm)."""
+        encoder_mode = self.model.training
+        self.model.eval()
+        collate = PadCollator(self.tokenizer.pad_token_id or 0)
+        out = torch.zeros((len(token_ids), self.model.config.encoder.hidden_size))
+        for rows in length_batches(token_ids, batch_size):
+            batch = collate([(token_ids[i], 0) for i in rows])
+            pooled = self.model.embed(
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                batch["token_type_ids"].to(self.device),
+                batch["position_ids"].to(self.device),
+            )
+            out[rows] = pooled.float().cpu()
+        self.model.train(encoder_mode)
+        return out
+
+    def trainable_module(self) -> nn.Module:
+        """What DP-SGD wraps: the head alone in `head` mode, else the whole model."""
+        return Head(self.model) if self.mode == "head" else self.model
+
+    def logits(self, module: nn.Module, batch) -> torch.Tensor:
+        if self.mode == "head":
+            features, _ = batch
+            return module(features.to(self.device))
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        return module(**inputs).logits
+
+    @staticmethod
+    def targets(batch) -> torch.Tensor:
+        return batch[1] if isinstance(batch, (list, tuple)) else batch["labels"]
+
+    def collate_fn(self):
+        return None if self.mode == "head" else PadCollator(self.tokenizer.pad_token_id or 0)
+
+    @torch.no_grad()
+    def evaluate(self, prepared: Prepared, batch_size: int = 256) -> dict[str, float]:
+        """Loss and accuracy of the current weights on a prepared dataset."""
+        if len(prepared) == 0:
+            return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0}
+        was_training = self.model.training
+        self.model.eval()
+        module = self.trainable_module()
+        total_loss, correct = 0.0, 0
+        if prepared.features is not None:
+            batches = (
+                (prepared.features[i : i + batch_size], prepared.labels[i : i + batch_size])
+                for i in range(0, len(prepared), batch_size)
+            )
+        else:
+            collate = self.collate_fn()
+            batches = (
+                collate([(prepared.token_ids[i], int(prepared.labels[i])) for i in rows])
+                for rows in length_batches(prepared.token_ids, batch_size // 4 or 1)
+            )
+        for batch in batches:
+            logits = self.logits(module, batch)
+            target = self.targets(batch).to(self.device)
+            total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(-1) == target).sum().item()
+        self.model.train(was_training)
+        return {"loss": total_loss / len(prepared), "accuracy": correct / len(prepared), "num-examples": len(prepared)}
+
+    # -- export ---------------------------------------------------------------
+
+    def export(self, directory: str | Path) -> Path:
+        """A plain transformers model dir: base + merged adapters + head + label map."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if self.mode == "lora":
+            import copy
+
+            model = copy.deepcopy(self.model)
+            model.encoder = model.encoder.merge_and_unload()
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+        return directory
+
+
+def build_model(
+    config: FedprivConfig,
+    labels: LabelSet,
+    *,
+    device: torch.device | None = None,
+    cache: FeatureCache | None = None,
+) -> ModelBundle:
+    from transformers import AutoModel, AutoTokenizer
+
+    source = resolve_model(config.model.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        base = AutoModel.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name: cannot load '{config.model.name}' ({source}): {error}") from None
+    device = device or default_device()
+    hf_config = HFConfig(
+        encoder=base.config.to_dict(),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels.names)),
+        label2id=labels.index,
+        feature_scale=config.model.feature_scale,
+    )
+    model = FedprivForSequenceClassification(hf_config)
+    model.encoder = base
+    model.to(device)  # before peft: adapters created off-device corrupt DP updates (opacus#820)
+    mode = config.model.mode
+    if mode in ("head", "lora"):
+        base.requires_grad_(False)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in config.model.lora_targets.split(",") if t.strip()]
+        lora = LoraConfig(
+            r=config.model.lora_rank,
+            lora_alpha=config.model.lora_alpha,
+            lora_dropout=config.model.lora_dropout,
+            target_modules=targets,
+        )
+        try:
+            model.encoder = get_peft_model(base, lora)
+        except ValueError as error:
+            raise ModelError(f"model.lora-targets: {error}") from None
+    if mode == "full":
+        _freeze_unused(model, tokenizer, device)
+    # Dropout would make cached features and per-round evaluation inconsistent;
+    # DP noise already regularises.
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.train()
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        mode=mode,
+        max_length=config.data.max_length,
+        fingerprint=model_fingerprint(source, config.data.max_length),
+        device=device,
+        cache=cache,
+    )
+
+
+def _freeze_unused(model: FedprivForSequenceClassification, tokenizer, device: torch.device) -> None:
+    """Freeze weights the classifier never uses (e.g. BERT's pooler).
+
+    They would travel for nothing, and DP clipping needs a gradient for every
+    trainable weight.
+    """
+    ids = torch.as_tensor([encode(tokenizer, ["probe"], 8)[0]], device=device)
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids).logits.sum().backward()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def label_name_state(bundle: ModelBundle, labels: LabelSet) -> dict[str, np.ndarray]:
+    """Initial state from public information only: the label names.
+
+    The centre is the mean embedding of the names and each class starts at its
+    name's normalised embedding, a zero-shot classifier that DP training refines.
+    """
+    names = [name.replace("_", " ").replace("-", " ") for name in labels.names]
+    pooled = bundle.embed(encode(bundle.tokenizer, names, bundle.max_length))
+    unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    center = unit.mean(dim=0)
+    bundle.model.norm.center.copy_(center)
+    # Rows are the names' features: logits start as scale^2 x cosine similarity.
+    bundle.model.classifier.weight.copy_(bundle.model.norm(pooled))
+    bundle.model.classifier.bias.zero_()
+    return bundle.get_state()

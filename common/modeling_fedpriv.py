@@ -1,0 +1,99 @@
+"""A text classifier: any Hugging Face encoder, mean pooling, a linear head.
+
+This file is self-contained (torch and transformers only) because it is copied
+next to every exported model: `AutoModelForSequenceClassification.from_pretrained(
+dir, trust_remote_code=True)` then loads and predicts with plain transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class FedprivConfig(PreTrainedConfig):
+    model_type = "fedpriv-classifier"
+    sub_configs_defaults = {"encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+
+    encoder: PreTrainedConfig | dict | None = None
+    feature_scale: float = 4.0
+
+
+class FeatureNorm(nn.Module):
+    """Normalise, centre, normalise again and scale a sentence embedding.
+
+    The centre is fixed (not trained): fedpriv sets it from public information
+    (the label names) so it costs no privacy. Features of one fixed length
+    bound every example's gradient on the head, which keeps DP clipping gentle.
+    """
+
+    def __init__(self, hidden_size: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("center", torch.zeros(hidden_size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        centred = unit - self.center
+        return self.scale * centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class FedprivForSequenceClassification(PreTrainedModel):
+    config_class = FedprivConfig
+    base_model_prefix = "encoder"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: FedprivConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder)
+        hidden = config.encoder.hidden_size
+        self.norm = FeatureNorm(hidden, config.feature_scale)
+        self.classifier = nn.Linear(hidden, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "classifier", None):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
+        """The pooled sentence embedding (before `norm`)."""
+        if token_type_ids is None and getattr(self.encoder.config, "type_vocab_size", 0):
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        ).last_hidden_state
+        return self.mean_pool(hidden, attention_mask)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(pooled))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.head(self.embed(input_ids, attention_mask, token_type_ids, position_ids))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+FedprivConfig.register_for_auto_class()
+FedprivForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

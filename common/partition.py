@@ -1,0 +1,64 @@
+"""Splitting one dataset into simulated sites.
+
+Deterministic for a seed, so every simulation worker computes the same split
+on its own and only the partition id has to travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class PartitionError(ValueError):
+    pass
+
+
+def iid(num_rows: int, sites: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return [np.sort(part) for part in np.array_split(order, sites)]
+
+
+def dirichlet(
+    labels: np.ndarray, sites: int, alpha: float, seed: int, min_rows: int = 1, attempts: int = 100
+) -> list[np.ndarray]:
+    """Label skew: each label's rows are shared among sites in Dirichlet(alpha) proportions.
+
+    Draws again (same seed stream) until every site has `min_rows`, as
+    flwr-datasets' DirichletPartitioner does; gives up with a clear error.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(attempts):
+        parts: list[list[np.ndarray]] = [[] for _ in range(sites)]
+        for label in classes:
+            rows = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(sites, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(int)
+            for site, chunk in enumerate(np.split(rows, cuts)):
+                parts[site].append(chunk)
+        result = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in result) >= min_rows:
+            return result
+    raise PartitionError(
+        f"simulation.alpha={alpha} with {sites} sites leaves some site with fewer than "
+        f"{min_rows} rows of {len(labels)} (data.min-rows); raise alpha or lower the number of sites"
+    )
+
+
+def by_column(values: Sequence[str], sites: int) -> tuple[list[np.ndarray], list[str]]:
+    """One site per distinct value of a column (e.g. a department); sorted by value."""
+    names = sorted(set(values))
+    if len(names) != sites:
+        raise PartitionError(
+            f"simulation.column has {len(names)} distinct values but simulation.sites={sites}; "
+            "set simulation.sites to the number of values"
+        )
+    column = np.asarray(values)
+    return [np.flatnonzero(column == name) for name in names], names
+
+
+def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_labels: int) -> np.ndarray:
+    """Rows per (site, label): the skew a simulation actually has."""
+    return np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])

@@ -1,0 +1,144 @@
+"""The run directory: what a run leaves behind, in one place, append-only.
+
+    config.toml              the resolved configuration of the run
+    metrics.jsonl            one JSON object per event (site updates, evaluations)
+    checkpoints/             federated state after each round (safetensors)
+    model/                   the exported global model (plain transformers)
+    plots/                   accuracy and epsilon per round (PNG)
+    summary.json             final numbers
+
+The aggregator writes it; the simulation harness and `fedpriv` commands read
+it, so it lives in `common`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+PLOTS = "plots"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no inf/nan; absent epsilon means "not private"
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Appends one complete line and flushes it to disk before returning."""
+    line = json.dumps(_jsonable(record), sort_keys=False) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Complete lines only: a line cut short by a crash is skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path | None) -> "RunDirectory":
+        if not path:
+            path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run = cls(Path(path).expanduser().resolve())
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / CHECKPOINTS).mkdir(exist_ok=True)
+        return run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS
+
+    def log(self, kind: str, **fields: Any) -> None:
+        append_jsonl(self.metrics_path, {"kind": kind, "time": round(time.time(), 3), **fields})
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in read_jsonl(self.metrics_path) if kind is None or e.get("kind") == kind]
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_atomic(self.path / SUMMARY, json.dumps(_jsonable(summary), indent=2))
+
+    def summary(self) -> dict[str, Any] | None:
+        path = self.path / SUMMARY
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def summarize(run: RunDirectory) -> dict[str, Any]:
+    """The run's headline numbers, derived only from its recorded events."""
+    central = {e["round"]: e for e in run.events("central-evaluate")}
+    federated = {e["round"]: e for e in run.events("federated-evaluate")}
+    epsilons: dict[str, dict[int, float | None]] = {}
+    examples: dict[str, int] = {}
+    for e in run.events("site-train"):
+        epsilons.setdefault(e["site"], {})[e["round"]] = e.get("epsilon")
+        examples[e["site"]] = e.get("num-examples", 0)
+    start = run.events("run-start")
+    end = run.events("run-end")
+    rounds = sorted({e["round"] for e in run.events("round-end")})
+    last_central = central[max(central)] if central else None
+    return {
+        "rounds-completed": len(rounds),
+        "seconds": end[-1]["seconds"] if end else None,
+        "started": start[0]["time"] if start else None,
+        "central-accuracy": last_central["accuracy"] if last_central else None,
+        "central-accuracy-by-round": {r: e["accuracy"] for r, e in sorted(central.items())},
+        "federated-accuracy-by-round": {r: e.get("accuracy") for r, e in sorted(federated.items())},
+        "sites": {
+            site: {
+                "epsilon": by_round[max(by_round)],
+                "epsilon-by-round": dict(sorted(by_round.items())),
+                "train-examples": examples.get(site, 0),
+            }
+            for site, by_round in sorted(epsilons.items())
+        },
+    }

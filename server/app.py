@@ -1,0 +1,38 @@
+"""The fedpriv ServerApp: the same app in simulation and in a real deployment."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import FedprivConfig
+from common.data import LabelSet
+from common.rundir import RunDirectory
+from server.federation import Federation
+from server.global_model import GlobalModel
+from server.strategy import build_strategy
+from server.summary import write_run_config, write_summary
+
+log = logging.getLogger("fedpriv.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = FedprivConfig.from_run_config(context.run_config)
+    run = RunDirectory.create(config.run_dir)
+    write_run_config(run, config)
+    labels = LabelSet.load(config.data.labels)
+    started = time.time()
+    run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
+    model = GlobalModel(config, labels)
+    federation = Federation(config, grid, build_strategy(config), model, run)
+    final_state = federation.run_rounds()
+    exported = model.export(final_state, run.model_dir)
+    run.log("run-end", seconds=round(time.time() - started, 3), model=str(exported))
+    write_summary(run)
+    log.info("run finished: %s", run.path)

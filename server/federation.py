@@ -1,0 +1,152 @@
+"""The aggregator's round loop.
+
+Flower's `Strategy.start` runs a fixed loop with no place to checkpoint, to
+resume or to look at each site's reply, so fedpriv drives the strategy's
+configure/aggregate steps itself: every round ends with its events in the run
+directory and a checkpoint on disk, and a restarted aggregator continues from
+the last completed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.config import FedprivConfig
+from common.rundir import RunDirectory
+from common.transport import from_record, to_record
+from server import checkpoint
+from server.global_model import GlobalModel
+from server.strategy import restore_strategy, strategy_state
+
+log = logging.getLogger("fedpriv.server")
+
+
+def site_of(reply: Message) -> str:
+    record = reply.content.config_records.get("site") if not reply.has_error() else None
+    if record is not None and "name" in record:
+        return str(record["name"])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+@dataclass
+class TailAverage:
+    """Running mean of the global models of the last rounds: post-processing, so free under DP."""
+
+    start_round: int
+    mean: dict[str, np.ndarray] = field(default_factory=dict)
+    count: int = 0
+
+    def update(self, server_round: int, state: dict[str, np.ndarray]) -> None:
+        if server_round < self.start_round:
+            return
+        self.count += 1
+        if not self.mean:
+            self.mean = {k: v.astype(np.float64) for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self.mean[k] += (v - self.mean[k]) / self.count
+
+    def release(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model to evaluate and export: the tail average once it has begun."""
+        if not self.count:
+            return state
+        return {k: v.astype(state[k].dtype) for k, v in self.mean.items()}
+
+
+class Federation:
+    def __init__(self, config: FedprivConfig, grid: Grid, strategy: Strategy, model: GlobalModel, run: RunDirectory):
+        self.config, self.grid, self.strategy, self.model, self.run = config, grid, strategy, model, run
+        tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
+        self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
+
+    def _resume_or_start(self) -> tuple[int, dict[str, np.ndarray]]:
+        saved = checkpoint.latest(self.run.checkpoints)
+        if saved is None:
+            state = self.model.initial_state()
+            if self.model.test is not None:
+                self._central(0, state)
+            return 1, state
+        restore_strategy(self.strategy, saved.strategy)
+        self.average.mean, self.average.count = saved.average, saved.averaged_rounds
+        self.run.log("resumed", round=saved.round)
+        log.info("resuming after round %d from %s", saved.round, self.run.checkpoints)
+        return saved.round + 1, saved.state
+
+    def run_rounds(self) -> dict[str, np.ndarray]:
+        first, state = self._resume_or_start()
+        timeout = self.config.strategy.round_timeout
+        for rnd in range(first, self.config.rounds + 1):
+            started = time.time()
+            self.run.log("round-start", round=rnd, rounds=self.config.rounds)
+            arrays = to_record(state)
+            replies = list(
+                self.grid.send_and_receive(
+                    self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid), timeout=timeout
+                )
+            )
+            accepted = self._record_train(rnd, replies)
+            new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
+            if new_arrays is None:
+                log.warning("round %d: no usable site update; the global model is unchanged", rnd)
+            else:
+                state = from_record(new_arrays)
+            self.run.log("train-aggregate", round=rnd, sites=len(accepted), **dict(aggregated or {}))
+            self.average.update(rnd, state)
+            self._federated_evaluation(rnd, to_record(state))
+            every = self.config.central_eval_every
+            if rnd == self.config.rounds or (every and rnd % every == 0):
+                self._central(rnd, self.average.release(state))
+            checkpoint.save(
+                self.run.checkpoints,
+                checkpoint.Checkpoint(
+                    round=rnd,
+                    state=state,
+                    average=self.average.mean,
+                    averaged_rounds=self.average.count,
+                    strategy=strategy_state(self.strategy),
+                ),
+            )
+            self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
+        return self.average.release(state)
+
+    def _record_train(self, rnd: int, replies: list[Message]) -> list[Message]:
+        accepted = []
+        for reply in replies:
+            site = site_of(reply)
+            if reply.has_error():
+                self.run.log("site-error", round=rnd, site=site, reason=reply.error.reason)
+                log.warning("round %d: %s failed: %s", rnd, site, reply.error.reason)
+                continue
+            metrics = dict(next(iter(reply.content.metric_records.values()), {}))
+            self.run.log("site-train", round=rnd, site=site, **metrics)
+            accepted.append(reply)
+        return accepted
+
+    def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> None:
+        messages = list(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
+        if not messages:
+            return
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.run.log("site-error", round=rnd, site=site_of(reply), reason=reply.error.reason, phase="evaluate")
+                continue
+            metrics = dict(next(iter(reply.content.metric_records.values()), {}))
+            self.run.log("site-evaluate", round=rnd, site=site_of(reply), **metrics)
+        aggregated = self.strategy.aggregate_evaluate(rnd, [r for r in replies if not r.has_error()])
+        if aggregated is not None:
+            self.run.log("federated-evaluate", round=rnd, **dict(aggregated))
+
+    def _central(self, rnd: int, state: dict[str, np.ndarray]) -> None:
+        result = self.model.evaluate(state)
+        if result is not None:
+            self.run.log("central-evaluate", round=rnd, **result)
+            log.info("round %d: central accuracy %.4f", rnd, result["accuracy"])

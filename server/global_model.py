@@ -1,0 +1,46 @@
+"""The aggregator's own copy of the model: initial state, central evaluation, export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from common.config import FedprivConfig
+from common.data import LabelSet, load_dataset
+from common.features import FeatureCache
+from common.model import ModelBundle, Prepared, build_model, label_name_state
+
+log = logging.getLogger("fedpriv.server")
+
+
+class GlobalModel:
+    def __init__(self, config: FedprivConfig, labels: LabelSet):
+        self.config = config
+        self.labels = labels
+        self.bundle: ModelBundle = build_model(config, labels, cache=FeatureCache())
+        self.test: Prepared | None = None
+        if config.data.test_path:
+            data = load_dataset(
+                config.data.test_path, labels, config.data.text_column, config.data.label_column, min_rows=1
+            )
+            self.test = self.bundle.prepare(data)
+            log.info("central test set: %d rows from %s", len(data), data.source)
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """Starting weights from public information only (label names), never site data."""
+        state = label_name_state(self.bundle, self.labels)
+        if self.config.model.head_init == "zeros":
+            state["classifier.weight"] = np.zeros_like(state["classifier.weight"])
+        return state
+
+    def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float] | None:
+        if self.test is None:
+            return None
+        self.bundle.set_state(state)
+        return self.bundle.evaluate(self.test)
+
+    def export(self, state: dict[str, np.ndarray], directory: Path) -> Path:
+        self.bundle.set_state(state)
+        return self.bundle.export(directory)

@@ -1,0 +1,69 @@
+"""Flower message-API strategies, configured from the run config."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.config import FedprivConfig
+
+WEIGHT = "num-examples"
+
+
+def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of the sites' metrics; the largest epsilon; total examples.
+
+    Flower's default would average epsilons, which means nothing: a
+    federation's privacy is that of its worst-off site.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = np.array([float(m[weight_key]) for m in metrics])
+    out: dict[str, float | int] = {weight_key: int(weights.sum())}
+    keys = set().union(*(m.keys() for m in metrics)) - {weight_key}
+    for key in sorted(keys):
+        values = np.array([float(m[key]) if key in m else math.nan for m in metrics])
+        if key == "epsilon":
+            out[key] = float(np.max(values))
+        elif weights.sum() > 0 and np.isfinite(values).all():
+            out[key] = float(np.average(values, weights=weights))
+    return MetricRecord(out)
+
+
+def build_strategy(config: FedprivConfig) -> Strategy:
+    s = config.strategy
+    common = dict(
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_sites,
+        min_evaluate_nodes=s.min_sites if s.fraction_evaluate > 0 else 0,
+        min_available_nodes=s.min_sites,
+        weighted_by_key=WEIGHT,
+        train_metrics_aggr_fn=aggregate_site_metrics,
+        evaluate_metrics_aggr_fn=aggregate_site_metrics,
+    )
+    if s.name == "fedavg":
+        return FedAvg(**common)
+    if s.name == "fedprox":
+        return FedProx(proximal_mu=s.proximal_mu, **common)
+    if s.name == "fedadam":
+        return FedAdam(eta=s.server_learning_rate, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **common)
+    raise ValueError(f"strategy.name: unknown strategy '{s.name}'")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The parts of a strategy that must survive a restart (FedAdam's moments)."""
+    state: dict[str, np.ndarray] = {}
+    for attr in ("m_t", "v_t"):
+        for key, value in (getattr(strategy, attr, None) or {}).items():
+            state[f"{attr}/{key}"] = np.asarray(value)
+    return state
+
+
+def restore_strategy(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    for attr in ("m_t", "v_t"):
+        values = {k[len(attr) + 1 :]: v for k, v in state.items() if k.startswith(attr + "/")}
+        if values:
+            setattr(strategy, attr, values)

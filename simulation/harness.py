@@ -1,0 +1,80 @@
+"""`fedpriv simulate`: check everything up front, run the federation, report."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from common.accounting import steps_per_round
+from common.config import FedprivConfig
+from common.data import LabelSet, load_dataset, read_column
+from common.partition import by_column, dirichlet, iid, label_histogram
+from common.rundir import RunDirectory
+from simulation import engine
+from simulation.monitor import Monitor
+from simulation.report import print_summary, write_plots
+
+
+def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table]:
+    """Validates the dataset and shows how it is split into sites, before any worker starts."""
+    data, sim = config.data, config.simulation
+    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, min_rows=1)
+    if sim.partitioner == "column":
+        values = read_column(data.path, sim.column)
+        sites = len(set(values))
+        if sites != sim.sites:
+            config = config.replace(**{"simulation.sites": sites})
+        parts, names = by_column(values, sites)
+    else:
+        names = [f"site-{i:03d}" for i in range(sim.sites)]
+        if sim.partitioner == "iid":
+            parts = iid(len(dataset), sim.sites, config.seed)
+        else:
+            parts = dirichlet(dataset.labels, sim.sites, sim.alpha, config.seed, min_rows=data.min_rows)
+    histogram = label_histogram(dataset.labels, parts, len(labels))
+    table = Table(title=f"{len(parts)} sites from {dataset.source} ({sim.partitioner})", title_justify="left")
+    for column in ("site", "rows", "labels present", "largest label share"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    shown = range(len(parts)) if len(parts) <= 12 else [*range(6), *range(len(parts) - 3, len(parts))]
+    for i in shown:
+        counts = histogram[i]
+        share = counts.max() / max(counts.sum(), 1)
+        table.add_row(names[i], str(len(parts[i])), f"{np.count_nonzero(counts)}/{len(labels)}", f"{100 * share:.0f}%")
+    if len(parts) > len(shown):
+        table.caption = f"... {len(parts) - len(shown)} more sites"
+    return config, table
+
+
+def simulate(config: FedprivConfig, console: Console | None = None, verbose: bool = False) -> RunDirectory:
+    console = console or Console()
+    run = RunDirectory.create(config.run_dir)
+    config = config.replace(**{"run-dir": str(run.path)})
+    labels = LabelSet.load(config.data.labels)
+    config, sites_table = plan_sites(config, labels)
+    console.print(sites_table)
+    privacy = config.privacy
+    if privacy.enabled:
+        target = (
+            f"noise multiplier {privacy.noise_multiplier}"
+            if privacy.noise_multiplier
+            else f"target epsilon {privacy.target_epsilon:g} per site"
+        )
+        console.print(f"DP-SGD at every site: {target}, delta {privacy.delta:g}, clip {privacy.max_grad_norm:g}")
+    else:
+        console.print("[yellow]DP is off: a non-private baseline; no privacy guarantee.[/]")
+    console.print(
+        f"{config.rounds} rounds of {config.strategy.name}, mode {config.model.mode}, "
+        f"model {config.model.name}; run directory {run.path}"
+    )
+    app_dir = engine.write_app_dir(config, run.path / "flower-app")
+    steps = steps_per_round(config.train.local_epochs, config.train.sample_rate)
+    started = time.time()
+    with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
+        engine.run(config, app_dir, verbose=verbose)
+    console.print(f"Simulation finished in {time.time() - started:.0f} s")
+    write_plots(run)
+    print_summary(run, console)
+    return run

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny random BERT built in code and an easy text task."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports Flower or Ray: no telemetry, and a private feature cache.
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("FEDPRIV_CACHE_DIR", tempfile.mkdtemp(prefix="fedpriv-test-cache-"))
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+LABELS = ["card", "transfer", "cash"]
+WORDS = {
+    "card": ["card", "visa", "plastic", "pin", "contactless", "expired"],
+    "transfer": ["transfer", "sent", "recipient", "iban", "wire", "payee"],
+    "cash": ["cash", "atm", "withdrawal", "machine", "notes", "withdraw"],
+}
+FILLER = ["my", "the", "please", "why", "is", "a", "help", "still", "not", "today"]
+
+
+def easy_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Texts whose label is told by its keywords: easy, but only if the model learns."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        words = rng.sample(WORDS[label], 2) + rng.sample(FILLER, 3)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "category")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved like a hub model."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from common.resources import resolve_model
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:all-MiniLM-L6-v2"))
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture
+def easy_task(tmp_path) -> dict[str, str]:
+    train = write_csv(tmp_path / "train.csv", easy_rows(300, seed=1))
+    test = write_csv(tmp_path / "test.csv", easy_rows(90, seed=2))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(LABELS), encoding="utf-8")
+    return {"train": str(train), "test": str(test), "labels": str(labels)}
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, easy_task, tmp_path):
+    from common.config import FedprivConfig
+
+    return FedprivConfig().replace(
+        **{
+            "model.name": tiny_model_dir,
+            "data.path": easy_task["train"],
+            "data.test-path": easy_task["test"],
+            "data.labels": easy_task["labels"],
+            "data.max-length": 32,
+            "run-dir": str(tmp_path / "run"),
+            "rounds": 2,
+            "simulation.sites": 3,
+            "simulation.partitioner": "iid",
+            "strategy.min-sites": 3,
+            "simulation.cpus-per-site": 1,
+        }
+    )

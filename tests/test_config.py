@@ -1,0 +1,86 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, FedprivConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_flower_config_lists_every_setting_with_its_default():
+    # `flwr run .` only accepts overrides of keys in this table, and the apps
+    # validate what they get: the two must never drift apart.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flower = project["tool"]["flwr"]["app"]["config"]
+    assert flower == FedprivConfig().model_dump(by_alias=True)
+    assert project["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "server.app:app",
+        "clientapp": "client.app:app",
+    }
+
+
+def test_run_config_round_trip_keeps_every_value():
+    config = FedprivConfig().replace(**{"privacy.target-epsilon": 3.0, "model.mode": "lora", "rounds": 7})
+    flat = config.to_run_config()
+    assert flat["privacy.target-epsilon"] == 3.0
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert FedprivConfig.from_run_config(flat) == config
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('rounds = 4\n[privacy]\ntarget-epsilon = 2.5\n[data]\nlabels = ["a", "b"]\n')
+    config = load_config(path, ["strategy.name=fedprox", "simulation.alpha=0.1"])
+    assert config.rounds == 4
+    assert config.privacy.target_epsilon == 2.5
+    assert config.data.labels == '["a", "b"]'
+    assert config.strategy.name == "fedprox"
+    assert config.simulation.alpha == 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["privacy.target-epsilon=-1"], "privacy.target-epsilon"),
+        (["model.mode=everything"], "model.mode"),
+        (["train.sample-rate=1.5"], "train.sample-rate"),
+        (["privacy.epsilon=3"], "privacy.epsilon"),
+        (["simulation.partitioner=column"], "simulation.column"),
+    ],
+)
+def test_bad_settings_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlearning-rat = 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning-rat: unknown setting"):
+        load_config(path)
+
+
+def test_missing_and_broken_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_config(broken)
+
+
+def test_override_values_are_typed():
+    assert parse_overrides(["a=3", "b=0.5", "c=true", 'd="x y"', "e=word"]) == {
+        "a": 3, "b": 0.5, "c": True, "d": "x y", "e": "word"
+    }
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_mode_picks_tuned_optimizer_unless_set():
+    assert FedprivConfig().optimizer_settings() == ("sgd", 20.0)
+    lora = FedprivConfig().replace(**{"model.mode": "lora"})
+    assert lora.optimizer_settings()[0] == "adamw"
+    custom = lora.replace(**{"train.optimizer": "sgd", "train.learning-rate": 0.5})
+    assert custom.optimizer_settings() == ("sgd", 0.5)

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.data import DataError, LabelSet, load_dataset, split_validation
+from tests.conftest import LABELS, easy_rows, write_csv
+
+LABEL_SET = LabelSet(tuple(LABELS))
+
+
+def load(path, **kw):
+    return load_dataset(path, LABEL_SET, "text", "category", **kw)
+
+
+def test_reads_csv_jsonl_and_parquet_alike(tmp_path):
+    rows = easy_rows(12)
+    csv_data = load(write_csv(tmp_path / "a.csv", rows))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t, "category": c}) for t, c in rows) + "\n")
+    parquet = tmp_path / "a.parquet"
+    pd.DataFrame(rows, columns=["text", "category"]).to_parquet(parquet)
+    for other in (load(jsonl), load(parquet)):
+        assert other.texts == csv_data.texts
+        assert np.array_equal(other.labels, csv_data.labels)
+    assert csv_data.labels.tolist()[:3] == [0, 1, 2]
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    path = write_csv(tmp_path / "site.csv", [("hi", "card")], header=("message", "category"))
+    with pytest.raises(DataError, match=r"site\.csv, column 'text': missing column \(found: message, category\)"):
+        load(path)
+
+
+def test_unknown_label_names_row(tmp_path):
+    rows = easy_rows(5) + [("where is my loan", "loans")]
+    path = write_csv(tmp_path / "site.csv", rows)
+    with pytest.raises(DataError, match=r"site\.csv, column 'category', row 6: unknown label 'loans'"):
+        load(path)
+
+
+def test_empty_file_and_header_only(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: file is empty"):
+        load(empty)
+    header = write_csv(tmp_path / "header.csv", [])
+    with pytest.raises(DataError, match=r"header\.csv: file has no data rows"):
+        load(header)
+
+
+def test_undecodable_text_names_row(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,category\nfine,card\ncaf\xe9 card,card\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv, row 2: text is not valid UTF-8"):
+        load(path)
+
+
+def test_empty_text_and_missing_label(tmp_path):
+    path = write_csv(tmp_path / "gaps.csv", [("ok", "card"), ("   ", "cash")])
+    with pytest.raises(DataError, match=r"column 'text', row 2: empty text"):
+        load(path)
+    path = write_csv(tmp_path / "nolabel.csv", [("ok", "card"), ("fine", "")])
+    with pytest.raises(DataError, match=r"column 'category', row 2: missing label"):
+        load(path)
+
+
+def test_jsonl_bad_line_and_wrong_type(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a", "category": "card"}\n{oops}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 2: line is not JSON"):
+        load(path)
+    path.write_text('{"text": "a", "category": "card"}\n{"text": 5, "category": "card"}\n')
+    with pytest.raises(DataError, match=r"column 'text', row 2: expected text, got int"):
+        load(path)
+
+
+def test_too_few_rows(tmp_path):
+    path = write_csv(tmp_path / "small.csv", easy_rows(3))
+    with pytest.raises(DataError, match=r"small\.csv: too few rows: 3 \(at least 10"):
+        load(path, min_rows=10)
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    with pytest.raises(DataError, match=r"data\.xlsx: unsupported file type"):
+        load(tmp_path / "data.xlsx")
+    with pytest.raises(DataError, match=r"gone\.csv: file not found"):
+        load(tmp_path / "gone.csv")
+
+
+def test_label_set_sources(tmp_path):
+    txt = tmp_path / "labels.txt"
+    txt.write_text("b\na\n\n")
+    assert LabelSet.load(str(txt)).names == ("b", "a")
+    assert LabelSet.load('["x", "y"]').index == {"x": 0, "y": 1}
+    assert len(LabelSet.load("builtin:banking77/categories.json")) == 77
+    dup = tmp_path / "dup.json"
+    dup.write_text('["a", "a"]')
+    with pytest.raises(DataError, match="label 'a' appears twice"):
+        LabelSet.load(str(dup))
+
+
+def test_site_with_some_labels_keeps_federation_ids(tmp_path):
+    path = write_csv(tmp_path / "cash-only.csv", [("atm ate my card", "cash")] * 3)
+    assert load(path).labels.tolist() == [2, 2, 2]  # "cash" is id 2 in the federation
+
+
+def test_validation_split_is_seeded_and_disjoint(tmp_path):
+    data = load(write_csv(tmp_path / "a.csv", easy_rows(50)))
+    train, val = split_validation(data, 0.2, seed=3)
+    again, _ = split_validation(data, 0.2, seed=3)
+    assert len(val) == 10 and len(train) == 40
+    assert train.texts == again.texts
+    assert sorted(train.texts + val.texts) == sorted(data.texts)
