@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -10,18 +11,27 @@ import warnings
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import noise_multiplier, resident_model, site_data, training_seed
+from client.site import (
+    allows_non_private,
+    noise_multiplier,
+    resident_model,
+    site_budget,
+    site_data,
+    training_seed,
+)
 from client.training import DpSettings, LocalPlan, train_local
-from common.accounting import Release, epsilon, steps_per_round
+from common.accounting import Release, steps_per_round
 from common.config import FedprivConfig
 from common.data import LabelSet
 from common.progress import ProgressWriter
+from common.records import Mechanism, state_sha256
 from common.transport import from_record, to_record
 
 log = logging.getLogger("fedpriv.client")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-PRIVACY_STATE = "fedpriv-privacy"
+OK = "ok"
+EXHAUSTED = "budget-exhausted"
 
 app = ClientApp()
 
@@ -34,32 +44,9 @@ def _setup(context: Context):
     return config, bundle, site
 
 
-def _history(context: Context) -> list[Release]:
-    record = context.state.config_records.get(PRIVACY_STATE)
-    if record is None:
-        return []
-    return [Release(float(s), float(q), int(n)) for s, q, n in zip(record["noise"], record["rate"], record["steps"])]
-
-
-def _remember(context: Context, history: list[Release]) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord(
-        {
-            "noise": [r.noise_multiplier for r in history],
-            "rate": [r.sample_rate for r in history],
-            "steps": [r.steps for r in history],
-        }
-    )
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config, bundle, site = _setup(context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    global_state = from_record(msg.content["arrays"])
-    bundle.set_state(global_state)
-
+def _plan(config: FedprivConfig, msg: Message) -> LocalPlan:
     optimizer, learning_rate = config.optimizer_settings()
-    plan = LocalPlan(
+    return LocalPlan(
         steps=steps_per_round(config.train.local_epochs, config.train.sample_rate),
         sample_rate=config.train.sample_rate,
         optimizer=optimizer,
@@ -69,9 +56,40 @@ def train(msg: Message, context: Context) -> Message:
         max_physical_batch=config.train.max_physical_batch,
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
-    privacy = config.privacy
-    dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm) if privacy.enabled else None
 
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, bundle, site = _setup(context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    plan = _plan(config, msg)
+    privacy = config.privacy
+    budget = site_budget(context, config, site)
+
+    if privacy.enabled:
+        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm)
+        release = Release(dp.noise_multiplier, plan.sample_rate, plan.steps)
+        if not budget.allows(release):
+            spent = budget.spent()
+            log.warning(
+                "%s round %d: budget exhausted (spent %.4f, this round would reach %.4f > cap %.4f); not training",
+                site.name, server_round, spent, budget.after(release), budget.cap,
+            )
+            metrics = {"num-examples": 0, "epsilon": spent, "epsilon-cap": budget.cap}
+            content = RecordDict(
+                {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": EXHAUSTED})}
+            )
+            return Message(content=content, reply_to=msg)
+    else:
+        if not allows_non_private(context, site):
+            raise PermissionError(
+                f"{site.name} refuses to train without DP (privacy.enabled=false); "
+                "its operator can allow it with allow-non-private=true in the node config"
+            )
+        dp = None
+
+    global_state = from_record(msg.content["arrays"])
+    bundle.set_state(global_state)
     progress = None
     if site.simulated and config.run_dir:
         progress = ProgressWriter(config.run_dir, site.name, server_round, plan.steps)
@@ -85,29 +103,42 @@ def train(msg: Message, context: Context) -> Message:
         anchor=global_state,
         on_step=progress,
     )
-    history = _history(context)
-    if dp is not None:
-        history.append(Release(dp.noise_multiplier, plan.sample_rate, result.steps))
-        _remember(context, history)
-        spent = epsilon(history, privacy.delta, privacy.accountant)
-    else:
-        spent = math.inf
+    update = bundle.get_state()
+    mechanism = Mechanism(
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        sample_rate=plan.sample_rate,
+        steps=result.steps,
+        max_grad_norm=privacy.max_grad_norm,
+        dataset_size=len(site.train),
+    )
+    # Recorded (signed, fsynced) before the update leaves the site.
+    entry = budget.record(
+        run_id=str(context.run_id),
+        server_round=server_round,
+        site=site.name,
+        mechanism=mechanism,
+        update_sha256=state_sha256(update),
+    )
+    spent = entry["record"]["accounting"]["epsilon"]
+    spent = math.inf if spent is None else spent
     metrics = {
         "num-examples": len(site.train),
         "train-loss": result.loss,
         "steps": result.steps,
         "epsilon": spent,
-        "delta": privacy.delta if dp else 0.0,
-        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
+        "epsilon-cap": budget.cap,
+        "delta": budget.delta,
+        "noise-multiplier": mechanism.noise_multiplier,
         "sample-rate": plan.sample_rate,
         "seconds": time.time() - started,
     }
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, result.loss, spent)
     content = RecordDict(
         {
-            "arrays": to_record(bundle.get_state()),
+            "arrays": to_record(update),
             "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.name}),
+            "site": ConfigRecord({"name": site.name, "status": OK}),
+            "privacy": ConfigRecord({"entry": json.dumps(entry)}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -121,5 +152,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result["num-examples"], "loss": result["loss"], "accuracy": result["accuracy"]}
     if not result["num-examples"]:
         metrics.update(loss=0.0, accuracy=0.0)  # no validation part (data.validation-fraction=0)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": OK})})
     return Message(content=content, reply_to=msg)

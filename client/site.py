@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,18 +22,27 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from client.budget import SiteBudget
+from common import signing
 from common.accounting import calibrate_noise, steps_per_round
 from common.config import FedprivConfig
 from common.data import DataError, LabelSet, TextDataset, load_dataset, read_column, split_validation
 from common.features import FeatureCache
+from common.ledger import Ledger
 from common.model import ModelBundle, Prepared, build_model
 from common.partition import by_column, dirichlet, iid
+from common.records import data_sha256
 from common.resources import resolve_path
 
 log = logging.getLogger("fedpriv.client")
 
 DATA_PATH = "data-path"
 SITE_NAME = "site-name"
+LEDGER_PATH = "ledger-path"
+LEDGER_KEY = "ledger-key"
+EPSILON_CAP = "epsilon-cap"
+DELTA = "delta"
+ALLOW_NON_PRIVATE = "allow-non-private"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 
@@ -44,6 +54,7 @@ class SiteData:
     partition: int | None
     train: Prepared
     validation: Prepared
+    data_id: str
 
 
 _bundles: OrderedDict[tuple, ModelBundle] = OrderedDict()
@@ -108,7 +119,9 @@ def site_data(context: Context, config: FedprivConfig, labels: LabelSet, bundle:
     else:
         raise DataError("node config", f"this node names no data: set {DATA_PATH}=\"/path/to/site.csv\" in its node config")
     train, validation = split_validation(dataset, data.validation_fraction, seed=config.seed + (partition or 0))
-    site = SiteData(name, simulated, partition, bundle.prepare(train), bundle.prepare(validation))
+    site = SiteData(
+        name, simulated, partition, bundle.prepare(train), bundle.prepare(validation), data_sha256(train.texts, train.labels)
+    )
     _sites[key] = site
     while len(_sites) > _MAX_SITES:
         _sites.popitem(last=False)
@@ -135,3 +148,38 @@ def noise_multiplier(config: FedprivConfig) -> float:
         return p.noise_multiplier
     steps = steps_per_round(config.train.local_epochs, config.train.sample_rate) * config.rounds
     return calibrate_noise(p.target_epsilon, p.delta, config.train.sample_rate, steps, p.accountant)
+
+
+def simulation_dir(config: FedprivConfig, context: Context) -> Path:
+    """Where simulated sites keep ledgers and keys: the run directory, when known."""
+    if config.run_dir:
+        return Path(config.run_dir)
+    state = Path(os.environ.get("FEDPRIV_STATE_DIR", Path.home() / ".local" / "state" / "fedpriv"))
+    return state / f"flower-run-{context.run_id}"
+
+
+def site_budget(context: Context, config: FedprivConfig, site: SiteData) -> SiteBudget:
+    """The site's ledger and cap: from its node config when deployed, its run when simulated."""
+    node = context.node_config
+    if LEDGER_PATH in node:
+        ledger_path = Path(str(node[LEDGER_PATH])).expanduser()
+        if LEDGER_KEY not in node:
+            raise signing.SigningKeyError(f"node config names {LEDGER_PATH} but no {LEDGER_KEY} to sign it with")
+        key = signing.read_private_key(Path(str(node[LEDGER_KEY])).expanduser())
+    else:
+        base = simulation_dir(config, context)
+        ledger_path = base / "ledgers" / f"{site.name}.jsonl"
+        key = signing.load_or_create(base / "keys" / f"{site.name}.key")
+    default_cap = config.simulation.caps().get(site.name, config.privacy.cap()) if site.simulated else config.privacy.cap()
+    return SiteBudget(
+        ledger=Ledger(ledger_path, key),
+        data_id=site.data_id,
+        cap=float(node.get(EPSILON_CAP, default_cap)),
+        delta=float(node.get(DELTA, config.privacy.delta)),
+        accountant=config.privacy.accountant,
+    )
+
+
+def allows_non_private(context: Context, site: SiteData) -> bool:
+    """A real site trains without DP only if its own operator said so."""
+    return site.simulated or str(context.node_config.get(ALLOW_NON_PRIVATE, "false")).lower() == "true"

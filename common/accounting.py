@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 ACCOUNTANTS = ("prv", "rdp")
+# Integer Renyi orders: exact in every RDP implementation, so an auditor's
+# recomputation (dp-accounting) reproduces a claim to the last digit.
+RDP_ORDERS = tuple(range(2, 256))
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about alpha ranges on every call
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
         return float(acc.get_epsilon(delta=delta))
 
 

@@ -41,13 +41,15 @@ class DataConfig(_Section):
         "builtin:banking77/test.csv",
         description="Test set held by the aggregator for central evaluation; empty for none.",
     )
-    text_column: str = "text"
-    label_column: str = "category"
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("category", description="Column holding the label name.")
     labels: str = Field(
         "builtin:banking77/categories.json",
         description="The federation's fixed label set: a .json list or .txt file (one label per line), or an inline JSON list.",
     )
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of each site's rows kept for federated evaluation."
+    )
     min_rows: int = Field(10, ge=1, description="A site with fewer usable rows is refused.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
 
@@ -68,9 +70,9 @@ class ModelConfig(_Section):
         "label-names",
         description="Start the classifier from the embeddings of the label names (public) or from zeros.",
     )
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scaling alpha (update scale alpha/r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     lora_targets: str = Field("query,value", description="Comma-separated module names that get adapters.")
 
 
@@ -83,33 +85,44 @@ class TrainConfig(_Section):
     max_physical_batch: int = Field(
         64, ge=1, description="Largest batch run through the model at once; bigger logical batches are split."
     )
-    optimizer: Literal["auto", "sgd", "adam", "adamw"] = "auto"
+    optimizer: Literal["auto", "sgd", "adam", "adamw"] = Field(
+        "auto", description="auto: SGD for head, AdamW for lora and full."
+    )
     learning_rate: float = Field(0.0, ge=0.0, description="0 picks the mode's tuned default.")
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the local optimizer.")
 
 
 class PrivacyConfig(_Section):
     enabled: bool = Field(True, description="false trains without DP (a non-private baseline).")
     target_epsilon: float = Field(8.0, gt=0.0, description="Each site's epsilon after all planned rounds.")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="Each site's delta; keep it below 1/rows.")
     noise_multiplier: float = Field(
         0.0, ge=0.0, description="0 derives it from target-epsilon over the planned rounds."
     )
     max_grad_norm: float = Field(0.5, gt=0.0, description="Per-example gradient clipping norm.")
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Privacy accountant: prv (tight, Opacus PRV) or rdp (Renyi DP)."
+    )
+    epsilon_cap: float = Field(
+        0.0, ge=0.0,
+        description="Epsilon a site never exceeds (0: the target). A deployed site's own node config (epsilon-cap) wins.",
+    )
+
+    def cap(self) -> float:
+        return self.epsilon_cap or self.target_epsilon
 
 
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    name: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="Aggregation: fedavg, fedprox or fedadam.")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="Share of connected sites asked to train each round.")
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="Share asked to evaluate (0: no federated evaluation).")
     min_sites: int = Field(2, ge=1, description="Sites that must be connected before a round starts.")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight.")
     server_learning_rate: float = Field(0.1, gt=0.0, description="FedAdam eta.")
-    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
-    tau: float = Field(1e-3, gt=0.0)
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0, description="FedAdam first-moment decay.")
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0, description="FedAdam second-moment decay.")
+    tau: float = Field(1e-3, gt=0.0, description="FedAdam adaptivity (epsilon of the update).")
     tail_average: float = Field(
         0.5, ge=0.0, lt=1.0,
         description="Average the global models of this last fraction of rounds into the final model (free under DP).",
@@ -118,12 +131,40 @@ class StrategyConfig(_Section):
 
 
 class SimulationConfig(_Section):
-    sites: int = Field(10, ge=1)
-    partitioner: Literal["iid", "dirichlet", "column"] = "dirichlet"
+    sites: int = Field(10, ge=1, description="Number of simulated sites (for column: set from the data).")
+    partitioner: Literal["iid", "dirichlet", "column"] = Field(
+        "dirichlet", description="How the dataset is split: iid, dirichlet (label skew) or column."
+    )
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration: smaller means more label skew.")
     column: str = Field("", description="For partitioner=column: the column whose values are the sites.")
-    cpus_per_site: float = Field(1.0, gt=0.0)
-    gpus_per_site: float = Field(0.0, ge=0.0)
+    site_caps: str = Field(
+        "", description="Per-site epsilon caps, e.g. 'site-001=2.5,site-004=4' (others: privacy.epsilon-cap)."
+    )
+    cpus_per_site: float = Field(1.0, gt=0.0, description="CPU cores per simulation worker (workers = cores / this).")
+    gpus_per_site: float = Field(0.0, ge=0.0, description="GPU share per worker, e.g. 0.25 for four workers per GPU.")
+
+    @field_validator("site_caps")
+    @classmethod
+    def _parse_caps(cls, value: str) -> str:
+        _parse_caps(value)
+        return value
+
+    def caps(self) -> dict[str, float]:
+        return _parse_caps(self.site_caps)
+
+
+def _parse_caps(text: str) -> dict[str, float]:
+    caps = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        site, _, value = item.partition("=")
+        try:
+            cap = float(value)
+        except ValueError:
+            cap = -1.0
+        if not site.strip() or cap <= 0:
+            raise ValueError(f"'{item}' is not site=epsilon with epsilon > 0")
+        caps[site.strip()] = cap
+    return caps
 
 
 # Tuned per mode (bench/README.md): plain SGD suits the DP linear head on
@@ -132,10 +173,13 @@ _MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("ad
 
 
 class FedprivConfig(_Section):
-    rounds: int = Field(30, ge=1)
-    seed: int = 42
+    rounds: int = Field(30, ge=1, description="Federated rounds (the privacy plan covers all of them).")
+    seed: int = Field(42, description="Seed of partitioning, splits and (in simulation only) sampling and noise.")
     run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
     central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")
+    aggregator_key: str = Field(
+        "", description="The aggregator's Ed25519 ledger key (PEM); empty: one is made in the run directory."
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -284,3 +328,14 @@ def settings_table(config: FedprivConfig | None = None) -> list[tuple[str, Any, 
 
     walk(config, "")
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's settings table (tests keep the README in step with this)."""
+    import tomli_w
+
+    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for key, value, description in settings_table():
+        shown = tomli_w.dumps({"v": value})[4:].strip()
+        lines.append(f"| `{key}` | `{shown}` | {description.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -13,11 +13,38 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
 
 
+def _installed_builtin_dirs() -> list[Path]:
+    """Where the installed fedpriv keeps its built-in files.
+
+    Flower runs an app from a bundle (FAB) that carries code but no data files,
+    so a `builtin:` name falls back to the fedpriv installed next to Flower.
+    """
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        dist = metadata.distribution("fedpriv")
+    except metadata.PackageNotFoundError:
+        return []
+    dirs = [Path(str(dist.locate_file("common/builtin")))]
+    direct = dist.read_text("direct_url.json")
+    if direct:
+        url = json.loads(direct).get("url", "")
+        if url.startswith("file://"):
+            dirs.insert(0, Path(unquote(urlparse(url).path)) / "common" / "builtin")
+    return dirs
+
+
 def resolve_path(spec: str) -> Path:
     """A data or labels file named in a config, `builtin:` names included."""
-    if spec.startswith(BUILTIN):
-        return BUILTIN_DIR / spec[len(BUILTIN) :]
-    return Path(spec).expanduser()
+    if not spec.startswith(BUILTIN):
+        return Path(spec).expanduser()
+    name = spec[len(BUILTIN) :]
+    for directory in [BUILTIN_DIR, *_installed_builtin_dirs()]:
+        if (directory / name).exists():
+            return directory / name
+    return BUILTIN_DIR / name
 
 
 def resolve_model(spec: str) -> str:

@@ -97,6 +97,35 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
     print_summary(run, console)
 
 
+@app.command()
+def audit(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories and/or ledger files.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML report here.")] = None,
+    keys: Annotated[Optional[Path], typer.Option(help="JSON map of owner -> Ed25519 public key (base64) to pin.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Allowed relative gap between claimed and recomputed epsilon.")] = 0.01,
+) -> None:
+    """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation."""
+    import json
+
+    from audit.auditor import audit as run_audit
+    from audit.render import console_report, html_report
+
+    try:
+        report = run_audit(paths, keys=keys, tolerance=tolerance)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(error)
+    if json_out:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        console_report(report, console)
+    if html_out:
+        html_out.write_text(html_report(report), encoding="utf-8")
+        if not json_out:
+            console.print(f"HTML report: {html_out}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[Optional[Path], typer.Argument(help="TOML config file (default: built-in defaults).")] = None,

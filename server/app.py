@@ -8,8 +8,10 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import signing
 from common.config import FedprivConfig
 from common.data import LabelSet
+from common.ledger import Ledger
 from common.rundir import RunDirectory
 from server.federation import Federation
 from server.global_model import GlobalModel
@@ -17,6 +19,13 @@ from server.strategy import build_strategy
 from server.summary import write_run_config, write_summary
 
 log = logging.getLogger("fedpriv.server")
+
+
+def aggregator_key(config: FedprivConfig, run: RunDirectory):
+    """The aggregator's ledger-signing key: its kit's, or one made for this run."""
+    if config.aggregator_key:
+        return signing.read_private_key(config.aggregator_key)
+    return signing.load_or_create(run.path / "keys" / "aggregator.key")
 
 app = ServerApp()
 
@@ -30,7 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
     model = GlobalModel(config, labels)
-    federation = Federation(config, grid, build_strategy(config), model, run)
+    ledger = Ledger(run.path / "ledgers" / "federation.jsonl", aggregator_key(config, run))
+    federation = Federation(config, grid, build_strategy(config), model, run, ledger)
     final_state = federation.run_rounds()
     exported = model.export(final_state, run.model_dir)
     run.log("run-end", seconds=round(time.time() - started, 3), model=str(exported))

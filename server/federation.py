@@ -9,6 +9,7 @@ the last completed round.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,6 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.config import FedprivConfig
+from common.ledger import Ledger, verify_entry
+from common.records import state_sha256
 from common.rundir import RunDirectory
 from common.transport import from_record, to_record
 from server import checkpoint
@@ -28,12 +31,39 @@ from server.strategy import restore_strategy, strategy_state
 
 log = logging.getLogger("fedpriv.server")
 
+EXHAUSTED = "budget-exhausted"
+
 
 def site_of(reply: Message) -> str:
     record = reply.content.config_records.get("site") if not reply.has_error() else None
     if record is not None and "name" in record:
         return str(record["name"])
     return f"node-{reply.metadata.src_node_id}"
+
+
+def status_of(reply: Message) -> str:
+    record = reply.content.config_records.get("site")
+    return str(record.get("status", "ok")) if record is not None else "ok"
+
+
+def release_problem(reply: Message, privacy_required: bool) -> tuple[dict | None, str | None]:
+    """The site's signed privacy entry, or why this update must not be aggregated."""
+    record = reply.content.config_records.get("privacy")
+    if record is None or "entry" not in record:
+        return None, "no privacy record came with the update" if privacy_required else None
+    try:
+        entry = json.loads(str(record["entry"]))
+    except json.JSONDecodeError:
+        return None, "privacy record is not JSON"
+    reason = verify_entry(entry)
+    if reason:
+        return entry, f"privacy record rejected: {reason}"
+    received = state_sha256(from_record(next(iter(reply.content.array_records.values()))))
+    if entry["record"].get("update_sha256") != received:
+        return entry, "the update differs from the one its privacy record describes"
+    if privacy_required and not entry["record"]["mechanism"]["noise_multiplier"] > 0:
+        return entry, "update released without DP noise in a private federation"
+    return entry, None
 
 
 @dataclass
@@ -62,8 +92,17 @@ class TailAverage:
 
 
 class Federation:
-    def __init__(self, config: FedprivConfig, grid: Grid, strategy: Strategy, model: GlobalModel, run: RunDirectory):
+    def __init__(
+        self,
+        config: FedprivConfig,
+        grid: Grid,
+        strategy: Strategy,
+        model: GlobalModel,
+        run: RunDirectory,
+        ledger: Ledger,
+    ):
         self.config, self.grid, self.strategy, self.model, self.run = config, grid, strategy, model, run
+        self.ledger = ledger
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
         self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
 
@@ -92,7 +131,11 @@ class Federation:
                     self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid), timeout=timeout
                 )
             )
-            accepted = self._record_train(rnd, replies)
+            accepted, exhausted = self._record_train(rnd, replies)
+            if not accepted and exhausted:
+                self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
+                log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
+                break
             new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
             if new_arrays is None:
                 log.warning("round %d: no usable site update; the global model is unchanged", rnd)
@@ -117,8 +160,9 @@ class Federation:
             self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
         return self.average.release(state)
 
-    def _record_train(self, rnd: int, replies: list[Message]) -> list[Message]:
-        accepted = []
+    def _record_train(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
+        """The updates fit to aggregate, and how many sites said their budget is spent."""
+        accepted, exhausted = [], 0
         for reply in replies:
             site = site_of(reply)
             if reply.has_error():
@@ -126,9 +170,22 @@ class Federation:
                 log.warning("round %d: %s failed: %s", rnd, site, reply.error.reason)
                 continue
             metrics = dict(next(iter(reply.content.metric_records.values()), {}))
+            if status_of(reply) == EXHAUSTED:
+                exhausted += 1
+                self.run.log("site-budget-exhausted", round=rnd, site=site, **metrics)
+                self.ledger.append({"kind": "site-exhausted", "round": rnd, "site": site, "epsilon": metrics.get("epsilon")})
+                log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
+                continue
+            entry, problem = release_problem(reply, self.config.privacy.enabled)
+            if problem:
+                self.run.log("site-rejected", round=rnd, site=site, reason=problem)
+                log.warning("round %d: update of %s rejected: %s", rnd, site, problem)
+                continue
+            if entry is not None:
+                self.ledger.append({"kind": "site-release", "round": rnd, "site": site, "site_entry": entry})
             self.run.log("site-train", round=rnd, site=site, **metrics)
             accepted.append(reply)
-        return accepted
+        return accepted, exhausted
 
     def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> None:
         messages = list(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from audit.auditor import audit
+from audit.render import console_report, html_report
+from common import signing
 from common.accounting import steps_per_round
 from common.config import FedprivConfig
 from common.data import LabelSet, load_dataset, read_column
 from common.partition import by_column, dirichlet, iid, label_histogram
-from common.rundir import RunDirectory
+from common.rundir import RunDirectory, write_atomic
 from simulation import engine
 from simulation.monitor import Monitor
 from simulation.report import print_summary, write_plots
@@ -45,7 +49,20 @@ def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, 
         table.add_row(names[i], str(len(parts[i])), f"{np.count_nonzero(counts)}/{len(labels)}", f"{100 * share:.0f}%")
     if len(parts) > len(shown):
         table.caption = f"... {len(parts) - len(shown)} more sites"
-    return config, table
+    return config, table, names
+
+
+def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
+    """Ledger keys for every simulated site and the aggregator, made before the run.
+
+    As in a deployment, the public keys are fixed up front (keys/public-keys.json)
+    so the audit can tell each ledger's owner, not just its integrity.
+    """
+    keys = run.path / "keys"
+    public = {}
+    for owner in [*names, "aggregator"]:
+        public[owner] = signing.public_b64(signing.load_or_create(keys / f"{owner}.key"))
+    write_atomic(keys / "public-keys.json", json.dumps(public, indent=2))
 
 
 def simulate(config: FedprivConfig, console: Console | None = None, verbose: bool = False) -> RunDirectory:
@@ -53,7 +70,7 @@ def simulate(config: FedprivConfig, console: Console | None = None, verbose: boo
     run = RunDirectory.create(config.run_dir)
     config = config.replace(**{"run-dir": str(run.path)})
     labels = LabelSet.load(config.data.labels)
-    config, sites_table = plan_sites(config, labels)
+    config, sites_table, site_names = plan_sites(config, labels)
     console.print(sites_table)
     privacy = config.privacy
     if privacy.enabled:
@@ -69,6 +86,7 @@ def simulate(config: FedprivConfig, console: Console | None = None, verbose: boo
         f"{config.rounds} rounds of {config.strategy.name}, mode {config.model.mode}, "
         f"model {config.model.name}; run directory {run.path}"
     )
+    provision_simulated_keys(run, site_names)
     app_dir = engine.write_app_dir(config, run.path / "flower-app")
     steps = steps_per_round(config.train.local_epochs, config.train.sample_rate)
     started = time.time()
@@ -77,4 +95,7 @@ def simulate(config: FedprivConfig, console: Console | None = None, verbose: boo
     console.print(f"Simulation finished in {time.time() - started:.0f} s")
     write_plots(run)
     print_summary(run, console)
+    report = audit([run.path])
+    console_report(report, console)
+    (run.path / "audit.html").write_text(html_report(report), encoding="utf-8")
     return run

@@ -57,6 +57,10 @@ def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, t
     model = AutoModelForSequenceClassification.from_pretrained(run.model_dir, trust_remote_code=True)
     assert model.config.num_labels == 3
 
+    # Every epsilon printed can be reproduced from the signed ledgers.
+    assert "Audit passed" in result.stdout
+    assert (run.path / "ledgers" / "federation.jsonl").exists() and (run.path / "audit.html").exists()
+
     # `fedpriv report` reprints the same table from what was recorded.
     again = fedpriv("report", str(run.path))
     assert again.returncode == 0 and f"{100 * summary['central-accuracy']:.2f}%" in again.stdout
@@ -74,3 +78,37 @@ def test_bad_setting_is_named_on_the_command_line(tmp_path):
     result = fedpriv("simulate", "--set", "privacy.delta=2", "-o", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "privacy.delta" in result.stderr
+
+
+@pytest.mark.slow
+def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
+    from client.site import noise_multiplier
+    from common.accounting import Release, epsilon, steps_per_round
+
+    config = tiny_config.replace(**{"rounds": 4})
+    sigma = noise_multiplier(config)
+    step = Release(sigma, config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate))
+    after = [epsilon([step] * n, config.privacy.delta, config.privacy.accountant) for n in (1, 2)]
+    # site-000 can afford one round, the others two; nobody can afford a third.
+    caps = f"site-000={after[0] * 1.01:.6f},site-001={after[1] * 1.01:.6f},site-002={after[1] * 1.01:.6f}"
+    path = write_config(tmp_path, config, **{"simulation.site-caps": caps})
+    result = fedpriv("simulate", "--config", str(path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    run = RunDirectory(config.run_dir)
+    trained = {(e["site"], e["round"]) for e in run.events("site-train")}
+    assert trained == {("site-000", 1), ("site-001", 1), ("site-002", 1), ("site-001", 2), ("site-002", 2)}
+    exhausted = {(e["site"], e["round"]) for e in run.events("site-budget-exhausted")}
+    assert ("site-000", 2) in exhausted and {("site-000", 3), ("site-001", 3), ("site-002", 3)} <= exhausted
+    assert [e["round"] for e in run.events("all-budgets-exhausted")] == [3]
+    assert (run.model_dir / "config.json").exists()  # ended cleanly, model exported
+
+    from audit.auditor import audit
+
+    report = audit([run.path])
+    assert report.ok, [str(p) for p in report.problems]
+    by_site = {s.site: s for s in report.sites}
+    assert len(by_site["site-000"].releases) == 1 and len(by_site["site-001"].releases) == 2
+    assert all(s.epsilon <= s.cap for s in report.sites)
+    assert {"site-000", "site-001", "site-002"} == {e["site"] for e in report.exhausted}
+    assert "budget exhausted" in result.stdout and "Audit passed" in result.stdout

@@ -1,0 +1,113 @@
+"""An audit for people: a console table and a self-contained HTML report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from audit.auditor import AuditReport
+
+
+def _eps(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "∞"
+    return f"{value:.4f}"
+
+
+def console_report(report: AuditReport, console: Console) -> None:
+    table = Table(title="Privacy audit (epsilon: claimed by the site / recomputed with dp-accounting)", title_justify="left")
+    for column in ("site", "releases", "ε claimed", "ε PLD", "ε RDP", "cap", "left", "acct", "δ"):
+        table.add_column(column, justify="left" if column in ("site", "acct") else "right", no_wrap=True)
+    for site in report.sites:
+        last = site.releases[-1] if site.releases else None
+        table.add_row(
+            site.site,
+            str(len(site.releases)),
+            _eps(site.epsilon),
+            _eps(last.pld if last else 0.0),
+            _eps(last.rdp if last else 0.0),
+            _eps(site.cap),
+            _eps(site.remaining),
+            site.accountant,
+            f"{site.delta:g}",
+        )
+    console.print(table)
+    for item in report.exhausted:
+        console.print(f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})")
+    ledgers = ", ".join(f"{Path(l['path']).name} ({l['entries']})" for l in report.ledgers)
+    console.print(f"Ledgers verified: {ledgers}")
+    for problem in report.problems:
+        style = "red" if problem.fatal else "yellow"
+        console.print(f"[{style}]{'VIOLATION' if problem.fatal else 'note'}:[/] {problem}", soft_wrap=True)
+    if report.ok:
+        console.print("[bold green]Audit passed[/]: every ledger intact, every epsilon reproduced, every cap kept.")
+    else:
+        console.print(f"[bold red]Audit failed[/]: {sum(p.fatal for p in report.problems)} violation(s).")
+
+
+def epsilon_plot_png(report: AuditReport) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for site in report.sites:
+        points = [(r.round, r.claimed) for r in site.releases if r.claimed is not None]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=site.site)
+        if site.cap:
+            ax.axhline(site.cap, color="grey", linewidth=0.5, linestyle="--")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_title("Epsilon spent per site (dashed: caps)")
+    ax.grid(alpha=0.3)
+    if 0 < len(report.sites) <= 20:
+        ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_report(report: AuditReport) -> str:
+    status = "passed" if report.ok else "FAILED"
+    rows = "".join(
+        f"<tr><td>{html.escape(s.site)}</td><td>{len(s.releases)}</td><td>{_eps(s.epsilon)}</td>"
+        f"<td>{_eps(s.releases[-1].pld if s.releases else 0)}</td><td>{_eps(s.releases[-1].rdp if s.releases else 0)}</td>"
+        f"<td>{_eps(s.cap)}</td><td>{_eps(s.remaining)}</td><td>{s.accountant}</td><td>{s.delta:g}</td>"
+        f"<td><code>{html.escape(s.signer)}</code></td></tr>"
+        for s in report.sites
+    )
+    problems = "".join(
+        f"<li class='{'bad' if p.fatal else 'note'}'>{html.escape(str(p))}</li>" for p in report.problems
+    ) or "<li>none</li>"
+    releases = "".join(
+        f"<tr><td>{html.escape(s.site)}</td><td>{r.round}</td><td>{r.noise_multiplier:.4f}</td><td>{r.sample_rate:g}</td>"
+        f"<td>{r.steps}</td><td>{_eps(r.claimed)}</td><td>{_eps(r.pld)}</td><td>{_eps(r.rdp)}</td></tr>"
+        for s in report.sites
+        for r in s.releases
+    )
+    plot = base64.b64encode(epsilon_plot_png(report)).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fedpriv privacy audit: {status}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
+.bad{{color:#b00}}.note{{color:#a60}}h1 span{{color:{'#080' if report.ok else '#b00'}}}</style></head>
+<body><h1>Privacy audit <span>{status}</span></h1>
+<p>Every ledger's hash chain and Ed25519 signatures were verified; every epsilon was recomputed
+from the recorded mechanisms with Google's dp-accounting (PLD and RDP) and compared with the claim.</p>
+<h2>Sites</h2><table><tr><th>site</th><th>releases</th><th>epsilon (claimed)</th><th>PLD</th><th>RDP</th>
+<th>cap</th><th>remaining</th><th>accountant</th><th>delta</th><th>signer</th></tr>{rows}</table>
+<h2>Epsilon per round</h2><img alt="epsilon per site and round" src="data:image/png;base64,{plot}">
+<h2>Findings</h2><ul>{problems}</ul>
+<h2>Every release</h2><table><tr><th>site</th><th>round</th><th>noise</th><th>sample rate</th><th>steps</th>
+<th>epsilon claimed</th><th>PLD</th><th>RDP</th></tr>{releases}</table>
+</body></html>"""

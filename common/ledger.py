@@ -1,0 +1,146 @@
+"""A tamper-evident, append-only ledger of privacy records (JSON Lines).
+
+Each line is one entry: its sequence number, the hash of the entry before it,
+the record, the entry's own SHA-256 and the writer's Ed25519 signature of that
+hash. Changing, deleting, reordering or re-signing any entry breaks the chain
+or a signature. Entries are only ever appended (flushed and fsynced); a crash
+mid-write leaves an incomplete last line, which readers ignore and the next
+append removes, so the ledger always verifies up to its last complete entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common import signing
+from common.records import canonical_json
+
+GENESIS = "0" * 64
+
+
+def entry_hash(seq: int, prev: str, record: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({"seq": seq, "prev": prev, "record": record})).hexdigest()
+
+
+def _complete_lines(path: Path) -> tuple[list[str], int]:
+    """The complete lines, and the byte length they cover."""
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8").splitlines(), end
+
+
+class Ledger:
+    def __init__(self, path: str | Path, key: Ed25519PrivateKey | None = None):
+        self.path = Path(path)
+        self.key = key
+
+    def entries(self) -> list[dict[str, Any]]:
+        lines, _ = _complete_lines(self.path)
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [entry["record"] for entry in self.entries()]
+
+    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if self.key is None:
+            raise ValueError(f"{self.path}: opened without a signing key; cannot append")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines, complete = _complete_lines(self.path)
+        if self.path.exists() and self.path.stat().st_size != complete:
+            # An entry cut short by a crash was never a record: drop the fragment.
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+        last = json.loads(lines[-1]) if lines else None
+        seq = last["seq"] + 1 if last else 0
+        prev = last["hash"] if last else GENESIS
+        record = json.loads(canonical_json(record))
+        digest = entry_hash(seq, prev, record)
+        entry = {
+            "seq": seq,
+            "prev": prev,
+            "record": record,
+            "hash": digest,
+            "signer": signing.public_b64(self.key),
+            "signature": signing.sign(self.key, digest.encode()),
+        }
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        with os.fdopen(fd, "ab") as handle:
+            handle.write(canonical_json(entry) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return entry
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def verify_entry(entry: Mapping[str, Any]) -> str | None:
+    """Why a single signed entry is not intact, or None."""
+    try:
+        digest = entry_hash(entry["seq"], entry["prev"], entry["record"])
+    except (KeyError, TypeError, ValueError) as error:
+        return f"malformed entry ({error})"
+    if digest != entry.get("hash"):
+        return "hash mismatch: the entry was changed after it was written"
+    if not signing.verify(str(entry.get("signer", "")), digest.encode(), str(entry.get("signature", ""))):
+        return "bad signature: not signed by the key it names"
+    return None
+
+
+def verify_ledger(path: str | Path, pinned_key: str | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Checks the whole chain; returns the readable entries and every problem, each naming its line."""
+    path = Path(path)
+    problems: list[Problem] = []
+    entries: list[dict[str, Any]] = []
+    try:
+        lines, complete = _complete_lines(path)
+        size = path.stat().st_size
+    except (OSError, UnicodeDecodeError) as error:
+        return [], [Problem(str(path), f"cannot read ledger: {error}")]
+    if size != complete:
+        problems.append(
+            Problem(f"{path.name} end", "incomplete last entry ignored (a write was interrupted)", fatal=False)
+        )
+    prev, signer = GENESIS, pinned_key
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(Problem(f"{path.name} line {number}", "not JSON"))
+            continue
+        where = f"{path.name} line {number}"
+        record = entry.get("record") if isinstance(entry, dict) else None
+        if isinstance(record, dict) and "round" in record:
+            where += f" (seq {entry.get('seq')}, round {record['round']}, {record.get('site', '?')})"
+        reason = verify_entry(entry) if isinstance(entry, dict) else "not an object"
+        if reason:
+            problems.append(Problem(where, reason))
+        if isinstance(entry, dict):
+            if entry.get("seq") != number - 1:
+                problems.append(Problem(where, f"sequence number {entry.get('seq')} where {number - 1} belongs: entries were removed or reordered"))
+            if entry.get("prev") != prev:
+                problems.append(Problem(where, "does not follow the entry before it: entries were removed, inserted or reordered"))
+            if signer is None:
+                signer = entry.get("signer")
+            elif entry.get("signer") != signer:
+                problems.append(Problem(where, f"signed by {signing.fingerprint(entry.get('signer', '') or 'AA==')}, not by the ledger's key {signing.fingerprint(signer)}"))
+            prev = entry.get("hash", "")
+            entries.append(entry)
+    return entries, problems

@@ -1,0 +1,78 @@
+"""A site's hard cap, and agreement of claimed and recomputed epsilon."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from audit.auditor import audit
+from audit.recompute import cumulative_epsilons
+from client.budget import SiteBudget
+from common import signing
+from common.accounting import Release, epsilon
+from common.ledger import Ledger
+from common.records import Mechanism
+
+
+def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):
+    """Plays a site through `rounds` rounds of its budget logic, as client/app.py does."""
+    budget = SiteBudget(Ledger(tmp_path / "site.jsonl", signing.generate()), "data", cap, 1e-5, accountant)
+    trained, refused = [], []
+    for rnd in range(1, rounds + 1):
+        release = Release(sigma, rate, steps)
+        if not budget.allows(release):
+            refused.append(rnd)
+            continue
+        mechanism = Mechanism(noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1.0, dataset_size=100)
+        budget.record(run_id="r", server_round=rnd, site="s", mechanism=mechanism, update_sha256="0" * 64)
+        trained.append(rnd)
+    return budget, trained, refused
+
+
+@given(
+    cap=st.floats(0.2, 12.0),
+    sigma=st.floats(0.5, 6.0),
+    rate=st.floats(0.01, 1.0),
+    steps=st.integers(1, 40),
+    rounds=st.integers(1, 8),
+)
+@settings(max_examples=60, deadline=None)
+def test_no_site_ever_exceeds_its_cap(tmp_path_factory, cap, sigma, rate, steps, rounds):
+    budget, trained, refused = run_site(tmp_path_factory.mktemp("b"), cap, sigma, rate, steps, rounds)
+    claimed = [r["accounting"]["epsilon"] for r in budget.ledger.records()]
+    assert all(e <= cap for e in claimed)
+    assert len(trained) + len(refused) == rounds
+    # Once the same release no longer fits, it never fits again: the site is skipped, not crashed.
+    assert trained == list(range(1, len(trained) + 1))
+    if refused:
+        assert budget.after(Release(sigma, rate, steps)) > cap
+
+
+def test_recording_past_the_cap_is_impossible(tmp_path):
+    budget = SiteBudget(Ledger(tmp_path / "l.jsonl", signing.generate()), "d", 1.0, 1e-5, "prv")
+    mechanism = Mechanism(noise_multiplier=0.7, sample_rate=0.5, steps=50, max_grad_norm=1.0, dataset_size=10)
+    with pytest.raises(RuntimeError, match="above the cap 1.0"):
+        budget.record(run_id="r", server_round=1, site="s", mechanism=mechanism, update_sha256="0" * 64)
+    assert budget.ledger.records() == []
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("sigma, rate, steps, rounds", [(3.2, 0.3, 10, 30), (1.1, 0.2, 50, 4), (0.9, 0.05, 100, 3), (5.0, 1.0, 3, 10)])
+def test_recomputed_epsilon_agrees_within_one_percent(accountant, sigma, rate, steps, rounds):
+    history = [Release(sigma, rate, steps)] * rounds
+    claimed = [epsilon(history[: i + 1], 1e-5, accountant) for i in range(rounds)]
+    recomputed = cumulative_epsilons([r.as_tuple() for r in history], 1e-5)["pld" if accountant == "prv" else "rdp"]
+    for c, r in zip(claimed, recomputed):
+        assert math.isclose(c, r, rel_tol=0.01), (c, r)
+
+
+def test_exhausted_site_is_reported_by_the_audit(tmp_path):
+    budget, trained, refused = run_site(tmp_path / "run", cap=3.0, sigma=2.0, rate=0.3, steps=10, rounds=5, accountant="prv")
+    (tmp_path / "run" / "ledgers").mkdir(parents=True)
+    budget.ledger.path.rename(tmp_path / "run" / "ledgers" / "s.jsonl")
+    assert trained and refused
+    report = audit([tmp_path / "run"])
+    assert report.ok
+    (site,) = report.sites
+    assert len(site.releases) == len(trained) and site.epsilon <= 3.0
