@@ -75,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
                 "%s round %d: budget exhausted (spent %.4f, this round would reach %.4f > cap %.4f); not training",
                 site.name, server_round, spent, budget.after(release), budget.cap,
             )
-            metrics = {"num-examples": 0, "epsilon": spent, "epsilon-cap": budget.cap}
+            metrics = {"num-examples": 0, "site-weight": 0, "epsilon": spent, "epsilon-cap": budget.cap}
             content = RecordDict(
                 {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": EXHAUSTED})}
             )
@@ -123,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     spent = math.inf if spent is None else spent
     metrics = {
         "num-examples": len(site.train),
+        "site-weight": 1,  # equal weights, for site-level DP at the aggregator
         "train-loss": result.loss,
         "steps": result.steps,
         "epsilon": spent,
@@ -149,7 +150,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
     bundle.set_state(from_record(msg.content["arrays"]))
     result = bundle.evaluate(site.validation)
-    metrics = {"num-examples": result["num-examples"], "loss": result["loss"], "accuracy": result["accuracy"]}
+    metrics = {
+        "num-examples": result["num-examples"],
+        "site-weight": 1 if result["num-examples"] else 0,
+        "loss": result["loss"],
+        "accuracy": result["accuracy"],
+    }
     if not result["num-examples"]:
         metrics.update(loss=0.0, accuracy=0.0)  # no validation part (data.validation-fraction=0)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": OK})})

@@ -109,6 +109,15 @@ class PrivacyConfig(_Section):
         description="Epsilon a site never exceeds (0: the target). A deployed site's own node config (epsilon-cap) wins.",
     )
 
+    site_level_noise: float = Field(
+        0.0, ge=0.0,
+        description="Site-level DP at the aggregator: noise multiplier on the sum of clipped site updates (0: off).",
+    )
+    site_level_clip: float = Field(1.0, gt=0.0, description="Site-level DP: clipping norm of each site's update.")
+    site_level_cap: float = Field(
+        0.0, ge=0.0, description="Site-level DP: epsilon the federation may not exceed (0: no cap)."
+    )
+
     def cap(self) -> float:
         return self.epsilon_cap or self.target_epsilon
 

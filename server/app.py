@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
     model = GlobalModel(config, labels)
     ledger = Ledger(run.path / "ledgers" / "federation.jsonl", aggregator_key(config, run))
-    federation = Federation(config, grid, build_strategy(config), model, run, ledger)
+    federation = Federation(config, grid, build_strategy(config), model, run, ledger, run_id=str(context.run_id))
     final_state = federation.run_rounds()
     exported = model.export(final_state, run.model_dir)
     run.log("run-end", seconds=round(time.time() - started, 3), model=str(exported))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from common.config import FedprivConfig
@@ -25,7 +26,7 @@ from common.ledger import Ledger, verify_entry
 from common.records import state_sha256
 from common.rundir import RunDirectory
 from common.transport import from_record, to_record
-from server import checkpoint
+from server import checkpoint, site_level_dp
 from server.global_model import GlobalModel
 from server.strategy import restore_strategy, strategy_state
 
@@ -100,9 +101,12 @@ class Federation:
         model: GlobalModel,
         run: RunDirectory,
         ledger: Ledger,
+        run_id: str = "",
     ):
         self.config, self.grid, self.strategy, self.model, self.run = config, grid, strategy, model, run
         self.ledger = ledger
+        self.run_id = run_id
+        self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
         self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
 
@@ -114,6 +118,8 @@ class Federation:
                 self._central(0, state)
             return 1, state
         restore_strategy(self.strategy, saved.strategy)
+        self._site_level_releases = sum(1 for r in self.ledger.records() if r.get("party") == "aggregator")
+        site_level_dp.replay(self.strategy, self._site_level_releases, self.config)
         self.average.mean, self.average.count = saved.average, saved.averaged_rounds
         self.run.log("resumed", round=saved.round)
         log.info("resuming after round %d from %s", saved.round, self.run.checkpoints)
@@ -126,11 +132,13 @@ class Federation:
             started = time.time()
             self.run.log("round-start", round=rnd, rounds=self.config.rounds)
             arrays = to_record(state)
-            replies = list(
-                self.grid.send_and_receive(
-                    self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid), timeout=timeout
-                )
-            )
+            try:
+                messages = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
+            except PrivacyBudgetExhausted as error:
+                self.run.log("site-level-budget-exhausted", round=rnd, reason=str(error))
+                log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
+                break
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
             accepted, exhausted = self._record_train(rnd, replies)
             if not accepted and exhausted:
                 self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
@@ -141,6 +149,7 @@ class Federation:
                 log.warning("round %d: no usable site update; the global model is unchanged", rnd)
             else:
                 state = from_record(new_arrays)
+                self._record_site_level_release(rnd, state)
             self.run.log("train-aggregate", round=rnd, sites=len(accepted), **dict(aggregated or {}))
             self.average.update(rnd, state)
             self._federated_evaluation(rnd, to_record(state))
@@ -159,6 +168,15 @@ class Federation:
             )
             self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
         return self.average.release(state)
+
+    def _record_site_level_release(self, rnd: int, state: dict[str, np.ndarray]) -> None:
+        spent = self.strategy.privacy_spent() if hasattr(self.strategy, "privacy_spent") else None
+        if spent is None or spent.num_releases <= self._site_level_releases:
+            return
+        self._site_level_releases = spent.num_releases
+        record = site_level_dp.release_record(self.strategy, self.config, self.run_id, rnd, state_sha256(state))
+        self.ledger.append(record)
+        self.run.log("site-level-release", round=rnd, epsilon=spent.epsilon, delta=spent.delta)
 
     def _record_train(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
         """The updates fit to aggregate, and how many sites said their budget is spent."""

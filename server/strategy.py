@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from common.config import FedprivConfig
 
 WEIGHT = "num-examples"
+SITE_WEIGHT = "site-weight"
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -22,7 +23,7 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(m[weight_key]) for m in metrics])
     out: dict[str, float | int] = {weight_key: int(weights.sum())}
-    keys = set().union(*(m.keys() for m in metrics)) - {weight_key}
+    keys = set().union(*(m.keys() for m in metrics)) - {weight_key, SITE_WEIGHT}
     for key in sorted(keys):
         values = np.array([float(m[key]) if key in m else math.nan for m in metrics])
         if key == "epsilon":
@@ -33,14 +34,25 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
 
 
 def build_strategy(config: FedprivConfig) -> Strategy:
+    strategy = _base_strategy(config)
+    if config.privacy.site_level_noise > 0:
+        from server import site_level_dp
+
+        strategy = site_level_dp.wrap(strategy, config)
+    return strategy
+
+
+def _base_strategy(config: FedprivConfig) -> Strategy:
     s = config.strategy
+    # Site-level DP bounds each *site's* influence: every site weighs the same.
+    weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else WEIGHT
     common = dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_sites,
         min_evaluate_nodes=s.min_sites if s.fraction_evaluate > 0 else 0,
         min_available_nodes=s.min_sites,
-        weighted_by_key=WEIGHT,
+        weighted_by_key=weight,
         train_metrics_aggr_fn=aggregate_site_metrics,
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )

@@ -112,3 +112,27 @@ def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_confi
     assert all(s.epsilon <= s.cap for s in report.sites)
     assert {"site-000", "site-001", "site-002"} == {e["site"] for e in report.exhausted}
     assert "budget exhausted" in result.stdout and "Audit passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
+    path = write_config(
+        tmp_path,
+        tiny_config,
+        **{"privacy.site-level-noise": 0.3, "privacy.site-level-clip": 10.0, "strategy.min-sites": 3},
+    )
+    result = fedpriv("simulate", "--config", str(path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = RunDirectory(tiny_config.run_dir)
+    releases = run.events("site-level-release")
+    assert [e["round"] for e in releases] == [1, 2]
+    assert releases[1]["epsilon"] > releases[0]["epsilon"] > 0
+
+    from audit.auditor import audit
+
+    report = audit([run.path])
+    assert report.ok, [str(p) for p in report.problems]
+    federation = next(s for s in report.sites if s.site == "federation")
+    assert [r.round for r in federation.releases] == [1, 2]
+    assert federation.epsilon == pytest.approx(releases[1]["epsilon"])
+    assert federation.releases[-1].rdp == pytest.approx(federation.epsilon, rel=1e-6)
