@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-import warnings
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,7 +27,6 @@ from common.records import Mechanism, state_sha256
 from common.transport import from_record, to_record
 
 log = logging.getLogger("fedpriv.client")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 OK = "ok"
 EXHAUSTED = "budget-exhausted"

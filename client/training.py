@@ -21,6 +21,9 @@ from torch import nn
 
 from common.model import ModelBundle, Prepared
 
+# Opacus' hooks on a frozen encoder trigger this PyTorch notice on every step.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 
 @dataclass(frozen=True)
 class DpSettings:

@@ -43,6 +43,9 @@ class Ledger:
     def __init__(self, path: str | Path, key: Ed25519PrivateKey | None = None):
         self.path = Path(path)
         self.key = key
+        # (file size, last seq, last hash) after our own last append: a
+        # long-lived writer (the aggregator) need not re-read the whole file.
+        self._tail: tuple[int, int, str] | None = None
 
     def entries(self) -> list[dict[str, Any]]:
         lines, _ = _complete_lines(self.path)
@@ -55,14 +58,18 @@ class Ledger:
         if self.key is None:
             raise ValueError(f"{self.path}: opened without a signing key; cannot append")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines, complete = _complete_lines(self.path)
-        if self.path.exists() and self.path.stat().st_size != complete:
-            # An entry cut short by a crash was never a record: drop the fragment.
-            with open(self.path, "r+b") as handle:
-                handle.truncate(complete)
-        last = json.loads(lines[-1]) if lines else None
-        seq = last["seq"] + 1 if last else 0
-        prev = last["hash"] if last else GENESIS
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if self._tail is not None and self._tail[0] == size:
+            seq, prev = self._tail[1] + 1, self._tail[2]
+        else:
+            lines, complete = _complete_lines(self.path)
+            if size != complete:
+                # An entry cut short by a crash was never a record: drop the fragment.
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(complete)
+            last = json.loads(lines[-1]) if lines else None
+            seq = last["seq"] + 1 if last else 0
+            prev = last["hash"] if last else GENESIS
         record = json.loads(canonical_json(record))
         digest = entry_hash(seq, prev, record)
         entry = {
@@ -78,6 +85,7 @@ class Ledger:
             handle.write(canonical_json(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
+            self._tail = (handle.tell(), seq, digest)
         return entry
 
 

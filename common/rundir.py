@@ -42,12 +42,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Appends one complete line and flushes it to disk before returning."""
+    """Appends one complete line in one write.
+
+    Not fsynced: these are progress metrics, written thousands of times per
+    round in large simulations; a line cut short by a crash is skipped by
+    readers. Privacy records go to the ledger, which does fsync.
+    """
     line = json.dumps(_jsonable(record), sort_keys=False) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

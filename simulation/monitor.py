@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.progress import read_progress
-from common.rundir import RunDirectory, read_jsonl
+from common.rundir import RunDirectory
 
 
 class Monitor:
@@ -28,6 +29,12 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._offset = 0
+        # Counters kept up to date from new lines only: the metrics file grows
+        # with sites x rounds and must not be re-read twice a second.
+        self._done = 0
+        self._round = 0
+        self._trained: dict[int, int] = {}
+        self._accuracy: float | None = None
 
     def __enter__(self) -> "Monitor":
         self.progress.start()
@@ -46,18 +53,37 @@ class Monitor:
         while not self._stop.wait(0.5):
             self._refresh()
 
-    def _refresh(self) -> None:
-        events = list(read_jsonl(self.run.metrics_path))
-        done = [e for e in events if e["kind"] == "round-end"]
-        started = [e for e in events if e["kind"] == "round-start"]
-        central = [e for e in events if e["kind"] == "central-evaluate"]
-        note = f"test accuracy {100 * central[-1]['accuracy']:.2f}%" if central else ""
-        self.progress.update(self.round_task, completed=len(done), note=note)
-        if not started:
+    def _read_new(self) -> None:
+        path = self.run.metrics_path
+        if not path.exists():
             return
-        current = started[-1]["round"]
-        trained = sum(1 for e in events if e["kind"] == "site-train" and e["round"] == current)
-        steps, _ = read_progress(self.run.path, current)
+        with open(path, encoding="utf-8") as handle:
+            handle.seek(self._offset)
+            for line in handle:
+                if not line.endswith("\n"):
+                    break
+                self._offset += len(line.encode("utf-8"))
+                event = json.loads(line)
+                kind = event["kind"]
+                if kind == "round-end":
+                    self._done += 1
+                elif kind == "round-start":
+                    self._round = event["round"]
+                elif kind in ("site-train", "site-budget-exhausted"):
+                    self._trained[event["round"]] = self._trained.get(event["round"], 0) + 1
+                elif kind == "central-evaluate":
+                    self._accuracy = event["accuracy"]
+
+    def _refresh(self) -> None:
+        self._read_new()
+        note = f"test accuracy {100 * self._accuracy:.2f}%" if self._accuracy is not None else ""
+        self.progress.update(self.round_task, completed=self._done, note=note)
+        if not self._round:
+            return
+        current = self._round
+        trained = self._trained.get(current, 0)
+        # Per-step progress files: one per site, read only for small federations.
+        steps = read_progress(self.run.path, current)[0] if self.sites <= 200 else trained * self.steps
         self.progress.update(
             self.local_task,
             total=self.sites * self.steps,
