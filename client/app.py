@@ -19,6 +19,7 @@ from client.site import (
     training_seed,
 )
 from client.training import DpSettings, LocalPlan, train_local
+from common.logs import CLIENT_LOG
 from common.accounting import Release, steps_per_round
 from common.config import FedprivConfig
 from common.data import LabelSet
@@ -26,7 +27,7 @@ from common.progress import ProgressWriter
 from common.records import Mechanism, state_sha256
 from common.transport import from_record, to_record
 
-log = logging.getLogger("fedpriv.client")
+log = logging.getLogger(CLIENT_LOG)
 
 OK = "ok"
 EXHAUSTED = "budget-exhausted"

@@ -23,6 +23,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from client.budget import SiteBudget
+from common.logs import CLIENT_LOG
 from common import signing
 from common.accounting import calibrate_noise, steps_per_round
 from common.config import FedprivConfig
@@ -34,7 +35,7 @@ from common.partition import by_column, dirichlet, iid
 from common.records import data_sha256
 from common.resources import resolve_path
 
-log = logging.getLogger("fedpriv.client")
+log = logging.getLogger(CLIENT_LOG)
 
 DATA_PATH = "data-path"
 SITE_NAME = "site-name"

@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from fedpriv.deploy_cli import register as register_deploy_commands
+
 app = typer.Typer(
     help="fedpriv: federated, differentially private fine-tuning of text classifiers.",
     no_args_is_help=True,
@@ -23,7 +25,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-console = Console()
+register_deploy_commands(app)
+# Piped output (CI logs, `| tee`) keeps whole tables instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
 
 

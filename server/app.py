@@ -8,6 +8,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.logs import SERVER_LOG
 from common import signing
 from common.config import FedprivConfig
 from common.data import LabelSet
@@ -18,7 +19,7 @@ from server.global_model import GlobalModel
 from server.strategy import build_strategy
 from server.summary import write_run_config, write_summary
 
-log = logging.getLogger("fedpriv.server")
+log = logging.getLogger(SERVER_LOG)
 
 
 def aggregator_key(config: FedprivConfig, run: RunDirectory):

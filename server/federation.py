@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
+from common.logs import SERVER_LOG
 from common.config import FedprivConfig
 from common.ledger import Ledger, verify_entry
 from common.records import state_sha256
@@ -30,7 +31,7 @@ from server import checkpoint, site_level_dp
 from server.global_model import GlobalModel
 from server.strategy import restore_strategy, strategy_state
 
-log = logging.getLogger("fedpriv.server")
+log = logging.getLogger(SERVER_LOG)
 
 EXHAUSTED = "budget-exhausted"
 
@@ -130,7 +131,8 @@ class Federation:
         timeout = self.config.strategy.round_timeout
         for rnd in range(first, self.config.rounds + 1):
             started = time.time()
-            self.run.log("round-start", round=rnd, rounds=self.config.rounds)
+            # The hash of the model sent out ties a resumed round to the checkpoint it continued from.
+            self.run.log("round-start", round=rnd, rounds=self.config.rounds, **{"global-sha256": state_sha256(state)})
             arrays = to_record(state)
             try:
                 messages = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.logs import SERVER_LOG
 from common.config import FedprivConfig
 from common.data import LabelSet, load_dataset
 from common.features import FeatureCache
 from common.model import ModelBundle, Prepared, build_model, label_name_state
 
-log = logging.getLogger("fedpriv.server")
+log = logging.getLogger(SERVER_LOG)
 
 
 class GlobalModel:

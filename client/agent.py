@@ -1,0 +1,285 @@
+"""The site agent in a real deployment: check the data, then run a Flower SuperNode from the kit.
+
+The data is validated exactly as the ClientApp will read it (same columns,
+same label set, same minimum), so a bad export is reported to the site's
+operator here, with the file, column and row, before anything connects to
+the aggregator.
+
+The SuperNode runs in this process group; SIGTERM or SIGINT to the agent is
+passed on to it, the agent waits for it to stop and exits 0, so `docker
+stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. Its
+ledger (the site's privacy budget) lives in the state directory and must be
+backed up: it is what keeps the site under its cap across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.data import LabelSet, TextDataset, load_dataset
+from common.kit import CA_CERT, LEDGER_KEY as KIT_LEDGER_KEY, NODE_KEY, SiteKit, load_site_kit, require
+
+FLWR_HOME = "flwr-home"
+DEFAULT_PORT = 9094
+GRACE_SECONDS = 30.0
+ACTIVATION_RETRY_SECONDS = 10.0
+# What Flower's SuperNode exit code 305 (no connection) most often means, for the site's operator.
+HINT = (
+    "the SuperNode could not connect: check the aggregator address and firewall, that this kit's ca.crt "
+    "is the federation's CA, and that the aggregator registered this site's node key"
+)
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message says why."""
+
+
+@dataclass
+class Agent:
+    kit_dir: Path
+    kit: SiteKit
+    state: Path
+
+    @classmethod
+    def from_kit(cls, kit_dir: str | Path, state_dir: str | Path | None = None) -> "Agent":
+        kit_dir = Path(kit_dir).expanduser().resolve()
+        kit = load_site_kit(kit_dir)
+        require(kit_dir, KIT_LEDGER_KEY)
+        state = Path(state_dir).expanduser().resolve() if state_dir else kit_dir.parent / f"{kit.site}-state"
+        return cls(kit_dir, kit, state)
+
+    @property
+    def ledger_path(self) -> Path:
+        # Named after the site: `fedpriv audit` pins a ledger to the key of the owner its file is named for.
+        return self.state / "ledgers" / f"{self.kit.site}.jsonl"
+
+    def validate(
+        self,
+        data: str | Path,
+        labels: str | None = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        min_rows: int | None = None,
+    ) -> TextDataset:
+        """Reads the site's data as training will; raises `DataError` naming file, column and row."""
+        d = self.kit.data
+        if text_column:
+            d = d.model_copy(update={"text_column": text_column})
+        if label_column:
+            d = d.model_copy(update={"label_column": label_column})
+        if min_rows:
+            d = d.model_copy(update={"min_rows": min_rows})
+        self.kit = self.kit.model_copy(update={"data": d})
+        label_set = LabelSet.load(labels or d.labels)
+        return load_dataset(Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows)
+
+    def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
+        # The ClientApp's own key names; imported here, after validation, because client.site loads torch.
+        from client.site import ALLOW_NON_PRIVATE, DATA_PATH, DELTA, EPSILON_CAP, LEDGER_KEY, LEDGER_PATH, SITE_NAME
+
+        values: dict[str, str | float] = {
+            DATA_PATH: str(Path(data).expanduser().resolve()),
+            SITE_NAME: self.kit.site,
+            LEDGER_PATH: str(self.ledger_path),
+            LEDGER_KEY: str(self.kit_dir / KIT_LEDGER_KEY),
+            EPSILON_CAP: float(self.kit.epsilon_cap),
+            DELTA: float(self.kit.delta),
+            "text-column": self.kit.data.text_column,
+            "label-column": self.kit.data.label_column,
+        }
+        if allow_non_private:
+            values[ALLOW_NON_PRIVATE] = "true"
+        return values
+
+    def supernode_command(
+        self,
+        node_config: dict[str, str | float],
+        port: int = DEFAULT_PORT,
+        superlink: str | None = None,
+        insecure: bool = False,
+        max_retries: int | None = None,
+    ) -> list[str]:
+        command = [
+            _bin("flower-supernode"),
+            "--superlink", superlink or self.kit.superlink,
+            "--port", str(port),
+            "--node-config", format_node_config(node_config),
+        ]
+        if insecure:
+            command.append("--insecure")
+        else:
+            require(self.kit_dir, CA_CERT, NODE_KEY)
+            command += [
+                "--root-certificates", str(self.kit_dir / CA_CERT),
+                "--auth-supernode-private-key", str(self.kit_dir / NODE_KEY),
+            ]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries)]
+        return command
+
+    def run(
+        self,
+        command: list[str],
+        max_retries: int | None = None,
+        log: Callable[[str], None] = print,
+        retry_seconds: float = ACTIVATION_RETRY_SECONDS,
+    ) -> int:
+        """Runs the SuperNode until it exits or we are asked to stop; 0 after a requested stop.
+
+        Flower refuses to activate a node key that is not registered yet, and
+        also one whose previous session (a crashed agent) has not expired,
+        which takes up to two missed 30 s heartbeats. Both are worth waiting
+        for, so a refused activation is retried (at most `max_retries` times;
+        None: until stopped). A TLS failure is a configuration error and is not.
+        """
+        self.state.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state, 0o700)
+        (self.state / FLWR_HOME).mkdir(exist_ok=True)
+        self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(self.state / FLWR_HOME),
+            FLWR_TELEMETRY_ENABLED="0",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        asked: list[int] = []
+        current: list[subprocess.Popen] = []
+
+        def forward(signum, _frame):
+            asked.append(signum)
+            if current and current[-1].poll() is None:
+                current[-1].send_signal(signal.SIGTERM)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, forward)
+        superlink = command[command.index("--superlink") + 1]
+        attempt = 0
+        while True:
+            log(f"{self.kit.site}: connecting to {superlink}")
+            # Its own process group: the SuperNode starts SuperExec and a
+            # ClientApp process per message, and a stop must take them all.
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                start_new_session=True,
+            )
+            current.append(process)
+            seen = _Echo(process)
+            code = _wait(process, asked)
+            _stop_group(process.pid)
+            seen.join()
+            if asked:
+                log(f"{self.kit.site}: stopped")
+                return 0
+            if code == 0:
+                return 0
+            if seen.activation_refused and (max_retries is None or attempt < max_retries):
+                attempt += 1
+                log(
+                    f"{self.kit.site}: the aggregator refused to activate this site's node key: it is not registered "
+                    f"(yet), or this site's previous session has not expired; retrying in {retry_seconds:g} s"
+                )
+                deadline = time.monotonic() + retry_seconds
+                while time.monotonic() < deadline and not asked:
+                    time.sleep(0.2)
+                if asked:
+                    log(f"{self.kit.site}: stopped")
+                    return 0
+                continue
+            log(f"{self.kit.site}: SuperNode exited with code {code}; {seen.diagnosis()}")
+            return code or 1
+
+
+class _Echo:
+    """Passes the SuperNode's output through and notes what went wrong."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.activation_refused = False
+        self.tls_untrusted = False
+        self.plaintext = False
+        self._thread = threading.Thread(target=self._pump, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "[code: 2004]" in line:
+                self.activation_refused = True
+            if "CERTIFICATE_VERIFY_FAILED" in line:
+                self.tls_untrusted = True
+            if "Socket closed" in line or "WRONG_VERSION_NUMBER" in line:
+                self.plaintext = True
+
+    def join(self) -> None:
+        self._thread.join(timeout=5)
+
+    def diagnosis(self) -> str:
+        if self.tls_untrusted:
+            return "the aggregator's TLS certificate is not signed by the CA in this kit (ca.crt): wrong kit or wrong address"
+        if self.activation_refused:
+            return "the aggregator refused this site's node key: ask its operator to run `fedpriv aggregator register`"
+        return HINT
+
+
+def format_node_config(values: dict[str, str | float]) -> str:
+    """Flower's `--node-config`: space-separated key=value, strings quoted (no escapes are read)."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value!r}")
+        else:
+            text = str(value)
+            quote = "'" if "'" not in text else '"'  # literal strings first: no backslash escapes
+            if quote in text or "\n" in text or (quote == '"' and "\\" in text):
+                raise AgentError(f"node config {key}: {text!r} cannot be quoted for Flower (contains both quote marks)")
+            parts.append(f"{key}={quote}{text}{quote}")
+    return " ".join(parts)
+
+
+def _wait(process: subprocess.Popen, asked: list[int]) -> int:
+    """The child's exit code; a child that ignores a forwarded stop for GRACE_SECONDS is killed."""
+    deadline = None
+    while True:
+        try:
+            return process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if asked and deadline is None:
+                deadline = time.monotonic() + GRACE_SECONDS
+            if deadline is not None and time.monotonic() > deadline:
+                process.kill()
+
+
+def _stop_group(pgid: int) -> None:
+    """Ends what the SuperNode left running (SuperExec, ClientApps): TERM, then KILL."""
+    deadline = time.monotonic() + 10.0
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)

@@ -1,0 +1,137 @@
+"""Kits: the folder of keys, certificates and settings each party runs from.
+
+`fedpriv provision` writes one kit for the aggregator and one per site; the
+aggregator and the site agent read them. Both sides must agree on the file
+names and on the meaning of `kit.toml`, so both live here.
+
+A kit is flat (no sub-folders) so that it can be turned into a Kubernetes
+Secret with `kubectl create secret generic NAME --from-file=KIT_DIR` and
+mounted read-only; whatever a party writes (ledgers, Flower state) goes to a
+separate state directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+KIT_CONFIG = "kit.toml"
+CA_CERT = "ca.crt"
+TLS_CERT = "tls.crt"
+TLS_KEY = "tls.key"
+LEDGER_KEY = "ledger.key"
+NODE_KEY = "node.key"
+NODE_PUB = "node.pub"
+PUBLIC_KEYS = "public-keys.json"  # owner -> Ed25519 ledger public key (base64); what `fedpriv audit --keys` reads
+NODE_KEYS = "node-keys.json"  # site -> node-authentication public key (OpenSSH)
+AGGREGATOR = "aggregator"
+
+# Site names become file names (ledgers), Flower node names and Kubernetes
+# object names: lower-case DNS labels keep all three happy.
+SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class KitError(ValueError):
+    """A kit is missing, incomplete or unreadable; the message names the file."""
+
+
+def check_site_name(name: str) -> str:
+    if not SITE_NAME.match(name) or name == AGGREGATOR:
+        raise KitError(
+            f"site name '{name}': use lower-case letters, digits and '-' (at most 63, not starting or ending "
+            f"with '-'), and not '{AGGREGATOR}'"
+        )
+    return name
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid")
+
+
+class KitData(_Model):
+    labels: str = Field(description="The federation's label set as an inline JSON list.")
+    text_column: str = "text"
+    label_column: str = "category"
+    min_rows: int = Field(10, ge=1)
+
+
+class SiteKit(_Model):
+    role: Literal["site"] = "site"
+    federation: str
+    site: str
+    superlink: str = Field(description="The aggregator's Fleet API address, HOST:PORT.")
+    epsilon_cap: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    data: KitData
+
+
+class AggregatorEndpoints(_Model):
+    address: str = Field(description="The Fleet API address sites dial, HOST:PORT.")
+    fleet_listen: str = "0.0.0.0:9092"
+    control_listen: str = "127.0.0.1:9093"
+
+
+class AggregatorKit(_Model):
+    role: Literal["aggregator"] = "aggregator"
+    federation: str
+    aggregator: AggregatorEndpoints
+    # fedpriv settings every run of this federation starts from (same names as a run's TOML file).
+    run: dict[str, Any] = Field(default_factory=dict)
+
+
+def _read(directory: Path) -> dict[str, Any]:
+    path = directory / KIT_CONFIG
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KitError(f"{directory}: not a fedpriv kit (no {KIT_CONFIG}); make kits with `fedpriv provision`") from None
+    except tomllib.TOMLDecodeError as error:
+        raise KitError(f"{path}: not valid TOML: {error}") from None
+
+
+def _validate(model: type[BaseModel], tree: dict[str, Any], path: Path):
+    try:
+        return model.model_validate(tree)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise KitError(f"{path}: {problems}") from None
+
+
+def load_site_kit(directory: str | Path) -> SiteKit:
+    directory = Path(directory)
+    tree = _read(directory)
+    if tree.get("role") != "site":
+        raise KitError(f"{directory / KIT_CONFIG}: this is a kit for the {tree.get('role', '?')}, not a site")
+    return _validate(SiteKit, tree, directory / KIT_CONFIG)
+
+
+def load_aggregator_kit(directory: str | Path) -> AggregatorKit:
+    directory = Path(directory)
+    tree = _read(directory)
+    if tree.get("role") != "aggregator":
+        raise KitError(f"{directory / KIT_CONFIG}: this is a kit for {tree.get('role', '?')} {tree.get('site', '')}, not the aggregator")
+    return _validate(AggregatorKit, tree, directory / KIT_CONFIG)
+
+
+def require(directory: Path, *names: str) -> None:
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise KitError(f"{directory}: kit is missing {', '.join(missing)}")
+
+
+def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) into its parts."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        if default_port is None:
+            raise KitError(f"'{address}': expected HOST:PORT")
+        host, port = address, str(default_port)
+    return host.strip("[]"), int(port)

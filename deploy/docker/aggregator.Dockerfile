@@ -1,0 +1,42 @@
+# fedpriv aggregator: a Flower SuperLink with TLS, node authentication and persistent state.
+#
+#   docker build -f deploy/docker/aggregator.Dockerfile -t fedpriv-aggregator .   (from the repository root)
+#   docker run -d --name fedpriv-aggregator -p 9092:9092 -v $PWD/kits/aggregator:/kit:ro \
+#              -v /var/lib/fedpriv/aggregator:/state --user "$(id -u):$(id -g)" fedpriv-aggregator
+#   docker exec fedpriv-aggregator fedpriv aggregator run --kit /kit --state /state --set rounds=20
+#
+# Only the Fleet API (9092) is published. The control API (submit runs,
+# register sites) stays on the container's loopback: use it through `docker exec`.
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.13.0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FLWR_TELEMETRY_ENABLED=0 \
+    HF_HUB_OFFLINE=1 \
+    HOME=/state \
+    FEDPRIV_CACHE_DIR=/state/cache \
+    FEDPRIV_APP_DIR=/opt/fedpriv
+
+RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+
+# The source tree stays: `flwr run` builds the Flower App bundle sent to the sites from it.
+WORKDIR /opt/fedpriv
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY client ./client
+COPY server ./server
+COPY simulation ./simulation
+COPY audit ./audit
+COPY fedpriv ./fedpriv
+RUN pip install /opt/fedpriv && fedpriv --help >/dev/null
+
+RUN useradd --uid 10001 --home-dir /state --no-create-home fedpriv \
+    && mkdir -p /state && chown 10001:10001 /state && chmod 0700 /state
+USER 10001
+VOLUME ["/state"]
+EXPOSE 9092
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["fedpriv", "aggregator", "start", "--kit", "/kit", "--state", "/state"]
+CMD ["--fleet-listen", "0.0.0.0:9092", "--control-listen", "127.0.0.1:9093"]

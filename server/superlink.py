@@ -1,0 +1,350 @@
+"""The aggregator in a real deployment: a Flower SuperLink run from a kit.
+
+`start` runs `flower-superlink` with TLS, node authentication, a persistent
+database and no runtime dependency installation (aggregators are offline
+too), then registers every provisioned site's node key. `submit` sends the
+fedpriv Flower App to it with `flwr run` and streams the run's log.
+
+Everything the aggregator writes goes to a state directory, never into the
+kit (a kit may be a read-only mount):
+
+    <state>/superlink.db     Flower's state: registered nodes, runs, messages
+    <state>/flwr-home/       FLWR_HOME: the `flwr` connection, installed app bundles
+    <state>/runs/<stamp>/    fedpriv run directories (default place)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides
+from common.data import LabelSet
+from common.kit import (
+    CA_CERT,
+    LEDGER_KEY,
+    NODE_KEYS,
+    TLS_CERT,
+    TLS_KEY,
+    AggregatorKit,
+    KitError,
+    load_aggregator_kit,
+    require,
+    split_address,
+)
+from common.rundir import CONFIG, RunDirectory
+
+DATABASE = "superlink.db"
+FLWR_HOME = "flwr-home"
+REGISTERED = "registered-nodes.json"
+# Settings an operator may still change when resuming: they affect waiting, not the privacy plan.
+RESUMABLE = {"strategy.min-sites", "strategy.round-timeout", "central-eval-every"}
+
+
+class AggregatorError(RuntimeError):
+    """The aggregator cannot start or submit; the message says why."""
+
+
+def _bin(name: str) -> str:
+    """Flower's commands from this environment first: a venv need not be activated."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    # flower-superexec and flwr-serverapp/flwr-clientapp are started by name.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def connection_name(kit: AggregatorKit) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in kit.federation) or "fedpriv"
+
+
+def _dial(listen: str) -> str:
+    host, port = split_address(listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+class Aggregator:
+    """An aggregator kit together with its state directory."""
+
+    def __init__(self, kit_dir: str | Path, state_dir: str | Path | None = None, insecure: bool = False):
+        self.kit_dir = Path(kit_dir).expanduser().resolve()
+        self.kit = load_aggregator_kit(self.kit_dir)
+        self.state = Path(state_dir).expanduser().resolve() if state_dir else self.kit_dir.parent / "aggregator-state"
+        self.insecure = insecure
+        if not insecure:
+            try:
+                require(self.kit_dir, CA_CERT, TLS_CERT, TLS_KEY)
+            except KitError as error:
+                raise AggregatorError(
+                    f"{error}. Refusing to run without TLS: provision the kit again, or pass --insecure "
+                    "for a throw-away local test"
+                ) from None
+        require(self.kit_dir, LEDGER_KEY)
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state / FLWR_HOME
+
+    @property
+    def connection(self) -> str:
+        return connection_name(self.kit)
+
+    def prepare(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state, 0o700)  # Flower's database holds the node registry
+        self.flwr_home.mkdir(exist_ok=True)
+        table: dict[str, Any] = {"address": _dial(self.kit.aggregator.control_listen)}
+        if self.insecure:
+            table["insecure"] = True
+        else:
+            table["root-certificates"] = str(self.kit_dir / CA_CERT)
+        config = {"superlink": {"default": self.connection, self.connection: table}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+    def superlink_command(self, fleet_listen: str | None = None, control_listen: str | None = None) -> list[str]:
+        host, port = split_address(control_listen or self.kit.aggregator.control_listen)
+        command = [
+            _bin("flower-superlink"),
+            "--fleet-api-address", fleet_listen or self.kit.aggregator.fleet_listen,
+            "--host", host,
+            "--port", str(port),
+            "--database", str(self.state / DATABASE),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.insecure:
+            # Node authentication needs TLS (Flower refuses keys over plaintext).
+            return command + ["--insecure"]
+        return command + [
+            "--ssl-ca-certfile", str(self.kit_dir / CA_CERT),
+            "--ssl-certfile", str(self.kit_dir / TLS_CERT),
+            "--ssl-keyfile", str(self.kit_dir / TLS_KEY),
+            "--enable-supernode-auth",
+        ]
+
+    # -- node registration ------------------------------------------------
+
+    def node_keys(self) -> dict[str, str]:
+        path = self.kit_dir / NODE_KEYS
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def register_nodes(self, log: Callable[[str], None] = print) -> dict[str, str]:
+        """Registers every provisioned site's node key (again is harmless); returns site -> node id."""
+        self.prepare()
+        registered_path = self.state / REGISTERED
+        registered = json.loads(registered_path.read_text()) if registered_path.exists() else {}
+        env = flower_env(self.flwr_home)
+        with tempfile.TemporaryDirectory() as tmp:
+            for site, public in self.node_keys().items():
+                key_file = Path(tmp) / f"{site}.pub"
+                key_file.write_text(public + "\n", encoding="utf-8")
+                result = subprocess.run(
+                    [_bin("flwr"), "supernode", "register", str(key_file), self.connection, "--name", site, "--format", "json"],
+                    env=env, capture_output=True, text=True, timeout=120,
+                )
+                answer = _json_tail(result.stdout)
+                if result.returncode == 0 and answer.get("success"):
+                    registered[site] = str(answer.get("node-id"))
+                    log(f"registered {site} (node {registered[site]})")
+                elif "already in use" in (result.stdout + result.stderr):
+                    log(f"{site} already registered" + (f" (node {registered[site]})" if site in registered else ""))
+                else:
+                    raise AggregatorError(f"could not register {site}: {(result.stdout + result.stderr).strip()[-800:]}")
+        registered_path.write_text(json.dumps(registered, indent=2) + "\n", encoding="utf-8")
+        return registered
+
+    # -- running the SuperLink --------------------------------------------
+
+    def start(
+        self,
+        fleet_listen: str | None = None,
+        control_listen: str | None = None,
+        log: Callable[[str], None] = print,
+        ready_timeout: float = 120.0,
+    ) -> int:
+        """Runs the SuperLink until it exits or this process gets SIGTERM/SIGINT; returns its exit code."""
+        self.prepare()
+        control = control_listen or self.kit.aggregator.control_listen
+        if control_listen:
+            # `flwr` must dial where the control API really listens.
+            self.kit.aggregator.control_listen = control_listen
+            self.prepare()
+        command = self.superlink_command(fleet_listen, control_listen)
+        log("starting: " + " ".join(command))
+        process = subprocess.Popen(command, env=flower_env(self.flwr_home))
+        stopping = _forward_signals(process)
+        try:
+            _wait_for_port(_dial(control), process, ready_timeout)
+            if not self.insecure and self.node_keys():
+                self.register_nodes(log)
+            fleet = fleet_listen or self.kit.aggregator.fleet_listen
+            log(f"aggregator ready: sites connect to {self.kit.aggregator.address} (listening on {fleet})")
+            code = process.wait()
+        except BaseException:
+            _stop(process)
+            raise
+        return 0 if stopping() else code
+
+    # -- submitting runs --------------------------------------------------
+
+    def run_config(
+        self,
+        config_file: str | Path | None = None,
+        overrides: Iterable[str] = (),
+        run_dir: str | Path | None = None,
+    ) -> FedprivConfig:
+        """The kit's run settings, then the operator's file, then --set; the kit's labels and key are kept."""
+        tree = json.loads(json.dumps(self.kit.run))
+        if config_file:
+            path = Path(config_file)
+            try:
+                user = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise AggregatorError(f"{path}: config file not found") from None
+            except tomllib.TOMLDecodeError as error:
+                raise AggregatorError(f"{path}: not valid TOML: {error}") from None
+            _merge(tree, user.get("fedpriv", user))
+        config = apply_overrides(parse_config(tree, str(config_file or "aggregator kit")), parse_overrides(overrides))
+        return self._finish(config, run_dir)
+
+    def resume_config(self, run_dir: str | Path, overrides: Iterable[str] = ()) -> FedprivConfig:
+        """The saved configuration of an interrupted run, for a new submission that continues it."""
+        run = RunDirectory(Path(run_dir).expanduser().resolve())
+        saved = run.path / CONFIG
+        if not saved.exists():
+            raise AggregatorError(f"{run.path}: no {CONFIG} here; is this a run directory of this aggregator?")
+        parsed = parse_overrides(overrides)
+        changed = sorted(set(parsed) - RESUMABLE)
+        if changed:
+            raise AggregatorError(
+                f"cannot change {', '.join(changed)} when resuming: the privacy plan was made for the saved settings "
+                f"(only {', '.join(sorted(RESUMABLE))} may change)"
+            )
+        if run.summary() is not None and run.events("run-end"):
+            raise AggregatorError(f"{run.path}: this run already finished; start a new one")
+        tree = tomllib.loads(saved.read_text(encoding="utf-8"))
+        config = apply_overrides(parse_config(tree, str(saved)), parsed)
+        return self._finish(config, run.path)
+
+    def _finish(self, config: FedprivConfig, run_dir: str | Path | None) -> FedprivConfig:
+        labels = LabelSet.load(config.data.labels)
+        kit_labels = self.kit.run.get("data", {}).get("labels")
+        if kit_labels and LabelSet.load(kit_labels) != labels:
+            raise AggregatorError(
+                "data.labels differs from the federation's label set in the aggregator kit; "
+                "sites check their data against the kit's labels, so a run must use the same"
+            )
+        run_dir = Path(run_dir or config.run_dir or self.state / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+        return config.replace(
+            **{
+                "run-dir": str(run_dir.expanduser().resolve()),
+                "aggregator-key": str(self.kit_dir / LEDGER_KEY),
+                "data.labels": labels.to_json(),  # inline: sites have no labels file
+            }
+        )
+
+    def submit(self, config: FedprivConfig, app_dir: str | Path | None = None, stream: bool = True) -> int:
+        """`flwr run` of the fedpriv app with this configuration; its log goes to our stdout."""
+        self.prepare()
+        app = Path(app_dir) if app_dir else find_app_dir()
+        with tempfile.TemporaryDirectory(prefix="fedpriv-run-") as tmp:
+            settings = Path(tmp) / "run-config.toml"
+            settings.write_text(tomli_w.dumps(config.model_dump(by_alias=True)), encoding="utf-8")
+            command = [_bin("flwr"), "run", str(app), self.connection, "--run-config", str(settings)]
+            if stream:
+                command.append("--stream")
+            process = subprocess.Popen(command, env=flower_env(self.flwr_home))
+            stopping = _forward_signals(process)
+            code = process.wait()
+        return 130 if stopping() else code
+
+
+def find_app_dir() -> Path:
+    """The fedpriv Flower App: the project folder holding pyproject.toml with [tool.flwr.app]."""
+    here = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ["FEDPRIV_APP_DIR"])] if os.environ.get("FEDPRIV_APP_DIR") else []
+    for candidate in [*candidates, here, Path.cwd()]:
+        project = candidate / "pyproject.toml"
+        if project.exists() and "[tool.flwr.app]" in project.read_text(encoding="utf-8"):
+            return candidate
+    raise AggregatorError(
+        "cannot find the fedpriv Flower App (a folder with pyproject.toml and [tool.flwr.app]); "
+        "pass --app DIR or set FEDPRIV_APP_DIR"
+    )
+
+
+def _merge(base: dict, extra: Mapping) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _json_tail(text: str) -> dict:
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _wait_for_port(address: str, process: subprocess.Popen, timeout: float) -> None:
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AggregatorError(f"the SuperLink exited with code {process.returncode} before it was ready")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AggregatorError(f"the SuperLink did not open {address} within {timeout:.0f} s")
+
+
+def _forward_signals(process: subprocess.Popen) -> Callable[[], bool]:
+    """SIGTERM/SIGINT to us go to the child, which shuts down on its own; returns 'were we asked to stop?'."""
+    asked: list[int] = []
+
+    def forward(signum, _frame):
+        asked.append(signum)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    return lambda: bool(asked)
+
+
+def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

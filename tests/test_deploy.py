@@ -1,0 +1,616 @@
+"""A real deployment on 127.0.0.1: one aggregator and two site agents, over TLS with node authentication.
+
+One provisioned federation is shared by the slow tests (a Flower deployment
+starts a process per message, so every round costs tens of seconds); they
+run in file order and each leaves both sites connected for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import pki
+from common.records import state_sha256
+from common.rundir import RunDirectory
+from tests.conftest import LABELS, easy_rows, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("site-a", "site-b")
+ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,
+    )
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Federation:
+    """Provisioned kits, data, and the processes of one aggregator and its sites."""
+
+    def __init__(self, root: Path, model_dir: str):
+        self.root = root
+        self.fleet, self.control, *agent_ports = free_ports(2 + len(SITES) + 4)
+        self.ports = dict(zip(SITES, agent_ports))
+        self.spare_ports = agent_ports[len(SITES):]
+        self.processes: dict[str, subprocess.Popen] = {}
+        (root / "federation.toml").write_text(
+            f"""
+name = "deploy-test"
+[aggregator]
+address = "127.0.0.1:{self.fleet}"
+hosts = ["localhost"]
+fleet-listen = "127.0.0.1:{self.fleet}"
+control-listen = "127.0.0.1:{self.control}"
+[data]
+labels = {json.dumps(LABELS)}
+[site-defaults]
+epsilon-cap = 1000.0
+[run]
+rounds = 2
+[run.model]
+name = "{model_dir}"
+[run.data]
+max-length = 32
+[run.strategy]
+min-sites = 2
+fraction-evaluate = 0.0
+round-timeout = 120.0
+""" + "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES),
+            encoding="utf-8",
+        )
+        result = fedpriv("provision", "-f", root / "federation.toml")
+        assert result.returncode == 0, result.stdout + result.stderr
+        self.kits = root / "kits"
+        self.state = root / "aggregator-state"
+        self.data = {s: write_csv(root / f"{s}.csv", easy_rows(150, seed=10 + i)) for i, s in enumerate(SITES)}
+        self.test = write_csv(root / "test.csv", easy_rows(90, seed=2))
+
+    # -- processes ---------------------------------------------------------
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def log_text(self, name: str, since: int = 0) -> str:
+        path = self.log(name)
+        return path.read_bytes()[since:].decode("utf-8", "replace") if path.exists() else ""
+
+    def log_size(self, name: str) -> int:
+        return self.log(name).stat().st_size if self.log(name).exists() else 0
+
+    def _spawn(self, name: str, *args) -> subprocess.Popen:
+        with open(self.log(name), "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV, start_new_session=True,
+            )
+        self.processes[name] = process
+        return process
+
+    def start_aggregator(self) -> None:
+        since = self.log_size("aggregator")
+        process = self._spawn("aggregator", "aggregator", "start", "--kit", self.kits / "aggregator", "--state", self.state)
+
+        def ready():
+            assert process.poll() is None, self.log_text("aggregator", since)[-3000:]
+            return "aggregator ready" in self.log_text("aggregator", since)
+
+        wait_for(ready, 120, "the aggregator")
+
+    def start_agent(self, site: str) -> None:
+        self._spawn(
+            site, "agent", "start", "--kit", self.kits / "sites" / site, "--data", self.data[site],
+            "--state", self.root / f"{site}-state", "--port", self.ports[site],
+        )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""
+        process = self.processes.pop(name)
+        _kill_tree(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process in self.processes.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_tree(process.pid, signal.SIGKILL)  # whatever is left
+        self.processes.clear()
+
+    # -- the aggregator's view ---------------------------------------------
+
+    def online(self) -> set[str]:
+        home = self.state / "flwr-home"
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "supernode", "list", "deploy-test", "--format", "json"],
+            capture_output=True, text=True, timeout=60, env=dict(ENV, FLWR_HOME=str(home)),
+        )
+        text = result.stdout
+        nodes = json.loads(text[text.find("{"):]).get("nodes", []) if "{" in text else []
+        names = {v: k for k, v in json.loads((self.state / "registered-nodes.json").read_text()).items()}
+        return {names.get(str(n["node-id"]), str(n["node-id"])) for n in nodes if n["status"] == "online"}
+
+    def wait_online(self, sites=SITES, timeout: float = 150) -> None:
+        wait_for(lambda: set(sites) <= self.online(), timeout, f"{', '.join(sites)} to be online", interval=2)
+
+    def ledger(self, site: str) -> Path:
+        return self.root / f"{site}-state" / "ledgers" / f"{site}.jsonl"
+
+    def submit(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedpriv.cli", "aggregator", "run", "--kit", str(self.kits / "aggregator"),
+             "--state", str(self.state), *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV, start_new_session=True,
+        )
+
+    def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
+        return fedpriv(
+            "audit", run_dir, *(self.ledger(s) for s in SITES), "--keys", self.kits / "aggregator" / "public-keys.json", "--json"
+        )
+
+
+def _kill_tree(pid: int, sig: int) -> None:
+    """Signals a process, its process group and every descendant (the SuperNode has its own group)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            os.killpg(member.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def fed(tiny_model_dir, tmp_path_factory):
+    federation = Federation(tmp_path_factory.mktemp("deploy"), tiny_model_dir)
+    try:
+        federation.start_aggregator()
+        for site in SITES:
+            federation.start_agent(site)
+        federation.wait_online()
+        yield federation
+    finally:
+        federation.stop_all()
+        _sweep(federation.root)
+
+
+def _sweep(root: Path) -> None:
+    """Kills whatever Flower process of this federation outlived its parent (e.g. after a crash test)."""
+    import psutil
+
+    for process in psutil.process_iter(["pid"]):
+        try:
+            home = process.environ().get("FLWR_HOME", "")
+        except (psutil.Error, OSError):
+            continue
+        if home.startswith(str(root)):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+
+def releases(run_dir: Path) -> list[tuple[str, int]]:
+    lines = (run_dir / "ledgers" / "federation.jsonl").read_text().splitlines()
+    records = [json.loads(line)["record"] for line in lines]
+    return sorted((r["site"], r["round"]) for r in records if r.get("kind") == "site-release")
+
+
+def check_audit(fed: Federation, run_dir: Path) -> dict:
+    result = fed.audit(run_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and all(ledger["pinned"] for ledger in report["ledgers"])
+    return report
+
+
+# -- what operators deploy with: checked without a container engine or a cluster --------
+
+DEPLOY = ROOT / "deploy"
+
+
+def parse_cli(argv: list[str]) -> tuple[str, dict]:
+    """Parses a fedpriv command line as the real CLI would (options, types, required ones), running nothing."""
+    import click
+    import typer
+
+    from fedpriv.cli import app
+
+    command, args, name = typer.main.get_command(app), list(argv), "fedpriv"
+    while isinstance(command, click.Group) and args and args[0] in command.commands:
+        name, command, args = args[0], command.commands[args[0]], args[1:]
+    context = command.make_context(name, args)
+    return name, context.params
+
+
+def dockerfile(role: str) -> dict:
+    entry = {}
+    for line in (DEPLOY / "docker" / f"{role}.Dockerfile").read_text().splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("ENTRYPOINT", "CMD"):
+            entry[word] = json.loads(rest)
+        elif word == "COPY":
+            entry.setdefault("COPY", []).extend(rest.split()[:-1])
+    return entry
+
+
+_TOKEN = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def render_helm(template: str, values: dict, release: str = "fp") -> str:
+    """The Go-template subset the chart uses (values, if/else/end, quote, whitespace trims); anything else fails."""
+    context = {"Values": values, "Release": {"Name": release}, "Chart": {"AppVersion": "0.1.0"}}
+
+    def value(expr: str):
+        expr, *pipes = [p.strip() for p in expr.split("|")]
+        assert expr.startswith("."), f"unsupported template expression: {expr}"
+        node = context
+        for part in expr[1:].split("."):
+            node = node[part]
+        for pipe in pipes:
+            assert pipe == "quote", f"unsupported pipe: {pipe}"
+            node = json.dumps(str(node))
+        return node
+
+    out, stack, pos, trim = [], [], 0, False
+    for match in _TOKEN.finditer(template):
+        text = template[pos:match.start()]
+        if trim:
+            text = text.lstrip()
+        if match.group(1):
+            text = text.rstrip()
+        active = all(stack)
+        if active:
+            out.append(text)
+        expr = match.group(2)
+        if expr.startswith("if "):
+            stack.append(active and bool(value(expr[3:])))
+        elif expr == "else":
+            stack[-1] = all(stack[:-1]) and not stack[-1]
+        elif expr == "end":
+            stack.pop()
+        elif active:
+            rendered = value(expr)
+            out.append("true" if rendered is True else "false" if rendered is False else str(rendered))
+        trim, pos = bool(match.group(3)), match.end()
+    assert not stack, "unbalanced if/end"
+    text = template[pos:]
+    out.append(text.lstrip() if trim else text)
+    return "".join(out)
+
+
+def helm_manifests(values: dict) -> list[dict]:
+    import yaml
+
+    docs = []
+    for path in sorted((DEPLOY / "helm" / "fedpriv" / "templates").glob("*.yaml")):
+        rendered = render_helm(path.read_text(), values)
+        assert "{{" not in rendered, path
+        docs += [d for d in yaml.safe_load_all(rendered) if d]
+    return docs
+
+
+def test_helm_chart_renders_the_aggregator_and_a_site_agent():
+    import copy
+
+    import yaml
+
+    chart = yaml.safe_load((DEPLOY / "helm" / "fedpriv" / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "fedpriv"
+    values = yaml.safe_load((DEPLOY / "helm" / "fedpriv" / "values.yaml").read_text())
+
+    default = {(d["kind"], d["metadata"]["name"]) for d in helm_manifests(values)}
+    assert default == {("Service", "fp-aggregator"), ("PersistentVolumeClaim", "fp-aggregator-state"), ("Deployment", "fp-aggregator")}
+
+    both = copy.deepcopy(values)
+    both["agent"].update(enabled=True, superlink="agg.example.org:9092", storageClass="fast")
+    docs = {d["kind"]: d for d in helm_manifests(both) if d["kind"] in ("Deployment", "StatefulSet")}
+    for kind, role, secret in (("Deployment", "aggregator", "fedpriv-aggregator-kit"), ("StatefulSet", "agent", "fedpriv-site-a-kit")):
+        pod = docs[kind]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert parse_cli(dockerfile(role)["ENTRYPOINT"][1:] + container["args"])[0] == "start"
+        kit = next(v for v in pod["volumes"] if v["name"] == "kit")
+        assert kit["secret"]["secretName"] == secret
+        assert {"name": "kit", "mountPath": "/kit", "readOnly": True} in container["volumeMounts"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    agent = docs["StatefulSet"]
+    assert agent["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
+    assert docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--superlink", "agg.example.org:9092"]
+    assert docs["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_dockerfiles_copy_every_package_and_start_the_right_role():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for role in ("aggregator", "agent"):
+        entry = dockerfile(role)
+        copied = {c.rstrip("/") for c in entry["COPY"]}
+        assert set(packages) <= copied and {"pyproject.toml", "README.md"} <= copied
+        name, params = parse_cli(entry["ENTRYPOINT"][1:] + entry["CMD"])
+        assert name == "start" and str(params["kit"]) == "/kit" and str(params["state"]) == "/state"
+        assert (DEPLOY / "docker" / f"{role}.Dockerfile.dockerignore").exists()
+
+
+def test_compose_file_runs_an_aggregator_and_two_sites_from_their_kits(tmp_path):
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"aggregator", "site-a", "site-b"}
+    assert services["aggregator"]["ports"] == ["127.0.0.1:9092:9092"]
+    for name, service in services.items():
+        role = "aggregator" if name == "aggregator" else "agent"
+        assert parse_cli(dockerfile(role)["ENTRYPOINT"][1:] + service["command"])[0] == "start"
+        kit = "./kits/aggregator" if role == "aggregator" else f"./kits/sites/{name}"
+        assert f"{kit}:/kit:ro" in service["volumes"]
+        assert service["user"].startswith("${FEDPRIV_UID")
+    # Its federation file provisions kits whose certificate names the service the sites dial.
+    shutil.copy(DEPLOY / "compose" / "federation.toml", tmp_path / "federation.toml")
+    result = fedpriv("provision", "-f", tmp_path / "federation.toml")
+    assert result.returncode == 0, result.stderr
+    dns, _ = pki.cert_hosts(pki.load_cert(tmp_path / "kits" / "aggregator" / "tls.crt"))
+    assert "aggregator" in dns
+
+    # And the demo data it mounts passes the sites' own checks.
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        from demo_data import split
+    finally:
+        sys.path.remove(str(DEPLOY))
+    from client.agent import Agent
+
+    for path in split(["site-a", "site-b"], tmp_path / "data"):
+        agent = Agent.from_kit(tmp_path / "kits" / "sites" / path.stem, tmp_path / "state")
+        assert len(agent.validate(path)) > 4000
+
+
+def test_systemd_units_run_real_commands_and_stop_gently():
+    import configparser
+    import shlex
+
+    for unit in ("fedpriv-aggregator.service", "fedpriv-agent@.service"):
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.optionxform = str
+        parser.read(DEPLOY / "systemd" / unit)
+        service = parser["Service"]
+        # systemd fills ${VAR} from the unit's EnvironmentFile; the unit's comment shows what goes there.
+        argv = [re.sub(r"\$\{(\w+)\}", lambda m: "9094" if m.group(1).endswith("PORT") else "/srv/x", a)
+                for a in shlex.split(service["ExecStart"])]
+        assert argv[0].endswith("/fedpriv")
+        assert parse_cli(argv[1:])[0] == "start"
+        assert service["KillMode"] == "mixed" and service["User"] == "fedpriv"
+        assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_example_federation_file_provisions(tmp_path):
+    shutil.copy(DEPLOY / "federation.example.toml", tmp_path / "federation.toml")
+    result = fedpriv("provision", "-f", tmp_path / "federation.toml")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "kits" / "sites").iterdir()) == ["branch-north", "branch-south"]
+
+
+def test_operator_guide_commands_are_real_commands():
+    import shlex
+
+    guide = (DEPLOY / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", guide, re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip().rstrip("&").strip()
+            if line.startswith("fedpriv "):
+                commands.append(line)
+    assert len(commands) >= 8
+    for line in commands:
+        argv = [re.sub(r"\$\{?\w+\}?|\$\(.*?\)", "9094", a) for a in shlex.split(line)[1:]]
+        if "--help" in argv or argv[:1] in (["audit"], ["report"], ["simulate"]):
+            continue
+        parse_cli(argv)
+
+
+@pytest.mark.slow
+def test_full_run_over_tls_with_node_authentication(fed):
+    log = fed.log_text("aggregator")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
+                 "--disable-runtime-dependency-installation"):
+        assert flag in log
+    assert "registered site-a" in log and "registered site-b" in log
+
+    run_dir = fed.root / "run-full"
+    process = fed.submit("--run-dir", run_dir, "--set", f"data.test-path={fed.test}")
+    code, out, err = finish(process, 400)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "Final test accuracy" in out
+
+    run = RunDirectory(run_dir)
+    summary = run.summary()
+    assert summary["rounds-completed"] == 2 and set(summary["sites"]) == set(SITES)
+    assert summary["central-accuracy"] is not None
+    assert (run_dir / "model" / "config.json").exists()
+    assert releases(run_dir) == [("site-a", 1), ("site-a", 2), ("site-b", 1), ("site-b", 2)]
+    for site in SITES:
+        assert fed.ledger(site).exists()
+    report = check_audit(fed, run_dir)
+    assert {s["site"] for s in report["sites"]} == set(SITES)
+
+
+@pytest.mark.slow
+def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, tmp_path):
+    site_kit = fed.kits / "sites" / "site-a"
+    port = iter(fed.spare_ports)
+
+    def attempt(kit: Path, *extra) -> subprocess.CompletedProcess:
+        return fedpriv(
+            "agent", "start", "--kit", kit, "--data", fed.data["site-a"], "--state", tmp_path / f"state-{kit.name}",
+            "--port", next(port), "--max-retries", "0", *extra, timeout=180,
+        )
+
+    since = fed.log_size("aggregator")
+    plaintext = attempt(site_kit, "--insecure")
+    assert plaintext.returncode != 0
+    assert "INSECURE" in plaintext.stderr and "UNAVAILABLE" in plaintext.stdout
+    wait_for(lambda: "Handshake failed" in fed.log_text("aggregator", since), 10, "the SuperLink to log the handshake")
+
+    other_ca = tmp_path / "other-ca"
+    shutil.copytree(site_kit, other_ca)
+    (other_ca / "ca.crt").unlink()
+    pki.write_public(other_ca / "ca.crt", pki.cert_pem(pki.new_ca("someone-else")[1]))
+    foreign = attempt(other_ca)
+    assert foreign.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in foreign.stdout and "not signed by the CA in this kit" in foreign.stdout
+
+    unregistered = tmp_path / "unregistered"
+    shutil.copytree(site_kit, unregistered)
+    (unregistered / "node.key").unlink()
+    pki.write_secret(unregistered / "node.key", pki.NodeKey.generate().private_openssh)
+    since = fed.log_size("aggregator")
+    stranger = attempt(unregistered)
+    assert stranger.returncode != 0
+    assert "[code: 2004]" in stranger.stdout and "refused this site's node key" in stranger.stdout
+    assert "ApiError:2004" in fed.log_text("aggregator", since)
+
+    assert fed.online() == set(SITES)  # nobody else got in
+
+
+@pytest.mark.slow
+def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
+    fed.wait_online()
+    run_dir = fed.root / "run-kill"
+    since = fed.log_size("site-b")
+    process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=75")
+    wait_for(lambda: "Receiving: train message" in fed.log_text("site-b", since), 180, "site-b to receive round 1")
+    fed.kill("site-b")  # mid-round: its ClientApp is training
+    since = fed.log_size("site-b")
+    fed.start_agent("site-b")  # comes straight back; Flower holds its old session for up to a minute
+
+    code, out, err = finish(process, 420)
+    assert code == 0, out[-3000:] + err[-3000:]
+    run = RunDirectory(run_dir)
+    trained = {(e["site"], e["round"]) for e in run.events("site-train")}
+    assert trained == {("site-a", 1), ("site-a", 2), ("site-b", 2)}
+    aggregated = {e["round"]: e["sites"] for e in run.events("train-aggregate")}
+    assert aggregated == {1: 1, 2: 2}
+    assert "refused to activate" in fed.log_text("site-b", since)  # it waited, then rejoined
+    assert (run_dir / "model" / "config.json").exists()
+    check_audit(fed, run_dir)
+
+
+@pytest.mark.slow
+def test_aggregator_killed_after_round_1_resumes_at_round_2_with_the_same_weights(fed, tmp_path):
+    from server import checkpoint
+
+    fed.wait_online()
+    run_dir = fed.root / "run-resume"
+    first = fed.submit("--run-dir", run_dir)
+    saved = run_dir / "checkpoints" / "round-0001.safetensors"
+    wait_for(saved.exists, 300, "the round-1 checkpoint", interval=0.2)
+    fed.kill("aggregator")  # SuperLink, SuperExec and ServerApp at once
+    code, out, err = finish(first, 60)
+    assert code == 1 and "--resume" in err
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    shutil.copy(saved, kept / saved.name)
+    ledger_before = (run_dir / "ledgers" / "federation.jsonl").read_text()
+    assert releases(run_dir) == [("site-a", 1), ("site-b", 1)]
+
+    fed.start_aggregator()
+    resumed = fed.submit("--resume", run_dir)
+    code, out, err = finish(resumed, 400)
+    assert code == 0, out[-3000:] + err[-3000:]
+
+    run = RunDirectory(run_dir)
+    events = run.events()
+    kinds = [e["kind"] for e in events]
+    assert [e["round"] for e in run.events("resumed")] == [1]
+    after = kinds.index("resumed")
+    restart = next(e for e in events[after:] if e["kind"] == "round-start")
+    assert restart["round"] == 2
+    state = checkpoint.latest(kept).state
+    assert restart["global-sha256"] == state_sha256(state)  # round 2 started from round 1's weights
+    assert saved.read_bytes() == (kept / saved.name).read_bytes()  # and round 1 was not redone
+    assert sorted(e["round"] for e in run.events("round-end")) == [1, 2]
+    assert "round-start" not in [e["kind"] for e in events[after:] if e.get("round") == 1]
+
+    # The federation ledger went on from where it stopped: nothing lost, nothing counted twice.
+    assert (run_dir / "ledgers" / "federation.jsonl").read_text().startswith(ledger_before)
+    assert releases(run_dir) == [("site-a", 1), ("site-a", 2), ("site-b", 1), ("site-b", 2)]
+    assert (run_dir / "model" / "config.json").exists()
+    check_audit(fed, run_dir)
+
+
+@pytest.mark.slow
+def test_agents_stop_cleanly_on_sigterm(fed):
+    import psutil
+
+    for site in SITES:
+        process = fed.processes.pop(site)
+        since = fed.log_size(site)
+        started = psutil.Process(process.pid).children(recursive=True)  # SuperNode, SuperExec, ClientApps
+        assert started, "the agent runs a SuperNode"
+        process.send_signal(signal.SIGTERM)  # to the agent only, as `docker stop` or systemd (KillMode=mixed) do
+        assert process.wait(60) == 0
+        assert f"{site}: stopped" in fed.log_text(site, since)
+        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
