@@ -114,7 +114,9 @@ def _ledger_files(paths: list[Path]) -> tuple[list[Path], dict[str, str]]:
     pins: dict[str, str] = {}
     for path in paths:
         if path.is_dir():
-            files += sorted((path / "ledgers").glob("*.jsonl")) if (path / "ledgers").is_dir() else sorted(path.glob("*.jsonl"))
+            # A run directory keeps them in ledgers/; any other folder is taken as a folder of ledgers.
+            is_run = (path / "metrics.jsonl").exists() or (path / "ledgers").is_dir()
+            files += sorted((path / "ledgers").glob("*.jsonl")) if is_run else sorted(path.glob("*.jsonl"))
             for keys in (path / "keys" / PUBLIC_KEYS, path / PUBLIC_KEYS):
                 if keys.exists():
                     pins.update(json.loads(keys.read_text(encoding="utf-8")))
@@ -140,7 +142,7 @@ def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: fl
         owner = path.stem if path.stem != "federation" else "aggregator"
         entries, problems = verify_ledger(path, pins.get(owner))
         report.problems += problems
-        signer = entries[0]["signer"] if entries else None
+        signer = entries[0].get("signer") if entries else None
         report.ledgers.append(
             {
                 "path": str(path),
@@ -207,6 +209,11 @@ def _check_site(site: str, data_id: str, entries: list[dict[str, Any]], toleranc
         for e in entries
     ]
     recomputed = cumulative_epsilons(history, report.delta)
+    unprotected = [e["record"]["round"] for e, (sigma, _, _) in zip(entries, history) if sigma <= 0]
+    if unprotected:
+        problems.append(
+            Problem(f"{site} ({data_id})", f"{len(unprotected)} release(s) without DP noise (rounds {_ranges(unprotected)}): no privacy guarantee for this data")
+        )
     for i, entry in enumerate(entries):
         record, accounting = entry["record"], entry["record"]["accounting"]
         where = f"{site} round {record['round']} (run {record['run_id']})"
@@ -224,8 +231,7 @@ def _check_site(site: str, data_id: str, entries: list[dict[str, Any]], toleranc
         if accounting["delta"] != report.delta:
             problems.append(Problem(where, f"delta changed from {report.delta} to {accounting['delta']}; releases of one dataset must share delta"))
         if history[i][0] <= 0:
-            problems.append(Problem(where, "released without DP noise: no privacy guarantee for this data"))
-            continue
+            continue  # reported once per site above
         reference = check.rdp if accounting["accountant"] == "rdp" else check.pld
         claimed = accounting["epsilon"]
         if claimed is None or not math.isfinite(reference):
@@ -239,3 +245,14 @@ def _check_site(site: str, data_id: str, entries: list[dict[str, Any]], toleranc
         if cap is not None and (claimed > cap or reference > cap * (1 + tolerance)):
             problems.append(Problem(where, f"epsilon {max(claimed, reference):.4f} exceeds the site's cap {cap}"))
     return report
+
+
+def _ranges(numbers: list[int]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)

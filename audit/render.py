@@ -42,9 +42,12 @@ def console_report(report: AuditReport, console: Console) -> None:
         console.print(f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})")
     ledgers = ", ".join(f"{Path(l['path']).name} ({l['entries']})" for l in report.ledgers)
     console.print(f"Ledgers verified: {ledgers}")
-    for problem in report.problems:
+    shown = 25
+    for problem in report.problems[:shown]:
         style = "red" if problem.fatal else "yellow"
         console.print(f"[{style}]{'VIOLATION' if problem.fatal else 'note'}:[/] {problem}", soft_wrap=True)
+    if len(report.problems) > shown:
+        console.print(f"... and {len(report.problems) - shown} more (fedpriv audit --json lists all)")
     if report.ok:
         console.print("[bold green]Audit passed[/]: every ledger intact, every epsilon reproduced, every cap kept.")
     else:
@@ -58,17 +61,19 @@ def epsilon_plot_png(report: AuditReport) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = 0
     for site in report.sites:
         points = [(r.round, r.claimed) for r in site.releases if r.claimed is not None]
         if points:
             ax.plot(*zip(*points), marker=".", label=site.site)
+            plotted += 1
         if site.cap:
             ax.axhline(site.cap, color="grey", linewidth=0.5, linestyle="--")
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative epsilon")
     ax.set_title("Epsilon spent per site (dashed: caps)")
     ax.grid(alpha=0.3)
-    if 0 < len(report.sites) <= 20:
+    if 0 < plotted <= 20:
         ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -20,7 +20,7 @@ from client.site import (
 )
 from client.training import DpSettings, LocalPlan, train_local
 from common.logs import CLIENT_LOG
-from common.accounting import Release, steps_per_round
+from common.accounting import Release, prefetch, steps_per_round
 from common.config import FedprivConfig
 from common.data import LabelSet
 from common.progress import ProgressWriter
@@ -120,6 +120,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     spent = entry["record"]["accounting"]["epsilon"]
     spent = math.inf if spent is None else spent
+    if dp is not None and site.simulated:
+        # PRV accounting takes about a second per new history; work out next
+        # round's check now, while this (resident) worker waits for the
+        # aggregator. A deployed site runs each round in a fresh process.
+        prefetch([*budget.releases(), release], budget.delta, budget.accountant)
     metrics = {
         "num-examples": len(site.train),
         "site-weight": 1,  # equal weights, for site-level DP at the aggregator

@@ -11,8 +11,10 @@ every site of a federation usually shares one plan.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,8 +47,32 @@ def _merge(releases: Iterable[Release]) -> tuple[tuple[float, float, int], ...]:
     return tuple(tuple(m) for m in merged)
 
 
-@lru_cache(maxsize=4096)
+_lock = threading.Lock()
+_memo: dict[tuple, Future] = {}
+_background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpriv-accounting")
+
+
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """Memoised; concurrent requests for one history share a single computation."""
+    key = (history, delta, accountant)
+    with _lock:
+        future = _memo.get(key)
+        owner = future is None
+        if owner:
+            if len(_memo) > 4096:
+                _memo.clear()
+            future = _memo[key] = Future()
+    if owner:
+        try:
+            future.set_result(_compute_epsilon(history, delta, accountant))
+        except BaseException as error:
+            with _lock:
+                _memo.pop(key, None)
+            future.set_exception(error)
+    return future.result()
+
+
+def _compute_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if not history:
@@ -67,6 +93,15 @@ def epsilon(releases: Iterable[Release], delta: float, accountant: str = "prv") 
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"privacy.accountant: unknown accountant '{accountant}' (use one of {ACCOUNTANTS})")
     return _epsilon(_merge(releases), float(delta), accountant)
+
+
+def prefetch(releases: Iterable[Release], delta: float, accountant: str = "prv") -> None:
+    """Starts computing an epsilon that will be asked for soon (e.g. next round's check)."""
+    key = (_merge(releases), float(delta), accountant)
+    with _lock:
+        if key in _memo:
+            return
+    _background.submit(_epsilon, *key)
 
 
 @lru_cache(maxsize=256)

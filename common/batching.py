@@ -9,6 +9,8 @@ from torch.utils.data import Dataset
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    if not texts:  # e.g. no validation part; fast tokenizers fail on an empty batch
+        return []
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 

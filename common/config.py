@@ -186,6 +186,9 @@ class FedprivConfig(_Section):
     seed: int = Field(42, description="Seed of partitioning, splits and (in simulation only) sampling and noise.")
     run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
     central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")
+    keep_checkpoints: int = Field(
+        0, ge=0, description="Round checkpoints kept in the run directory (0: all; full mode writes the whole model each round)."
+    )
     aggregator_key: str = Field(
         "", description="The aggregator's Ed25519 ledger key (PEM); empty: one is made in the run directory."
     )

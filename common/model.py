@@ -50,6 +50,27 @@ class Head(nn.Module):
         return self.classifier(self.norm(pooled))
 
 
+class FeatureDataset(torch.utils.data.Dataset):
+    """Cached embeddings fetched a whole batch at a time (one index op, not a stack of rows)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.features[index], self.labels[index]
+
+
+def _batched(batch):
+    return batch  # FeatureDataset.__getitems__ already returns the stacked batch
+
+
 @dataclass
 class Prepared:
     """A dataset in the form the model trains on: pooled embeddings (head) or token ids."""
@@ -63,7 +84,7 @@ class Prepared:
 
     def dataset(self) -> torch.utils.data.Dataset:
         if self.features is not None:
-            return torch.utils.data.TensorDataset(self.features, self.labels)
+            return FeatureDataset(self.features, self.labels)
         return TokenDataset(self.token_ids, self.labels)
 
 
@@ -160,7 +181,7 @@ class ModelBundle:
         return batch[1] if isinstance(batch, (list, tuple)) else batch["labels"]
 
     def collate_fn(self):
-        return None if self.mode == "head" else PadCollator(self.tokenizer.pad_token_id or 0)
+        return _batched if self.mode == "head" else PadCollator(self.tokenizer.pad_token_id or 0)
 
     @torch.no_grad()
     def evaluate(self, prepared: Prepared, batch_size: int = 256) -> dict[str, float]:

@@ -8,7 +8,6 @@ a crash never leaves a half-written checkpoint under a real name.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 _NAME = re.compile(r"round-(\d{4,})\.safetensors$")
-KEEP = 3
 
 
 @dataclass
@@ -40,7 +38,8 @@ def _unpack(prefix: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
 
 
-def save(directory: Path, checkpoint: Checkpoint, keep: int = KEEP) -> Path:
+def save(directory: Path, checkpoint: Checkpoint, keep: int = 0) -> Path:
+    """Writes the round's checkpoint; keeps the newest `keep` (0: all)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{checkpoint.round:04d}.safetensors"
     tensors = {
@@ -52,8 +51,9 @@ def save(directory: Path, checkpoint: Checkpoint, keep: int = KEEP) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
-    for old in sorted(directory.glob("round-*.safetensors"))[:-keep]:
-        old.unlink(missing_ok=True)
+    if keep:
+        for old in sorted(directory.glob("round-*.safetensors"))[:-keep]:
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -76,7 +76,3 @@ def latest(directory: Path) -> Checkpoint | None:
             strategy=_unpack("strategy", tensors),
         )
     return None
-
-
-def describe(checkpoint: Checkpoint) -> str:
-    return json.dumps({"round": checkpoint.round, "arrays": len(checkpoint.state)})

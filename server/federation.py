@@ -167,6 +167,7 @@ class Federation:
                     averaged_rounds=self.average.count,
                     strategy=strategy_state(self.strategy),
                 ),
+                keep=self.config.keep_checkpoints,
             )
             self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
         return self.average.release(state)

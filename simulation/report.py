@@ -77,7 +77,8 @@ def write_plots(run: RunDirectory) -> list[Path]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy per round")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if central or federated:
+        ax.legend()
     fig.tight_layout()
     paths.append(run.plots / "accuracy.png")
     fig.savefig(paths[-1], dpi=120)

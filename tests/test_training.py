@@ -77,7 +77,7 @@ def test_dp_lora_update_is_nonzero_and_lowers_the_loss(tiny_config):
     after = bundle.evaluate(prepared)
     assert result.steps == 40
     assert after["loss"] < 0.7 * loss0
-    assert after["accuracy"] > 0.8
+    assert after["accuracy"] > 0.6  # chance is 1/3
 
 
 def test_full_fine_tuning_with_ghost_clipping_learns(tiny_config):
