@@ -27,11 +27,11 @@ from common.logs import CLIENT_LOG
 from common import signing
 from common.accounting import calibrate_noise, steps_per_round
 from common.config import FedprivConfig
-from common.data import DataError, LabelSet, TextDataset, load_dataset, read_column, split_validation
+from common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
 from common.features import FeatureCache
 from common.ledger import Ledger
 from common.model import ModelBundle, Prepared, build_model
-from common.partition import by_column, dirichlet, iid
+from common.partition import split_for
 from common.records import data_sha256
 from common.resources import resolve_path
 
@@ -82,13 +82,7 @@ def _partitioned_source(config: FedprivConfig, labels: LabelSet, sites: int):
     key = (str(path), stamp, data.text_column, data.label_column, labels.names, sim.model_dump_json(), sites, config.seed, data.min_rows)
     if key not in _sources:
         dataset = load_dataset(path, labels, data.text_column, data.label_column, min_rows=1)
-        names = [f"site-{i:03d}" for i in range(sites)]
-        if sim.partitioner == "iid":
-            parts = iid(len(dataset), sites, config.seed)
-        elif sim.partitioner == "dirichlet":
-            parts = dirichlet(dataset.labels, sites, sim.alpha, config.seed, min_rows=data.min_rows)
-        else:
-            parts, names = by_column(read_column(path, sim.column), sites)
+        parts, names = split_for(config, dataset, sites)
         _sources.clear()
         _sources[key] = (dataset, parts, names)
     return _sources[key]

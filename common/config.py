@@ -282,18 +282,23 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            tree = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
         # A fedpriv file may keep its settings under [fedpriv] next to other tools' tables.
+        tree = read_toml(path, "config file")
         tree = tree.get("fedpriv", tree)
     config = parse_config(tree, source)
     return apply_overrides(config, parse_overrides(overrides))
+
+
+def read_toml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A TOML file's contents; a missing or malformed file is an `error` naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as decode_error:
+        raise error(f"{path}: not valid TOML: {decode_error}") from None
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

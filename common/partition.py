@@ -62,3 +62,20 @@ def by_column(values: Sequence[str], sites: int) -> tuple[list[np.ndarray], list
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_labels: int) -> np.ndarray:
     """Rows per (site, label): the skew a simulation actually has."""
     return np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])
+
+
+def split_for(config, dataset, sites: int) -> tuple[list[np.ndarray], list[str]]:
+    """The simulation's sites as `config.simulation` describes them: (row indices, site names).
+
+    The one place both the harness (to show and check the split) and every
+    simulated site (to take its share) cut the dataset.
+    """
+    from common.data import read_column
+
+    sim = config.simulation
+    if sim.partitioner == "column":
+        return by_column(read_column(dataset.source, sim.column), sites)
+    names = [f"site-{i:03d}" for i in range(sites)]
+    if sim.partitioner == "iid":
+        return iid(len(dataset), sites, config.seed), names
+    return dirichlet(dataset.labels, sites, sim.alpha, config.seed, min_rows=config.data.min_rows), names

@@ -35,31 +35,28 @@ class SecretExistsError(FileExistsError):
     """A key or certificate is already on disk; provisioning never replaces one."""
 
 
-def write_secret(path: str | Path, data: bytes) -> Path:
-    """A new file readable by its owner only; refuses to replace an existing one."""
+def _write_new(path: str | Path, data: bytes, mode: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         raise SecretExistsError(f"{path}: already exists; refusing to overwrite it") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+    return path
+
+
+def write_secret(path: str | Path, data: bytes) -> Path:
+    """A new file readable by its owner only; refuses to replace an existing one."""
+    path = _write_new(path, data, 0o600)
     os.chmod(path, 0o600)  # exactly 0600 whatever the umask: the owner must still be able to read it
     return path
 
 
 def write_public(path: str | Path, data: bytes) -> Path:
     """A new world-readable file (certificates, public keys); never replaces one either."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise SecretExistsError(f"{path}: already exists; refusing to overwrite it") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
+    return _write_new(path, data, 0o644)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:

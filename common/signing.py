@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common import pki
 
 
 class SigningKeyError(ValueError):
@@ -26,18 +27,13 @@ def generate() -> Ed25519PrivateKey:
 
 def write_private_key(key: Ed25519PrivateKey, path: str | Path) -> Path:
     """Writes a PKCS#8 PEM readable by its owner only; never replaces an existing key."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        return pki.write_secret(path, data)
+    except pki.SecretExistsError:
         raise SigningKeyError(f"{path}: a key already exists here; refusing to overwrite it") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
 
 
 def read_private_key(path: str | Path) -> Ed25519PrivateKey:

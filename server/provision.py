@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common import pki, signing
-from common.config import FedprivConfig
+from common.config import FedprivConfig, read_toml
 from common.data import LabelSet
 from common.kit import (
     AGGREGATOR,
@@ -124,12 +123,7 @@ class Federation(_Section):
 
 def load_federation(path: str | Path) -> Federation:
     path = Path(path)
-    try:
-        tree = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProvisionError(f"{path}: federation file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ProvisionError(f"{path}: not valid TOML: {error}") from None
+    tree = read_toml(path, "federation file", ProvisionError)
     try:
         federation = Federation.model_validate(tree)
     except (ValidationError, KitError) as error:

@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides
+from common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides, read_toml
 from common.data import LabelSet
 from common.kit import (
     CA_CERT,
@@ -218,13 +217,7 @@ class Aggregator:
         """The kit's run settings, then the operator's file, then --set; the kit's labels and key are kept."""
         tree = json.loads(json.dumps(self.kit.run))
         if config_file:
-            path = Path(config_file)
-            try:
-                user = tomllib.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise AggregatorError(f"{path}: config file not found") from None
-            except tomllib.TOMLDecodeError as error:
-                raise AggregatorError(f"{path}: not valid TOML: {error}") from None
+            user = read_toml(config_file, "config file", AggregatorError)
             _merge(tree, user.get("fedpriv", user))
         config = apply_overrides(parse_config(tree, str(config_file or "aggregator kit")), parse_overrides(overrides))
         return self._finish(config, run_dir)
@@ -244,7 +237,7 @@ class Aggregator:
             )
         if run.summary() is not None and run.events("run-end"):
             raise AggregatorError(f"{run.path}: this run already finished; start a new one")
-        tree = tomllib.loads(saved.read_text(encoding="utf-8"))
+        tree = read_toml(saved, "saved run config", AggregatorError)
         config = apply_overrides(parse_config(tree, str(saved)), parsed)
         return self._finish(config, run.path)
 

@@ -15,29 +15,21 @@ from common import signing
 from common.accounting import steps_per_round
 from common.config import FedprivConfig
 from common.data import LabelSet, load_dataset, read_column
-from common.partition import by_column, dirichlet, iid, label_histogram
+from common.partition import label_histogram, split_for
 from common.rundir import RunDirectory, write_atomic
 from simulation import engine
 from simulation.monitor import Monitor
 from simulation.report import print_summary, write_plots
 
 
-def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table]:
+def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table, list[str]]:
     """Validates the dataset and shows how it is split into sites, before any worker starts."""
     data, sim = config.data, config.simulation
     dataset = load_dataset(data.path, labels, data.text_column, data.label_column, min_rows=1)
-    if sim.partitioner == "column":
-        values = read_column(data.path, sim.column)
-        sites = len(set(values))
-        if sites != sim.sites:
-            config = config.replace(**{"simulation.sites": sites})
-        parts, names = by_column(values, sites)
-    else:
-        names = [f"site-{i:03d}" for i in range(sim.sites)]
-        if sim.partitioner == "iid":
-            parts = iid(len(dataset), sim.sites, config.seed)
-        else:
-            parts = dirichlet(dataset.labels, sim.sites, sim.alpha, config.seed, min_rows=data.min_rows)
+    sites = len(set(read_column(data.path, sim.column))) if sim.partitioner == "column" else sim.sites
+    if sites != sim.sites:
+        config = config.replace(**{"simulation.sites": sites})
+    parts, names = split_for(config, dataset, sites)
     histogram = label_histogram(dataset.labels, parts, len(labels))
     table = Table(title=f"{len(parts)} sites from {dataset.source} ({sim.partitioner})", title_justify="left")
     for column in ("site", "rows", "labels present", "largest label share"):
