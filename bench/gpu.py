@@ -2,8 +2,10 @@
 
 Measures a DP and a plain training step of all-MiniLM-L6-v2 (LoRA and full)
 at a large batch, and the device's own dense matmul rate; the floor is the
-time the step's matrix multiplications alone would take at that rate
-(about 6 x parameters x tokens FLOPs per example for full fine-tuning).
+time the step's matrix multiplications alone would take at that rate: per
+example and token, 2 FLOPs per (non-embedding) weight forward, 2 more for the
+input gradients backward, and 2 more for the weight gradients when every
+weight trains (6 for full fine-tuning, 4 for LoRA).
 Meant for a machine with a GPU (the `device` tool); it also runs on a CPU.
 
     python bench/gpu.py [--batch 256] [--tokens 32]
@@ -57,8 +59,11 @@ def main() -> None:
     for mode in ("lora", "full"):
         bundle = build_model(config.replace(**{"model.mode": mode}), labels, device=device)
         prepared = bundle.prepare(data)
-        params = sum(p.numel() for p in bundle.model.parameters())
-        floor = 6 * params * args.tokens / peak  # seconds per example if only the matmuls ran
+        embeddings = {id(p) for p in bundle.model.encoder.get_input_embeddings().parameters()}
+        embeddings |= {id(p) for n, p in bundle.model.named_parameters() if "position_embeddings" in n or "token_type" in n}
+        weights = sum(p.numel() for p in bundle.model.parameters() if id(p) not in embeddings)
+        flops = (6 if mode == "full" else 4) * weights * args.tokens
+        floor = flops / peak  # seconds per example if only the matmuls ran
         for kind, dp in (("plain", None), ("dp", DpSettings(1.0, 1.0))):
             plan = LocalPlan(steps=args.steps, sample_rate=args.batch / n, optimizer="adamw", learning_rate=1e-4,
                              max_physical_batch=args.batch * 2)
