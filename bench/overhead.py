@@ -5,9 +5,11 @@ the same expected batch size and the same DP-SGD settings, for the same total
 number of optimizer steps; the simulation spreads them over 10 or 100 sites.
 The ratio compares the training phase (first round start to last round end,
 which includes every site's data preparation, messaging, checkpoints and
-ledgers); whole-command wall times are reported too.
+ledgers); whole-command wall times are reported too. Each repeat runs the
+centralized loop and then the simulations back to back, so a ratio compares
+runs made minutes apart; the table shows medians over the repeats.
 
-    python bench/overhead.py [--rows 4000] [--batch 16] [--steps 200]
+    python bench/overhead.py [--rows 4000] [--batch 16] [--steps 200] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 from _simrun import simulate
-from _util import save, table
+from _util import median, save, table
 
 from client.training import DpSettings, LocalPlan, train_local
 from common.config import FedprivConfig
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sites", default="10,100")
     parser.add_argument("--mode", default="lora")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,13 +82,12 @@ def main() -> None:
                 "simulation.partitioner": "iid",
             }
         )
-        results = {"centralized": centralized(base, args.rows, args.batch, args.steps)}
-        rows = [["centralized", results["centralized"]["rounds-seconds"], results["centralized"]["wall-seconds"], 1.0]]
+        configs = {}
         for sites in map(int, args.sites.split(",")):
             per_site = args.rows / sites
             rate = args.batch / per_site
             steps_per_round = args.steps // (args.rounds * sites)
-            config = base.replace(
+            configs[f"{sites} sites"] = base.replace(
                 **{
                     "rounds": args.rounds,
                     "simulation.sites": sites,
@@ -94,12 +96,28 @@ def main() -> None:
                     "train.local-epochs": steps_per_round * rate,
                 }
             )
-            result = simulate(config)
-            result["ratio"] = result["rounds-seconds"] / results["centralized"]["rounds-seconds"]
-            results[f"{sites} sites"] = result
-            rows.append([f"{sites} sites", result["rounds-seconds"], result["wall-seconds"], result["ratio"]])
+        repeats = []
+        for _ in range(args.repeats):
+            central = centralized(base, args.rows, args.batch, args.steps)
+            runs = {"centralized": central}
+            for name, config in configs.items():
+                result = simulate(config)
+                result["ratio"] = result["rounds-seconds"] / central["rounds-seconds"]
+                runs[name] = result
+            repeats.append(runs)
+        results = {"repeats": repeats}
+        rows = []
+        for name in ["centralized", *configs]:
+            results[name] = {
+                "rounds-seconds": median(r[name]["rounds-seconds"] for r in repeats),
+                "wall-seconds": median(r[name]["wall-seconds"] for r in repeats),
+                "ratio": median(r[name].get("ratio", 1.0) for r in repeats),
+                "ratios": [r[name].get("ratio", 1.0) for r in repeats],
+            }
+            rows.append([name, results[name]["rounds-seconds"], results[name]["wall-seconds"], results[name]["ratio"]])
     table(
-        f"Simulation overhead ({args.mode}, DP, {args.rows} examples, batch {args.batch}, {args.steps} steps in all)",
+        f"Simulation overhead ({args.mode}, DP, {args.rows} examples, batch {args.batch}, {args.steps} steps in all; "
+        f"medians of {args.repeats})",
         ["setting", "training s", "whole command s", "training / centralized"],
         rows,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import tomli_w
 
 from common.config import FedprivConfig
+from simulation.dispatch import fast_dispatch
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
@@ -84,18 +85,19 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
         },
     }
     try:
-        _run_simulation(
-            num_supernodes=sim.sites,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
-            backend_name="ray",
-            backend_config=backend_config,
-            app_dir=str(app_dir),
-            run=flwr_run,
-            server_app_context=context,
-            verbose_logging=verbose,
-            is_app=True,
-        )
+        with fast_dispatch():
+            _run_simulation(
+                num_supernodes=sim.sites,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+                backend_name="ray",
+                backend_config=backend_config,
+                app_dir=str(app_dir),
+                run=flwr_run,
+                server_app_context=context,
+                verbose_logging=verbose,
+                is_app=True,
+            )
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)

@@ -136,3 +136,17 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
     assert [r.round for r in federation.releases] == [1, 2]
     assert federation.epsilon == pytest.approx(releases[1]["epsilon"])
     assert federation.releases[-1].rdp == pytest.approx(federation.epsilon, rel=1e-6)
+
+
+def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
+    # The 100-site overhead depends on it: a Flower upgrade that moves the
+    # link state's internals must show here, not as a silent slowdown.
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from simulation import dispatch
+
+    original = vce_api.add_messages_to_queue
+    with dispatch.fast_dispatch() as installed:
+        assert installed
+        assert vce_api.add_messages_to_queue is dispatch.add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
