@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.recompute import cumulative_epsilons
-from common import signing
-from common.ledger import Problem, verify_entry, verify_ledger
+from fedpriv.audit.recompute import cumulative_epsilons
+from fedpriv.common import signing
+from fedpriv.common.ledger import Problem, verify_entry, verify_ledger
 
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation
 PUBLIC_KEYS = "public-keys.json"

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import dp_accounting as dpa
 
-from common.accounting import RDP_ORDERS
+from fedpriv.common.accounting import RDP_ORDERS
 
 Step = tuple[float, float, int]  # noise multiplier, sample rate, steps
 

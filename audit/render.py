@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from audit.auditor import AuditReport
+from fedpriv.audit.auditor import AuditReport
 
 
 def _eps(value) -> str:

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+from fedpriv.common.environment import apply_quiet_defaults
 
-import common  # noqa: E402,F401  (telemetry off before Flower/Ray load)
+apply_quiet_defaults()  # before Flower/Ray load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

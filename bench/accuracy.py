@@ -20,7 +20,7 @@ import argparse
 from _simrun import simulate
 from _util import save, table
 
-from common.config import FedprivConfig
+from fedpriv.common.config import FedprivConfig
 
 RUNS = {
     "centralized, non-private": {"simulation.sites": 1, "simulation.partitioner": "iid", "privacy.enabled": False},

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from _util import save, table
 
-from common.config import FedprivConfig
-from common.data import LabelSet
-from common.model import build_model
-from common.transport import to_record
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet
+from fedpriv.common.model import build_model
+from fedpriv.common.transport import to_record
 
 
 def main() -> None:

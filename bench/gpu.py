@@ -19,10 +19,10 @@ import time
 import torch
 from _util import median, save, table
 
-from client.training import DpSettings, LocalPlan, train_local
-from common.config import FedprivConfig
-from common.data import LabelSet, TextDataset
-from common.model import build_model, default_device
+from fedpriv.client.training import DpSettings, LocalPlan, train_local
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, TextDataset
+from fedpriv.common.model import build_model, default_device
 
 
 def matmul_flops(device: torch.device, dtype=torch.float32, n: int = 4096, repeats: int = 10) -> float:

@@ -15,7 +15,7 @@ import argparse
 from _simrun import simulate
 from _util import save, table
 
-from common.config import FedprivConfig
+from fedpriv.common.config import FedprivConfig
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 from _simrun import simulate
 from _util import median, save, table
 
-from client.training import DpSettings, LocalPlan, train_local
-from common.config import FedprivConfig
-from common.data import LabelSet, load_dataset
-from common.model import build_model, label_name_state
+from fedpriv.client.training import DpSettings, LocalPlan, train_local
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, load_dataset
+from fedpriv.common.model import build_model, label_name_state
 
 SIGMA, CLIP = 1.0, 1.0
 

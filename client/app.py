@@ -10,7 +10,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (
+from fedpriv.client.site import (
     allows_non_private,
     noise_multiplier,
     resident_model,
@@ -18,14 +18,14 @@ from client.site import (
     site_data,
     training_seed,
 )
-from client.training import DpSettings, LocalPlan, train_local
-from common.logs import CLIENT_LOG
-from common.accounting import Release, prefetch, steps_per_round
-from common.config import FedprivConfig
-from common.data import LabelSet
-from common.progress import ProgressWriter
-from common.records import Mechanism, state_sha256
-from common.transport import from_record, to_record
+from fedpriv.client.training import DpSettings, LocalPlan, train_local
+from fedpriv.common.logs import CLIENT_LOG
+from fedpriv.common.accounting import Release, prefetch, steps_per_round
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet
+from fedpriv.common.progress import ProgressWriter
+from fedpriv.common.records import Mechanism, state_sha256
+from fedpriv.common.transport import from_record, to_record
 
 log = logging.getLogger(CLIENT_LOG)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import version
 
-from common.accounting import Release, epsilon
-from common.ledger import Ledger
-from common.records import Accounting, Mechanism, PrivacyRecord, now
+from fedpriv.common.accounting import Release, epsilon
+from fedpriv.common.ledger import Ledger
+from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
 
 
 @dataclass

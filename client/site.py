@@ -22,18 +22,18 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from client.budget import SiteBudget
-from common.logs import CLIENT_LOG
-from common import signing
-from common.accounting import calibrate_noise, steps_per_round
-from common.config import FedprivConfig
-from common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
-from common.features import FeatureCache
-from common.ledger import Ledger
-from common.model import ModelBundle, Prepared, build_model
-from common.partition import split_for
-from common.records import data_sha256
-from common.resources import resolve_path
+from fedpriv.client.budget import SiteBudget
+from fedpriv.common.logs import CLIENT_LOG
+from fedpriv.common import signing
+from fedpriv.common.accounting import calibrate_noise, steps_per_round
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
+from fedpriv.common.features import FeatureCache
+from fedpriv.common.ledger import Ledger
+from fedpriv.common.model import ModelBundle, Prepared, build_model
+from fedpriv.common.partition import split_for
+from fedpriv.common.records import data_sha256
+from fedpriv.common.resources import resolve_path
 
 log = logging.getLogger(CLIENT_LOG)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.model import ModelBundle, Prepared
+from fedpriv.common.model import ModelBundle, Prepared
 
 # Opacus' hooks on a frozen encoder trigger this PyTorch notice on every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -20,8 +20,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import signing
-from common.records import canonical_json
+from fedpriv.common import signing
+from fedpriv.common.records import canonical_json
 
 GENESIS = "0" * 64
 

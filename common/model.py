@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.batching import PadCollator, TokenDataset, encode, length_batches
-from common.config import FedprivConfig
-from common.data import LabelSet, TextDataset
-from common.features import FeatureCache, model_fingerprint
-from common.modeling_fedpriv import FedprivConfig as HFConfig
-from common.modeling_fedpriv import FedprivForSequenceClassification
-from common.resources import resolve_model
+from fedpriv.common.batching import PadCollator, TokenDataset, encode, length_batches
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, TextDataset
+from fedpriv.common.features import FeatureCache, model_fingerprint
+from fedpriv.common.modeling_fedpriv import FedprivConfig as HFConfig
+from fedpriv.common.modeling_fedpriv import FedprivForSequenceClassification
+from fedpriv.common.resources import resolve_model
 
 CENTER = "norm.center"
 
@@ -243,8 +243,9 @@ def build_model(
 
     source = resolve_model(config.model.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        base = AutoModel.from_pretrained(source)
+        # Never the network: a site is offline, and a model must not change under a run.
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        base = AutoModel.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name: cannot load '{config.model.name}' ({source}): {error}") from None
     device = device or default_device()

@@ -70,7 +70,7 @@ def split_for(config, dataset, sites: int) -> tuple[list[np.ndarray], list[str]]
     The one place both the harness (to show and check the split) and every
     simulated site (to take its share) cut the dataset.
     """
-    from common.data import read_column
+    from fedpriv.common.data import read_column
 
     sim = config.simulation
     if sim.partitioner == "column":

@@ -6,48 +6,23 @@ aggregator and on every site, whatever directory fedpriv is installed in.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 BUILTIN = "builtin:"
-BUILTIN_DIR = Path(__file__).parent / "builtin"
+# Installed as package data of fedpriv.common (a plain directory in a wheel or a clone).
+BUILTIN_DIR = Path(str(resources.files("fedpriv.common") / "builtin"))
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
 # A random 2-layer BERT with MiniLM's tokenizer: for dry runs of the plumbing
 # (tests, benchmarks of the harness), never for accuracy.
 TINY_MODEL = "tiny-random-bert"
 
 
-def _installed_builtin_dirs() -> list[Path]:
-    """Where the installed fedpriv keeps its built-in files.
-
-    Flower runs an app from a bundle (FAB) that carries code but no data files,
-    so a `builtin:` name falls back to the fedpriv installed next to Flower.
-    """
-    import json
-    from importlib import metadata
-    from urllib.parse import unquote, urlparse
-
-    try:
-        dist = metadata.distribution("fedpriv")
-    except metadata.PackageNotFoundError:
-        return []
-    dirs = [Path(str(dist.locate_file("common/builtin")))]
-    direct = dist.read_text("direct_url.json")
-    if direct:
-        url = json.loads(direct).get("url", "")
-        if url.startswith("file://"):
-            dirs.insert(0, Path(unquote(urlparse(url).path)) / "common" / "builtin")
-    return dirs
-
-
 def resolve_path(spec: str) -> Path:
     """A data or labels file named in a config, `builtin:` names included."""
     if not spec.startswith(BUILTIN):
         return Path(spec).expanduser()
-    name = spec[len(BUILTIN) :]
-    for directory in [BUILTIN_DIR, *_installed_builtin_dirs()]:
-        if (directory / name).exists():
-            return directory / name
-    return BUILTIN_DIR / name
+    return BUILTIN_DIR / spec[len(BUILTIN) :]
 
 
 def resolve_model(spec: str) -> str:
@@ -75,7 +50,7 @@ def tiny_model_dir() -> Path:
     import os
     import shutil
 
-    from common.features import default_cache_dir
+    from fedpriv.common.features import default_cache_dir
 
     directory = default_cache_dir() / "models" / TINY_MODEL
     if (directory / "config.json").exists():
@@ -85,7 +60,7 @@ def tiny_model_dir() -> Path:
 
     tmp = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN + BUILTIN_MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN + BUILTIN_MODEL), local_files_only=True)
     tokenizer.save_pretrained(tmp)
     torch.manual_seed(0)
     config = BertConfig(

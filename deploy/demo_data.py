@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.resources import resolve_path
+from fedpriv.common.resources import resolve_path
 
 
 def split(sites: list[str], out: Path, seed: int = 42, source: str = "builtin:banking77/train.csv") -> list[Path]:

@@ -6,8 +6,6 @@ site agent never loads aggregator code.
 
 from __future__ import annotations
 
-import common  # noqa: F401  (disables Flower/Ray telemetry before either is imported)
-
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,10 +35,10 @@ def _fail(error: Exception) -> None:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from common.config import ConfigError
-    from common.data import DataError
-    from common.model import ModelError
-    from common.partition import PartitionError
+    from fedpriv.common.config import ConfigError
+    from fedpriv.common.data import DataError
+    from fedpriv.common.model import ModelError
+    from fedpriv.common.partition import PartitionError
 
     return (ConfigError, DataError, ModelError, PartitionError)
 
@@ -66,8 +64,8 @@ def simulate(
     With no options: the built-in demo, Banking77 split over 10 sites, MiniLM,
     DP-SGD at epsilon 8 per site.
     """
-    from common.config import apply_overrides, load_config
-    from simulation.harness import simulate as run_simulation
+    from fedpriv.common.config import apply_overrides, load_config
+    from fedpriv.simulation.harness import simulate as run_simulation
 
     shortcuts = {
         "rounds": rounds,
@@ -91,8 +89,8 @@ def simulate(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a finished (or running) run's summary again and redraw its plots."""
-    from common.rundir import RunDirectory
-    from simulation.report import print_summary, write_plots
+    from fedpriv.common.rundir import RunDirectory
+    from fedpriv.simulation.report import print_summary, write_plots
 
     run = RunDirectory(run_dir)
     if not run.metrics_path.exists():
@@ -112,8 +110,8 @@ def audit(
     """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation."""
     import json
 
-    from audit.auditor import audit as run_audit
-    from audit.render import console_report, html_report
+    from fedpriv.audit.auditor import audit as run_audit
+    from fedpriv.audit.render import console_report, html_report
 
     try:
         report = run_audit(paths, keys=keys, tolerance=tolerance)
@@ -138,7 +136,7 @@ def config_show(
     """Every setting with its value and meaning."""
     from rich.table import Table
 
-    from common.config import load_config, settings_table
+    from fedpriv.common.config import load_config, settings_table
 
     try:
         cfg = load_config(config, settings or [])
@@ -151,6 +149,9 @@ def config_show(
 
 
 def main() -> None:
+    from fedpriv.common.environment import apply_quiet_defaults
+
+    apply_quiet_defaults()  # before Flower, Ray or transformers are imported
     try:
         app()
     except KeyboardInterrupt:

@@ -40,11 +40,11 @@ def _fail(error: Exception) -> None:
 
 
 def _errors() -> tuple[type[Exception], ...]:
-    from common.config import ConfigError
-    from common.data import DataError
-    from common.kit import KitError
-    from common.pki import SecretExistsError
-    from common.signing import SigningKeyError
+    from fedpriv.common.config import ConfigError
+    from fedpriv.common.data import DataError
+    from fedpriv.common.kit import KitError
+    from fedpriv.common.pki import SecretExistsError
+    from fedpriv.common.signing import SigningKeyError
 
     return (ConfigError, DataError, KitError, SecretExistsError, SigningKeyError, FileExistsError)
 
@@ -95,7 +95,7 @@ def provision(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from server.provision import ProvisionError, provision as run_provision
+    from fedpriv.server.provision import ProvisionError, provision as run_provision
 
     try:
         report = run_provision(federation, _out(federation, out))
@@ -113,7 +113,7 @@ def provision_add_site(
     delta: Annotated[Optional[float], typer.Option(help="The site's delta (default: the federation's).")] = None,
 ) -> None:
     """Add a site to the federation file and make its kit; then run `fedpriv aggregator register`."""
-    from server.provision import ProvisionError, add_site
+    from fedpriv.server.provision import ProvisionError, add_site
 
     try:
         report = add_site(federation, _out(federation, out), name, epsilon_cap, delta)
@@ -129,7 +129,7 @@ def provision_add_site(
 @provision_app.command("rotate-tls")
 def provision_rotate_tls(federation: FederationOpt = Path("federation.toml"), out: OutOpt = None) -> None:
     """Issue a new TLS key and certificate for the aggregator (same CA: sites change nothing)."""
-    from server.provision import ProvisionError, rotate_tls
+    from fedpriv.server.provision import ProvisionError, rotate_tls
 
     try:
         report = rotate_tls(federation, _out(federation, out))
@@ -143,7 +143,7 @@ def provision_rotate_tls(federation: FederationOpt = Path("federation.toml"), ou
 
 
 def _aggregator(kit: Path, state: Optional[Path], insecure: bool):
-    from server.superlink import Aggregator, AggregatorError
+    from fedpriv.server.superlink import Aggregator, AggregatorError
 
     try:
         return Aggregator(kit, state, insecure=insecure)
@@ -160,7 +160,7 @@ def aggregator_start(
     control_listen: Annotated[Optional[str], typer.Option(help="HOST:PORT for the control API (operator), default from the kit.")] = None,
 ) -> None:
     """Run the SuperLink (TLS, node authentication, persistent state) and register the provisioned sites."""
-    from server.superlink import AggregatorError
+    from fedpriv.server.superlink import AggregatorError
 
     if insecure:
         _warn_insecure("The aggregator")
@@ -175,7 +175,7 @@ def aggregator_start(
 @aggregator_app.command("register")
 def aggregator_register(kit: AggKitOpt, state: AggStateOpt = None) -> None:
     """Register every site in the kit's node-keys.json with the running aggregator (after add-site)."""
-    from server.superlink import AggregatorError
+    from fedpriv.server.superlink import AggregatorError
 
     aggregator = _aggregator(kit, state, False)
     try:
@@ -196,8 +196,8 @@ def aggregator_run(
     insecure: Annotated[bool, typer.Option("--insecure", help="The aggregator was started with --insecure.")] = False,
 ) -> None:
     """Submit a fedpriv run to the running aggregator and stream its progress."""
-    from common.rundir import RunDirectory
-    from server.superlink import AggregatorError
+    from fedpriv.common.rundir import RunDirectory
+    from fedpriv.server.superlink import AggregatorError
 
     aggregator = _aggregator(kit, state, insecure)
     try:
@@ -213,7 +213,7 @@ def aggregator_run(
         _fail(error)
     run = RunDirectory(cfg.run_dir)
     if code == 0 and run.events("run-end"):
-        from simulation.report import print_summary
+        from fedpriv.simulation.report import print_summary
 
         print_summary(run, console)
         raise typer.Exit(0)
@@ -243,7 +243,7 @@ def agent_start(
     allow_non_private: Annotated[bool, typer.Option("--allow-non-private", help="Let this site train without DP if a run asks.")] = False,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode); stops cleanly on SIGTERM."""
-    from client.agent import Agent, AgentError
+    from fedpriv.client.agent import Agent, AgentError
 
     try:
         agent = Agent.from_kit(kit, state)
@@ -265,7 +265,7 @@ def agent_check(
     data: Annotated[Path, typer.Option("--data", help="The site's data (CSV, JSONL or Parquet).")],
 ) -> None:
     """Only check the site's data against the federation's label set and columns."""
-    from client.agent import Agent
+    from fedpriv.client.agent import Agent
 
     try:
         agent = Agent.from_kit(kit)

@@ -8,16 +8,16 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.logs import SERVER_LOG
-from common import signing
-from common.config import FedprivConfig
-from common.data import LabelSet
-from common.ledger import Ledger
-from common.rundir import RunDirectory
-from server.federation import Federation
-from server.global_model import GlobalModel
-from server.strategy import build_strategy
-from server.summary import write_run_config, write_summary
+from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common import signing
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet
+from fedpriv.common.ledger import Ledger
+from fedpriv.common.rundir import RunDirectory
+from fedpriv.server.federation import Federation
+from fedpriv.server.global_model import GlobalModel
+from fedpriv.server.strategy import build_strategy
+from fedpriv.server.summary import write_run_config, write_summary
 
 log = logging.getLogger(SERVER_LOG)
 

@@ -21,15 +21,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from common.logs import SERVER_LOG
-from common.config import FedprivConfig
-from common.ledger import Ledger, verify_entry
-from common.records import state_sha256
-from common.rundir import RunDirectory
-from common.transport import from_record, to_record
-from server import checkpoint, site_level_dp
-from server.global_model import GlobalModel
-from server.strategy import restore_strategy, strategy_state
+from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.ledger import Ledger, verify_entry
+from fedpriv.common.records import state_sha256
+from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.transport import from_record, to_record
+from fedpriv.server import checkpoint, site_level_dp
+from fedpriv.server.global_model import GlobalModel
+from fedpriv.server.strategy import restore_strategy, strategy_state
 
 log = logging.getLogger(SERVER_LOG)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.logs import SERVER_LOG
-from common.config import FedprivConfig
-from common.data import LabelSet, load_dataset
-from common.features import FeatureCache
-from common.model import ModelBundle, Prepared, build_model, label_name_state
+from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, load_dataset
+from fedpriv.common.features import FeatureCache
+from fedpriv.common.model import ModelBundle, Prepared, build_model, label_name_state
 
 log = logging.getLogger(SERVER_LOG)
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common import pki, signing
-from common.config import FedprivConfig, read_toml
-from common.data import LabelSet
-from common.kit import (
+from fedpriv.common import pki, signing
+from fedpriv.common.config import FedprivConfig, read_toml
+from fedpriv.common.data import LabelSet
+from fedpriv.common.kit import (
     AGGREGATOR,
     CA_CERT,
     KIT_CONFIG,

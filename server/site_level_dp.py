@@ -12,9 +12,9 @@ from importlib.metadata import version
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from common.accounting import RDP_ORDERS
-from common.config import ConfigError, FedprivConfig
-from common.records import Accounting, Mechanism, PrivacyRecord, now
+from fedpriv.common.accounting import RDP_ORDERS
+from fedpriv.common.config import ConfigError, FedprivConfig
+from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
 
 DATA_ID = "site-contributions"  # the protected unit is one site's whole update
 SITE = "federation"

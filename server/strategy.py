@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from common.config import FedprivConfig
+from fedpriv.common.config import FedprivConfig
 
 WEIGHT = "num-examples"
 SITE_WEIGHT = "site-weight"
@@ -36,7 +36,7 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
 def build_strategy(config: FedprivConfig) -> Strategy:
     strategy = _base_strategy(config)
     if config.privacy.site_level_noise > 0:
-        from server import site_level_dp
+        from fedpriv.server import site_level_dp
 
         strategy = site_level_dp.wrap(strategy, config)
     return strategy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tomli_w
 
-from common.config import FedprivConfig
-from common.rundir import CONFIG, RunDirectory, summarize, write_atomic
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.rundir import CONFIG, RunDirectory, summarize, write_atomic
 
 
 def write_run_config(run: RunDirectory, config: FedprivConfig) -> None:

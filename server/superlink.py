@@ -30,9 +30,9 @@ from typing import Any
 
 import tomli_w
 
-from common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides, read_toml
-from common.data import LabelSet
-from common.kit import (
+from fedpriv.common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides, read_toml
+from fedpriv.common.data import LabelSet
+from fedpriv.common.kit import (
     CA_CERT,
     LEDGER_KEY,
     NODE_KEYS,
@@ -44,7 +44,7 @@ from common.kit import (
     require,
     split_address,
 )
-from common.rundir import CONFIG, RunDirectory
+from fedpriv.common.rundir import CONFIG, RunDirectory
 
 DATABASE = "superlink.db"
 FLWR_HOME = "flwr-home"

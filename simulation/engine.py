@@ -14,33 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import tomli_w
-
-from common.config import FedprivConfig
-from simulation.dispatch import fast_dispatch
-
-SERVER_APP = "server.app:app"
-CLIENT_APP = "client.app:app"
-
-
-def write_app_dir(config: FedprivConfig, directory: Path) -> Path:
-    """A minimal Flower App description carrying this run's full config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    project = {
-        "project": {"name": "fedpriv-run", "version": "1.0.0"},
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "fedpriv",
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-                    "config": config.model_dump(by_alias=True),
-                }
-            }
-        },
-    }
-    (directory / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
-    return directory
-
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.flower_app import CLIENT_APP, SERVER_APP
+from fedpriv.simulation.dispatch import fast_dispatch
 
 def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
     # Private API on purpose: flwr is pinned to 1.39.*, and this is the call
@@ -55,6 +31,9 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedpriv.common.environment import apply_quiet_defaults
+
+    apply_quiet_defaults()  # Ray and Flower read these when they start
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -9,17 +9,18 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from audit.auditor import audit
-from audit.render import console_report, html_report
-from common import signing
-from common.accounting import steps_per_round
-from common.config import FedprivConfig
-from common.data import LabelSet, load_dataset, read_column
-from common.partition import label_histogram, split_for
-from common.rundir import RunDirectory, write_atomic
-from simulation import engine
-from simulation.monitor import Monitor
-from simulation.report import print_summary, write_plots
+from fedpriv.audit.auditor import audit
+from fedpriv.audit.render import console_report, html_report
+from fedpriv.common import signing
+from fedpriv.common.accounting import steps_per_round
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, load_dataset, read_column
+from fedpriv.common.partition import label_histogram, split_for
+from fedpriv.common.rundir import RunDirectory, write_atomic
+from fedpriv.common.flower_app import write_app_dir
+from fedpriv.simulation import engine
+from fedpriv.simulation.monitor import Monitor
+from fedpriv.simulation.report import print_summary, write_plots
 
 
 def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table, list[str]]:
@@ -79,7 +80,7 @@ def simulate(config: FedprivConfig, console: Console | None = None, verbose: boo
         f"model {config.model.name}; run directory {run.path}"
     )
     provision_simulated_keys(run, site_names)
-    app_dir = engine.write_app_dir(config, run.path / "flower-app")
+    app_dir = write_app_dir(run.path / "flower-app", config)
     steps = steps_per_round(config.train.local_epochs, config.train.sample_rate)
     started = time.time()
     with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):

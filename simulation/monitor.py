@@ -8,8 +8,8 @@ import threading
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.progress import read_progress
-from common.rundir import RunDirectory
+from fedpriv.common.progress import read_progress
+from fedpriv.common.rundir import RunDirectory
 
 
 class Monitor:

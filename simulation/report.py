@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.rundir import RunDirectory, summarize
+from fedpriv.common.rundir import RunDirectory, summarize
 
 
 def _fmt_eps(value) -> str:

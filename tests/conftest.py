@@ -49,7 +49,7 @@ def write_csv(path: Path, rows, header=("text", "category")) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved like a hub model."""
-    from common.resources import tiny_model_dir as build
+    from fedpriv.common.resources import tiny_model_dir as build
 
     return str(build())
 
@@ -65,7 +65,7 @@ def easy_task(tmp_path) -> dict[str, str]:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir, easy_task, tmp_path):
-    from common.config import FedprivConfig
+    from fedpriv.common.config import FedprivConfig
 
     return FedprivConfig().replace(
         **{

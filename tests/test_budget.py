@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.auditor import audit
-from audit.recompute import cumulative_epsilons
-from client.budget import SiteBudget
-from common import signing
-from common.accounting import Release, epsilon
-from common.ledger import Ledger
-from common.records import Mechanism
+from fedpriv.audit.auditor import audit
+from fedpriv.audit.recompute import cumulative_epsilons
+from fedpriv.client.budget import SiteBudget
+from fedpriv.common import signing
+from fedpriv.common.accounting import Release, epsilon
+from fedpriv.common.ledger import Ledger
+from fedpriv.common.records import Mechanism
 
 
 def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):

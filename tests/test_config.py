@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, FedprivConfig, load_config, parse_overrides
+from fedpriv.common.config import ConfigError, FedprivConfig, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +15,8 @@ def test_pyproject_flower_config_lists_every_setting_with_its_default():
     flower = project["tool"]["flwr"]["app"]["config"]
     assert flower == FedprivConfig().model_dump(by_alias=True)
     assert project["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "server.app:app",
-        "clientapp": "client.app:app",
+        "serverapp": "fedpriv.server.app:app",
+        "clientapp": "fedpriv.client.app:app",
     }
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import DataError, LabelSet, load_dataset, split_validation
+from fedpriv.common.data import DataError, LabelSet, load_dataset, split_validation
 from tests.conftest import LABELS, easy_rows, write_csv
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from common import pki
-from common.records import state_sha256
-from common.rundir import RunDirectory
+from fedpriv.common import pki
+from fedpriv.common.records import state_sha256
+from fedpriv.common.rundir import RunDirectory
 from tests.conftest import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -420,7 +420,7 @@ def test_compose_file_runs_an_aggregator_and_two_sites_from_their_kits(tmp_path)
         from demo_data import split
     finally:
         sys.path.remove(str(DEPLOY))
-    from client.agent import Agent
+    from fedpriv.client.agent import Agent
 
     for path in split(["site-a", "site-b"], tmp_path / "data"):
         agent = Agent.from_kit(tmp_path / "kits" / "sites" / path.stem, tmp_path / "state")
@@ -560,7 +560,7 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
 
 @pytest.mark.slow
 def test_aggregator_killed_after_round_1_resumes_at_round_2_with_the_same_weights(fed, tmp_path):
-    from server import checkpoint
+    from fedpriv.server import checkpoint
 
     fed.wait_online()
     run_dir = fed.root / "run-resume"

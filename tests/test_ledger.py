@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from audit.auditor import audit
-from client.budget import SiteBudget
-from common import signing
-from common.ledger import Ledger, verify_ledger
-from common.records import Mechanism
+from fedpriv.audit.auditor import audit
+from fedpriv.client.budget import SiteBudget
+from fedpriv.common import signing
+from fedpriv.common.ledger import Ledger, verify_ledger
+from fedpriv.common.records import Mechanism
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import LocalPlan, train_local
-from common.data import LabelSet, TextDataset
-from common.model import CENTER, ModelError, build_model, label_name_state
+from fedpriv.client.training import LocalPlan, train_local
+from fedpriv.common.data import LabelSet, TextDataset
+from fedpriv.common.model import CENTER, ModelError, build_model, label_name_state
 from tests.conftest import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.partition import PartitionError, by_column, dirichlet, iid, label_histogram
+from fedpriv.common.partition import PartitionError, by_column, dirichlet, iid, label_histogram
 
 
 def covers_exactly(parts, n):

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common import pki, signing
+from fedpriv.common import pki, signing
 from tests.conftest import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_public_keys_json_is_what_the_auditor_pins(kits):
 
 
 def test_kit_configs_name_the_aggregator_site_budget_and_labels(kits, federation_file):
-    from common.kit import load_aggregator_kit, load_site_kit
+    from fedpriv.common.kit import load_aggregator_kit, load_site_kit
 
     north, south = load_site_kit(kits / "sites" / "north"), load_site_kit(kits / "sites" / "south")
     assert north.site == "north" and north.superlink == "agg.example.org:9092"
@@ -300,7 +300,7 @@ def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
     data = write_csv(tmp_path / "site.csv", rows, header=("body", "queue"))
     result = fedpriv("agent", "check", "--kit", kits / "sites" / "north", "--data", data)
     assert result.returncode == 2 and "column 'text': missing column (found: body, queue)" in result.stderr
-    from client.agent import Agent
+    from fedpriv.client.agent import Agent
 
     agent = Agent.from_kit(kits / "sites" / "north", tmp_path / "state")
     assert len(agent.validate(data, text_column="body", label_column="queue")) == 30
@@ -311,7 +311,7 @@ def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
 def test_node_config_reaches_flower_unchanged(kits, tmp_path):
     from flwr.common.config import parse_config_args
 
-    from client.agent import Agent, format_node_config
+    from fedpriv.client.agent import Agent, format_node_config
 
     agent = Agent.from_kit(kits / "sites" / "south", tmp_path / "my state")
     data = write_csv(tmp_path / "it's data.csv", easy_rows(30))
@@ -324,7 +324,7 @@ def test_node_config_reaches_flower_unchanged(kits, tmp_path):
 
 
 def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):
-    from server.superlink import Aggregator, AggregatorError
+    from fedpriv.server.superlink import Aggregator, AggregatorError
 
     aggregator = Aggregator(kits / "aggregator", tmp_path / "state")
     user = tmp_path / "run.toml"

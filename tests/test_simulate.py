@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from common.rundir import RunDirectory, summarize
+from fedpriv.common.rundir import RunDirectory, summarize
 from tests.conftest import easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def test_bad_setting_is_named_on_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
-    from client.site import noise_multiplier
-    from common.accounting import Release, epsilon, steps_per_round
+    from fedpriv.client.site import noise_multiplier
+    from fedpriv.common.accounting import Release, epsilon, steps_per_round
 
     config = tiny_config.replace(**{"rounds": 4})
     sigma = noise_multiplier(config)
@@ -103,7 +103,7 @@ def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_confi
     assert [e["round"] for e in run.events("all-budgets-exhausted")] == [3]
     assert (run.model_dir / "config.json").exists()  # ended cleanly, model exported
 
-    from audit.auditor import audit
+    from fedpriv.audit.auditor import audit
 
     report = audit([run.path])
     assert report.ok, [str(p) for p in report.problems]
@@ -128,7 +128,7 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
     assert [e["round"] for e in releases] == [1, 2]
     assert releases[1]["epsilon"] > releases[0]["epsilon"] > 0
 
-    from audit.auditor import audit
+    from fedpriv.audit.auditor import audit
 
     report = audit([run.path])
     assert report.ok, [str(p) for p in report.problems]
@@ -143,7 +143,7 @@ def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
     # link state's internals must show here, not as a silent slowdown.
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from simulation import dispatch
+    from fedpriv.simulation import dispatch
 
     original = vce_api.add_messages_to_queue
     with dispatch.fast_dispatch() as installed:

@@ -5,10 +5,10 @@ import csv
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.site import site_data
-from common.data import DataError, LabelSet
-from common.model import build_model
-from simulation.harness import plan_sites
+from fedpriv.client.site import site_data
+from fedpriv.common.data import DataError, LabelSet
+from fedpriv.common.model import build_model
+from fedpriv.simulation.harness import plan_sites
 from tests.conftest import LABELS, easy_rows, write_csv
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import DpSettings, LocalPlan, train_local
-from common.accounting import RDP_ORDERS, Release, calibrate_noise, epsilon
-from common.data import LabelSet, TextDataset
-from common.model import build_model, label_name_state
+from fedpriv.client.training import DpSettings, LocalPlan, train_local
+from fedpriv.common.accounting import RDP_ORDERS, Release, calibrate_noise, epsilon
+from fedpriv.common.data import LabelSet, TextDataset
+from fedpriv.common.model import build_model, label_name_state
 from tests.conftest import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -1,0 +1,3 @@
+from fedpriv.cli import main
+
+main()
