@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpriv.common.data import LabelSet, TextDataset, load_dataset
-from fedpriv.common.kit import CA_CERT, LEDGER_KEY as KIT_LEDGER_KEY, NODE_KEY, SiteKit, load_site_kit, require
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
+from fedpriv.common.kit import LEDGER_KEY as KIT_LEDGER_KEY
 
 FLWR_HOME = "flwr-home"
 DEFAULT_PORT = 9094
@@ -39,7 +41,7 @@ HINT = (
 )
 
 
-class AgentError(RuntimeError):
+class AgentError(FedprivError, RuntimeError):
     """The agent cannot start; the message says why."""
 
 
@@ -84,7 +86,15 @@ class Agent:
 
     def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
         # The ClientApp's own key names; imported here, after validation, because client.site loads torch.
-        from fedpriv.client.site import ALLOW_NON_PRIVATE, DATA_PATH, DELTA, EPSILON_CAP, LEDGER_KEY, LEDGER_PATH, SITE_NAME
+        from fedpriv.client.site import (
+            ALLOW_NON_PRIVATE,
+            DATA_PATH,
+            DELTA,
+            EPSILON_CAP,
+            LEDGER_KEY,
+            LEDGER_PATH,
+            SITE_NAME,
+        )
 
         values: dict[str, str | float] = {
             DATA_PATH: str(Path(data).expanduser().resolve()),

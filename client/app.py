@@ -19,10 +19,10 @@ from fedpriv.client.site import (
     training_seed,
 )
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.accounting import Release, prefetch, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
+from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
 from fedpriv.common.records import Mechanism, state_sha256
 from fedpriv.common.transport import from_record, to_record

@@ -23,13 +23,13 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common import signing
 from fedpriv.common.accounting import calibrate_noise, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.ledger import Ledger
+from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
 from fedpriv.common.partition import split_for
 from fedpriv.common.records import data_sha256

@@ -15,21 +15,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from fedpriv.common import files
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.schema import FrozenKebabModel, kebab
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class ConfigError(ValueError):
+class ConfigError(FedprivError, ValueError):
     """A setting is missing, unknown or out of range; the message names it."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
-    )
+_Section = FrozenKebabModel
 
 
 class DataConfig(_Section):
@@ -291,14 +288,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def read_toml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """A TOML file's contents; a missing or malformed file is an `error` naming it."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except tomllib.TOMLDecodeError as decode_error:
-        raise error(f"{path}: not valid TOML: {decode_error}") from None
+    return files.read_toml(path, what, error)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -322,7 +312,7 @@ def apply_overrides(config: FedprivConfig, overrides: Mapping[str, Any]) -> Fedp
         return config
     flat = config.to_run_config()
     for key, value in overrides.items():
-        key = _kebab(key)
+        key = kebab(key)
         if key not in flat:
             raise ConfigError(f"{key}: unknown setting (see `fedpriv config show` for every setting)")
         flat[key] = value
@@ -337,7 +327,7 @@ def settings_table(config: FedprivConfig | None = None) -> list[tuple[str, Any, 
     def walk(model: BaseModel, prefix: str) -> None:
         for name, field in type(model).model_fields.items():
             value = getattr(model, name)
-            key = f"{prefix}{_kebab(name)}"
+            key = f"{prefix}{kebab(name)}"
             if isinstance(value, BaseModel):
                 walk(value, f"{key}.")
             else:

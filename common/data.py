@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.resources import resolve_path
 
 SUPPORTED = {".csv": "CSV", ".jsonl": "JSONL", ".json": "JSONL", ".parquet": "Parquet"}
 
 
-class DataError(ValueError):
+class DataError(FedprivError, ValueError):
     """Bad site data; the message names the file, column and row."""
 
     def __init__(self, path: str | Path, message: str, *, column: str | None = None, row: int | None = None):

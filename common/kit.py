@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedpriv.common.errors import FedprivError
+
 KIT_CONFIG = "kit.toml"
 CA_CERT = "ca.crt"
 TLS_CERT = "tls.crt"
@@ -35,7 +37,7 @@ AGGREGATOR = "aggregator"
 SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class KitError(ValueError):
+class KitError(FedprivError, ValueError):
     """A kit is missing, incomplete or unreadable; the message names the file."""
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from fedpriv.common.batching import PadCollator, TokenDataset, encode, length_batches
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, TextDataset
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.features import FeatureCache, model_fingerprint
 from fedpriv.common.modeling_fedpriv import FedprivConfig as HFConfig
 from fedpriv.common.modeling_fedpriv import FedprivForSequenceClassification
@@ -28,7 +29,7 @@ from fedpriv.common.resources import resolve_model
 CENTER = "norm.center"
 
 
-class ModelError(RuntimeError):
+class ModelError(FedprivError, RuntimeError):
     pass
 
 

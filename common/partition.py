@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedpriv.common.errors import FedprivError
 
-class PartitionError(ValueError):
+
+class PartitionError(FedprivError, ValueError):
     pass
 
 

@@ -25,13 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpriv.common.errors import FedprivError
+
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime browsers and most TLS stacks still accept
 
 
-class SecretExistsError(FileExistsError):
+class SecretExistsError(FedprivError, FileExistsError):
     """A key or certificate is already on disk; provisioning never replaces one."""
 
 

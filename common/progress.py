@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from fedpriv.common.rundir import write_atomic
+from fedpriv.common.files import write_atomic
 
 PROGRESS = "progress"
 

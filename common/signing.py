@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common import pki
+from fedpriv.common.errors import FedprivError
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(FedprivError, ValueError):
     """A key file is missing, unreadable or of the wrong kind; the message names it."""
 
 

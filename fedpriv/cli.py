@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 
+from fedpriv.common.errors import FedprivError
 from fedpriv.deploy_cli import register as register_deploy_commands
 
 app = typer.Typer(
@@ -27,20 +29,6 @@ register_deploy_commands(app)
 # Piped output (CI logs, `| tee`) keeps whole tables instead of 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(error: Exception) -> None:
-    err.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(2)
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    from fedpriv.common.config import ConfigError
-    from fedpriv.common.data import DataError
-    from fedpriv.common.model import ModelError
-    from fedpriv.common.partition import PartitionError
-
-    return (ConfigError, DataError, ModelError, PartitionError)
 
 
 @app.command()
@@ -79,11 +67,8 @@ def simulate(
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     if no_dp:
         overrides["privacy.enabled"] = False
-    try:
-        cfg = apply_overrides(load_config(config, settings or []), overrides)
-        run_simulation(cfg, console=console, verbose=verbose)
-    except _known_errors() as error:
-        _fail(error)
+    cfg = apply_overrides(load_config(config, settings or []), overrides)
+    run_simulation(cfg, console=console, verbose=verbose)
 
 
 @app.command()
@@ -94,7 +79,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
     run = RunDirectory(run_dir)
     if not run.metrics_path.exists():
-        _fail(FileNotFoundError(f"{run_dir}: no metrics.jsonl here; is this a fedpriv run directory?"))
+        raise FedprivError(f"{run_dir}: no metrics.jsonl here; is this a fedpriv run directory?")
     write_plots(run)
     print_summary(run, console)
 
@@ -115,8 +100,8 @@ def audit(
 
     try:
         report = run_audit(paths, keys=keys, tolerance=tolerance)
-    except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+    except (FileNotFoundError, ValueError) as error:  # a path or key file that is not there or not JSON
+        raise FedprivError(str(error)) from None
     if json_out:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -138,10 +123,7 @@ def config_show(
 
     from fedpriv.common.config import load_config, settings_table
 
-    try:
-        cfg = load_config(config, settings or [])
-    except _known_errors() as error:
-        _fail(error)
+    cfg = load_config(config, settings or [])
     table = Table("setting", "value", "meaning")
     for key, value, description in settings_table(cfg):
         table.add_row(key, repr(value), description)
@@ -153,10 +135,17 @@ def main() -> None:
 
     apply_quiet_defaults()  # before Flower, Ray or transformers are imported
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)  # errors come back here instead of exiting
+    except FedprivError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted")
         sys.exit(130)
+    except click.exceptions.ClickException as error:  # usage errors: typer's own message and exit code
+        error.show()
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def provision(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from fedpriv.server.provision import ProvisionError, provision as run_provision
+    from fedpriv.server.provision import ProvisionError
+    from fedpriv.server.provision import provision as run_provision
 
     try:
         report = run_provision(federation, _out(federation, out))

@@ -8,11 +8,11 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.ledger import Ledger
+from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server.federation import Federation
 from fedpriv.server.global_model import GlobalModel

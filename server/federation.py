@@ -21,9 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import Ledger, verify_entry
+from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.transport import from_record, to_record

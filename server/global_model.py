@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_dataset
 from fedpriv.common.features import FeatureCache
+from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model, label_name_state
 
 log = logging.getLogger(SERVER_LOG)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import tomli_w
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.rundir import CONFIG, RunDirectory, summarize, write_atomic
+from fedpriv.common.files import write_atomic
+from fedpriv.common.rundir import CONFIG, RunDirectory, summarize
 
 
 def write_run_config(run: RunDirectory, config: FedprivConfig) -> None:

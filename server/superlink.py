@@ -32,6 +32,7 @@ import tomli_w
 
 from fedpriv.common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides, read_toml
 from fedpriv.common.data import LabelSet
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.kit import (
     CA_CERT,
     LEDGER_KEY,
@@ -53,7 +54,7 @@ REGISTERED = "registered-nodes.json"
 RESUMABLE = {"strategy.min-sites", "strategy.round-timeout", "central-eval-every"}
 
 
-class AggregatorError(RuntimeError):
+class AggregatorError(FedprivError, RuntimeError):
     """The aggregator cannot start or submit; the message says why."""
 
 

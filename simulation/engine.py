@@ -18,18 +18,19 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.flower_app import CLIENT_APP, SERVER_APP
 from fedpriv.simulation.dispatch import fast_dispatch
 
+
 def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
     # Private API on purpose: flwr is pinned to 1.39.*, and this is the call
     # `flwr-simulation` itself makes once it has fetched the app.
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-    from flwr.supercore.run import Run
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
 
     from fedpriv.common.environment import apply_quiet_defaults
 

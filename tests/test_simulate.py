@@ -1,6 +1,5 @@
 """`fedpriv simulate` end to end, on the real Flower Simulation Engine (Ray)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
