@@ -85,29 +85,21 @@ class Agent:
         return load_dataset(Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows)
 
     def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
-        # The ClientApp's own key names; imported here, after validation, because client.site loads torch.
-        from fedpriv.client.site import (
-            ALLOW_NON_PRIVATE,
-            DATA_PATH,
-            DELTA,
-            EPSILON_CAP,
-            LEDGER_KEY,
-            LEDGER_PATH,
-            SITE_NAME,
-        )
+        from fedpriv.common import node_config as keys
+
 
         values: dict[str, str | float] = {
-            DATA_PATH: str(Path(data).expanduser().resolve()),
-            SITE_NAME: self.kit.site,
-            LEDGER_PATH: str(self.ledger_path),
-            LEDGER_KEY: str(self.kit_dir / KIT_LEDGER_KEY),
-            EPSILON_CAP: float(self.kit.epsilon_cap),
-            DELTA: float(self.kit.delta),
-            "text-column": self.kit.data.text_column,
-            "label-column": self.kit.data.label_column,
+            keys.DATA_PATH: str(Path(data).expanduser().resolve()),
+            keys.SITE_NAME: self.kit.site,
+            keys.LEDGER_PATH: str(self.ledger_path),
+            keys.LEDGER_KEY: str(self.kit_dir / KIT_LEDGER_KEY),
+            keys.EPSILON_CAP: float(self.kit.epsilon_cap),
+            keys.DELTA: float(self.kit.delta),
+            keys.TEXT_COLUMN: self.kit.data.text_column,
+            keys.LABEL_COLUMN: self.kit.data.label_column,
         }
         if allow_non_private:
-            values[ALLOW_NON_PRIVATE] = "true"
+            values[keys.ALLOW_NON_PRIVATE] = "true"
         return values
 
     def supernode_command(

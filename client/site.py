@@ -31,21 +31,25 @@ from fedpriv.common.features import FeatureCache
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
+from fedpriv.common.node_config import (
+    ALLOW_NON_PRIVATE,
+    DATA_PATH,
+    DELTA,
+    EPSILON_CAP,
+    LABEL_COLUMN,
+    LEDGER_KEY,
+    LEDGER_PATH,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    SITE_NAME,
+    TEXT_COLUMN,
+)
 from fedpriv.common.partition import split_for
 from fedpriv.common.records import data_sha256
 from fedpriv.common.resources import resolve_path
 
 log = logging.getLogger(CLIENT_LOG)
 
-DATA_PATH = "data-path"
-SITE_NAME = "site-name"
-LEDGER_PATH = "ledger-path"
-LEDGER_KEY = "ledger-key"
-EPSILON_CAP = "epsilon-cap"
-DELTA = "delta"
-ALLOW_NON_PRIVATE = "allow-non-private"
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 
 
 @dataclass
@@ -98,8 +102,8 @@ def site_data(context: Context, config: FedprivConfig, labels: LabelSet, bundle:
     data = config.data
     if DATA_PATH in node:
         path = Path(str(node[DATA_PATH])).expanduser()
-        text_column = str(node.get("text-column", data.text_column))
-        label_column = str(node.get("label-column", data.label_column))
+        text_column = str(node.get(TEXT_COLUMN, data.text_column))
+        label_column = str(node.get(LABEL_COLUMN, data.label_column))
         dataset = load_dataset(path, labels, text_column, label_column, min_rows=data.min_rows)
         name = str(node.get(SITE_NAME, f"node-{context.node_id}"))
         simulated, partition = False, None
