@@ -113,6 +113,24 @@ def audit(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@app.command("app")
+def flower_app(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the Flower App into (created if missing).")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file for the app's defaults.")] = None,
+    settings: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: section.key=value.")] = None,
+) -> None:
+    """Write the fedpriv Flower App (a pyproject.toml, no code) for `flwr run DIR`.
+
+    The app names the ServerApp and ClientApp of this installed fedpriv; every
+    party that runs it uses its own installation, so the bundle carries settings only.
+    """
+    from fedpriv.common.config import load_config
+    from fedpriv.common.flower_app import write_app_dir
+
+    written = write_app_dir(directory, load_config(config, settings or []))
+    console.print(f"Flower App written to {written}; run it with: flwr run {written} --stream")
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[Optional[Path], typer.Argument(help="TOML config file (default: built-in defaults).")] = None,

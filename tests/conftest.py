@@ -10,40 +10,11 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("FEDPRIV_CACHE_DIR", tempfile.mkdtemp(prefix="fedpriv-test-cache-"))
 
-import csv
 import json
-import random
-from pathlib import Path
 
 import pytest
 
-LABELS = ["card", "transfer", "cash"]
-WORDS = {
-    "card": ["card", "visa", "plastic", "pin", "contactless", "expired"],
-    "transfer": ["transfer", "sent", "recipient", "iban", "wire", "payee"],
-    "cash": ["cash", "atm", "withdrawal", "machine", "notes", "withdraw"],
-}
-FILLER = ["my", "the", "please", "why", "is", "a", "help", "still", "not", "today"]
-
-
-def easy_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Texts whose label is told by its keywords: easy, but only if the model learns."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = LABELS[i % len(LABELS)]
-        words = rng.sample(WORDS[label], 2) + rng.sample(FILLER, 3)
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_csv(path: Path, rows, header=("text", "category")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from tests.helpers import LABELS, easy_rows, write_csv
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,101 @@
+"""The house rules of the layout, checked on the source: who may import whom, and what importing does."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = {
+    "common": ROOT / "common",
+    "client": ROOT / "client",
+    "server": ROOT / "server",
+    "simulation": ROOT / "simulation",
+    "audit": ROOT / "audit",
+    "deploy": ROOT / "fedpriv" / "deploy",
+}
+
+
+def _imports(folder: Path) -> dict[str, set[str]]:
+    """module file -> every fedpriv module it imports (at any depth of the file)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[str(path.relative_to(ROOT))] = {n for n in names if n == "fedpriv" or n.startswith("fedpriv.")}
+    return found
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in ROOMS:
+        return parts[1]
+    return "cli" if module.startswith("fedpriv") else None
+
+
+@pytest.mark.parametrize(
+    "room, forbidden",
+    [
+        ("common", {"client", "server", "simulation", "audit", "deploy", "cli"}),
+        ("client", {"server", "simulation", "audit", "deploy", "cli"}),
+        ("server", {"client", "simulation", "audit", "deploy", "cli"}),
+        ("audit", {"client", "server", "simulation", "deploy", "cli"}),
+        ("simulation", {"deploy", "cli"}),
+        ("deploy", {"simulation"}),
+    ],
+)
+def test_rooms_import_only_what_the_layout_allows(room, forbidden):
+    offenders = [
+        f"{path} imports {module}"
+        for path, modules in _imports(ROOMS[room]).items()
+        for module in modules
+        if _room(module) in forbidden and module != "fedpriv"  # the root holds only __version__
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_importing_fedpriv_changes_no_environment_variable():
+    modules = [
+        "fedpriv",
+        *(
+            "fedpriv." + str(path.relative_to(folder.parent if name != "deploy" else ROOT).with_suffix("")).replace("/", ".")
+            for name, folder in ROOMS.items()
+            for path in folder.glob("*.py")
+            if path.stem not in ("__init__", "__main__")
+        ),
+        "fedpriv.cli",
+    ]
+    code = (
+        "import importlib, json, os, sys\n"
+        # Libraries may set their own variables on import (grpc, torch); only fedpriv's count.
+        "import torch, flwr.app, flwr.serverapp, flwr.clientapp, opacus, transformers, peft, dp_accounting\n"
+        "before = dict(os.environ)\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "changed = {k: v for k, v in os.environ.items() if before.get(k) != v}\n"
+        "print(json.dumps(changed))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_", "HF_", "TRANSFORMERS_"))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {}
+
+
+def test_a_users_own_common_and_server_do_not_shadow_fedpriv(tmp_path):
+    # A working directory with its own `common.py` and `server/` package, as users have.
+    (tmp_path / "common.py").write_text("raise SystemExit('the user\\'s common.py was imported')\n")
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "__init__.py").write_text("raise SystemExit('the user\\'s server was imported')\n")
+    code = "import fedpriv.server.app, fedpriv.client.app, fedpriv.common.config; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
