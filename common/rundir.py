@@ -71,6 +71,9 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # Parsed metrics and the file state they were parsed at: a report asks
+        # for events many times, the file is read again only after it grew.
+        self._parsed: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     @classmethod
     def create(cls, path: str | Path | None) -> "RunDirectory":
@@ -101,7 +104,14 @@ class RunDirectory:
         append_jsonl(self.metrics_path, {"kind": kind, "time": round(time.time(), 3), **fields})
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in read_jsonl(self.metrics_path) if kind is None or e.get("kind") == kind]
+        try:
+            stat = self.metrics_path.stat()
+        except FileNotFoundError:
+            return []
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        if self._parsed is None or self._parsed[0] != stamp:
+            self._parsed = (stamp, list(read_jsonl(self.metrics_path)))
+        return [e for e in self._parsed[1] if kind is None or e.get("kind") == kind]
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_atomic(self.path / SUMMARY, json.dumps(_jsonable(summary), indent=2))

@@ -99,3 +99,24 @@ def test_a_users_own_common_and_server_do_not_shadow_fedpriv(tmp_path):
     code = "import fedpriv.server.app, fedpriv.client.app, fedpriv.common.config; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_a_run_report_parses_the_metrics_file_once(tmp_path, monkeypatch):
+    from fedpriv.common import rundir
+
+    run = rundir.RunDirectory.create(tmp_path / "run")
+    run.log("run-start", run_id="1", rounds=2, labels=3)
+    for rnd in (1, 2):
+        run.log("site-train", round=rnd, site="site-000", epsilon=rnd / 2, delta=1e-5, **{"num-examples": 10})
+        run.log("central-evaluate", round=rnd, accuracy=0.5 + rnd / 10, loss=1.0)
+        run.log("round-end", round=rnd, seconds=0.1)
+    run.log("run-end", seconds=1.0)
+    parses = []
+    original = rundir.read_jsonl
+    monkeypatch.setattr(rundir, "read_jsonl", lambda path: parses.append(path) or original(path))
+    summary = rundir.summarize(run)
+    run.events("site-train")
+    assert summary["rounds-completed"] == 2 and summary["sites"]["site-000"]["epsilon"] == 1.0
+    assert len(parses) == 1
+    run.log("note", round=2)  # the file grew: read again
+    assert run.events("note") and len(parses) == 2
