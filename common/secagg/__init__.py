@@ -1,0 +1,23 @@
+"""Secure aggregation in the SecAgg+ style (Bonawitz et al. 2017; Bell et al. 2020), free of Flower.
+
+The aggregator learns the sum of the sites' vectors and nothing else about
+any one of them, as long as no more than `max_colluding` sites side with it;
+sites drop out and the round survives while `threshold` remain. Stages and
+refusals: `session`; threshold rule: `config`; encoding: `encoding`.
+"""
+
+from fedpriv.common.secagg.config import SecAggConfig, default_threshold
+from fedpriv.common.secagg.encoding import FixedPoint
+from fedpriv.common.secagg.errors import EncodingOverflowError, RoundAbandoned, SecAggError
+from fedpriv.common.secagg.session import AggregatorSession, SiteSession
+
+__all__ = [
+    "AggregatorSession",
+    "EncodingOverflowError",
+    "FixedPoint",
+    "RoundAbandoned",
+    "SecAggConfig",
+    "SecAggError",
+    "SiteSession",
+    "default_threshold",
+]
