@@ -13,7 +13,7 @@ from importlib.metadata import version
 
 from fedpriv.common.accounting import Release, epsilon
 from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
+from fedpriv.common.records import Accounting, LedgerEntry, Mechanism, PrivacyRecord, now
 
 
 @dataclass
@@ -27,9 +27,9 @@ class SiteBudget:
     def releases(self) -> list[Release]:
         """Every release of this data the ledger holds, from any run."""
         return [
-            Release(r["mechanism"]["noise_multiplier"], r["mechanism"]["sample_rate"], r["mechanism"]["steps"])
+            Release(r.mechanism.noise_multiplier, r.mechanism.sample_rate, r.mechanism.steps)
             for r in self.ledger.records()
-            if r.get("party") == "site" and r.get("data_id") == self.data_id
+            if isinstance(r, PrivacyRecord) and r.party == "site" and r.data_id == self.data_id
         ]
 
     def spent(self) -> float:
@@ -43,7 +43,7 @@ class SiteBudget:
 
     def record(
         self, *, run_id: str, server_round: int, site: str, mechanism: Mechanism, update_sha256: str
-    ) -> dict:
+    ) -> LedgerEntry:
         """Appends the signed record of a release that is about to leave the site."""
         release = Release(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)
         private = mechanism.noise_multiplier > 0
@@ -69,4 +69,4 @@ class SiteBudget:
             update_sha256=update_sha256,
             created=now(),
         )
-        return self.ledger.append(record.canonical())
+        return self.ledger.append(record)

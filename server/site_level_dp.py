@@ -58,7 +58,9 @@ def replay(strategy: Strategy, releases: int, config: FedprivConfig) -> None:
         accountant.compose(GaussianPrivacyEvent(config.privacy.site_level_noise, n, n), count=releases)
 
 
-def release_record(strategy: Strategy, config: FedprivConfig, run_id: str, server_round: int, update_sha256: str) -> dict:
+def release_record(
+    strategy: Strategy, config: FedprivConfig, run_id: str, server_round: int, update_sha256: str
+) -> PrivacyRecord:
     spent = strategy.privacy_spent()
     p = config.privacy
     return PrivacyRecord(
@@ -84,4 +86,4 @@ def release_record(strategy: Strategy, config: FedprivConfig, run_id: str, serve
         ),
         update_sha256=update_sha256,
         created=now(),
-    ).canonical()
+    )

@@ -9,9 +9,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedpriv.common.config import FedprivConfig
-
-WEIGHT = "num-examples"
-SITE_WEIGHT = "site-weight"
+from fedpriv.common.protocol import ARRAYS, CONFIG, EPSILON, NUM_EXAMPLES, SITE_WEIGHT
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -26,7 +24,7 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     keys = set().union(*(m.keys() for m in metrics)) - {weight_key, SITE_WEIGHT}
     for key in sorted(keys):
         values = np.array([float(m[key]) if key in m else math.nan for m in metrics])
-        if key == "epsilon":
+        if key == EPSILON:
             out[key] = float(np.max(values))
         elif weights.sum() > 0 and np.isfinite(values).all():
             out[key] = float(np.average(values, weights=weights))
@@ -45,7 +43,7 @@ def build_strategy(config: FedprivConfig) -> Strategy:
 def _base_strategy(config: FedprivConfig) -> Strategy:
     s = config.strategy
     # Site-level DP bounds each *site's* influence: every site weighs the same.
-    weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else WEIGHT
+    weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else NUM_EXAMPLES
     common = dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
@@ -53,6 +51,8 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
         min_evaluate_nodes=s.min_sites if s.fraction_evaluate > 0 else 0,
         min_available_nodes=s.min_sites,
         weighted_by_key=weight,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
         train_metrics_aggr_fn=aggregate_site_metrics,
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
