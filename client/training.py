@@ -77,20 +77,15 @@ def private_training(
     from opacus.data_loader import DPDataLoader
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    head = bundle.mode == "head"
+    tuning = bundle.tuning
     loader = DPDataLoader(
         dataset,
         sample_rate=sample_rate,
         collate_fn=bundle.collate_fn(),
         generator=generator,
-        # An empty Poisson batch would crash a transformer; Opacus then feeds
-        # one random, data-independent example instead (privacy unaffected).
-        rand_on_empty=not head,
+        rand_on_empty=tuning.rand_on_empty,
     )
-    # Ghost clipping computes per-example gradient norms without materialising
-    # the gradients (a 77x384 head at batch 450 would be 13M numbers a step);
-    # LoRA keeps hooks, whose per-example gradients are small anyway.
-    mode = "hooks" if bundle.mode == "lora" else "ghost"
+    mode = tuning.grad_sample_mode
     with warnings.catch_warnings():
         # We pass our own generator; Opacus warns that it is not its secure RNG.
         warnings.simplefilter("ignore", UserWarning)
@@ -115,7 +110,7 @@ def private_training(
     # Opacus derives the batch size from 1/len(loader); the plan's is exact.
     dp_optimizer.expected_batch_size = sample_rate * len(dataset)
     try:
-        if head:
+        if not tuning.physical_batching:
             yield iter(_cycle(dp_loader)), dp_optimizer, criterion
         else:
             with BatchMemoryManager(
