@@ -9,18 +9,11 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpriv.client.site import (
-    allows_non_private,
-    noise_multiplier,
-    resident_model,
-    site_budget,
-    site_data,
-    training_seed,
-)
+from fedpriv.client.runtime import WORKER
+from fedpriv.client.site import noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.accounting import Release, prefetch, steps_per_round
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.data import LabelSet
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
 from fedpriv.common.protocol import (
@@ -48,11 +41,10 @@ app = ClientApp()
 
 
 def _setup(context: Context):
+    """This node's site as the worker keeps it: built at its first message, then reused."""
     config = FedprivConfig.from_run_config(context.run_config)
-    labels = LabelSet.load(config.data.labels)
-    bundle = resident_model(config, labels)
-    site = site_data(context, config, labels, bundle)
-    return config, bundle, site
+    site = WORKER.site(context, config)
+    return config, site.model, site
 
 
 def _plan(config: FedprivConfig, msg: Message) -> LocalPlan:
@@ -75,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = Instruction.from_message(msg).server_round
     plan = _plan(config, msg)
     privacy = config.privacy
-    budget = site_budget(context, config, site)
+    budget = site.budget
 
     if privacy.enabled:
         dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm)
@@ -94,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             content = TrainReply.exhausted(site.name, metrics).to_content()
             return Message(content=content, reply_to=msg)
     else:
-        if not allows_non_private(context, site):
+        if not site.allows_non_private:
             raise PermissionError(
                 f"{site.name} refuses to train without DP (privacy.enabled=false); "
                 "its operator can allow it with allow-non-private=true in the node config"
@@ -112,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         site.train,
         plan,
         dp=dp,
-        seed=training_seed(config, site, server_round),
+        seed=site.training_seed(server_round),
         anchor=global_state,
         on_step=progress,
     )

@@ -168,6 +168,6 @@ def state_sha256(state: Mapping[str, np.ndarray]) -> str:
 def data_sha256(texts, labels) -> str:
     """Identifies a site's training data by content (never by file name)."""
     digest = hashlib.sha256()
-    for text, label in zip(texts, labels, strict=False):
+    for text, label in zip(texts, labels, strict=True):
         digest.update(canonical_json([text, int(label)]))
     return "sha256:" + digest.hexdigest()[:32]

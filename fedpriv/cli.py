@@ -118,8 +118,12 @@ def audit(
 @app.command("app")
 def flower_app(
     directory: Annotated[Path, typer.Argument(help="Folder to write the Flower App into (created if missing).")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file for the app's defaults.")] = None,
-    settings: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: section.key=value.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config file for the app's defaults.")
+    ] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")
+    ] = None,
 ) -> None:
     """Write the fedpriv Flower App (a pyproject.toml, no code) for `flwr run DIR`.
 

@@ -8,6 +8,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fedpriv.common import flower_compat
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.protocol import ARRAYS, CONFIG, EPSILON, NUM_EXAMPLES, SITE_WEIGHT
 
@@ -67,15 +68,16 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """The parts of a strategy that must survive a restart (FedAdam's moments)."""
-    state: dict[str, np.ndarray] = {}
-    for attr in ("m_t", "v_t"):
-        for key, value in (getattr(strategy, attr, None) or {}).items():
-            state[f"{attr}/{key}"] = np.asarray(value)
-    return state
+    return {
+        f"{name}/{key}": np.asarray(value)
+        for name, values in flower_compat.adam_moments(strategy).items()
+        for key, value in values.items()
+    }
 
 
 def restore_strategy(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    for attr in ("m_t", "v_t"):
-        values = {k[len(attr) + 1 :]: v for k, v in state.items() if k.startswith(attr + "/")}
-        if values:
-            setattr(strategy, attr, values)
+    moments: dict[str, dict] = {}
+    for key, value in state.items():
+        name, _, param = key.partition("/")
+        moments.setdefault(name, {})[param] = value
+    flower_compat.set_adam_moments(strategy, moments)

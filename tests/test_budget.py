@@ -82,3 +82,35 @@ def test_exhausted_site_is_reported_by_the_audit(tmp_path):
     assert report.ok
     (site,) = report.sites
     assert len(site.releases) == len(trained) and site.epsilon <= 3.0
+
+
+def test_budget_keeps_its_releases_and_rereads_only_a_ledger_changed_behind_its_back(tmp_path, monkeypatch):
+    reads = []
+    entries = Ledger.entries
+    monkeypatch.setattr(Ledger, "entries", lambda self: reads.append(1) or entries(self))
+    path, key = tmp_path / "site.jsonl", signing.generate()
+    budget = SiteBudget(Ledger(path, key), "data", 50.0, 1e-5, "rdp")
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
+    release = Release(1.5, 0.2, 10)
+
+    assert budget.spent() == 0.0 and len(reads) == 1
+    entry = budget.record(run_id="r", server_round=1, site="s", mechanism=mechanism, update_sha256="0" * 64)
+    assert budget.releases() == [release]
+    assert budget.spent() == pytest.approx(entry.record.accounting.epsilon)
+    assert budget.spent() == pytest.approx(epsilon([release], 1e-5, "rdp"))
+    assert len(reads) == 1  # its own append needs no re-read
+
+    # Another writer (a second process of the same site) appends to the same ledger.
+    other = SiteBudget(Ledger(path, key), "data", 50.0, 1e-5, "rdp")
+    other.record(run_id="r2", server_round=1, site="s", mechanism=mechanism, update_sha256="1" * 64)
+    reads.clear()
+    assert budget.releases() == [release, release] and len(reads) == 1
+    assert budget.spent() == pytest.approx(epsilon([release] * 2, 1e-5, "rdp")) and len(reads) == 1
+    # Releases of other data in the same ledger never count.
+    SiteBudget(Ledger(path, key), "other-data", 50.0, 1e-5, "rdp").record(
+        run_id="r3", server_round=1, site="s", mechanism=mechanism, update_sha256="2" * 64
+    )
+    assert budget.releases() == [release, release]
+    entry = budget.record(run_id="r", server_round=2, site="s", mechanism=mechanism, update_sha256="3" * 64)
+    assert entry.seq == 3 and len(budget.releases()) == 3
+    assert len(Ledger(path).records()) == 4

@@ -24,7 +24,7 @@ from fedpriv.common import files
 from fedpriv.common.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.deploy import pki
-from tests.conftest import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")
@@ -69,7 +69,7 @@ class LocalFederation:
     def __init__(self, root: Path, model_dir: str):
         self.root = root
         self.fleet, self.control, *agent_ports = free_ports(2 + len(SITES) + 4)
-        self.ports = dict(zip(SITES, agent_ports, strict=False))  # the rest are spare
+        self.ports = dict(zip(SITES, agent_ports, strict=True))  # the rest are spare
         self.spare_ports = agent_ports[len(SITES) :]
         self.processes: dict[str, subprocess.Popen] = {}
         (root / "federation.toml").write_text(
@@ -495,6 +495,7 @@ def test_systemd_units_run_real_commands_and_stop_gently():
     import shlex
 
     for unit in ("fedpriv-aggregator.service", "fedpriv-agent@.service"):
+        # systemd allows a key more than once (Environment=); the last one is enough here.
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.optionxform = str
         parser.read(DEPLOY / "systemd" / unit)

@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedpriv.common import files, signing
 from fedpriv.deploy import pki
-from tests.conftest import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpriv.common import flower_compat
 from fedpriv.common import node_config as keys
 from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
@@ -216,16 +217,14 @@ def read_failure(output: str) -> Failure:
     the message it logs before exiting ("Exit Code: 305", "[code: 2004]"). An
     untrusted certificate has no Flower code at all: gRPC passes on
     BoringSSL's reason, CERTIFICATE_VERIFY_FAILED. Flower's numbers come from
-    its constants, so a renumbering shows up here and not as a silent change.
+    its constants (`flower_compat`), so a renumbering fails its check, not silently.
     """
-    from flwr.supercore.error import ApiErrorCode
-    from flwr.supercore.exit import ExitCode
-
-    if f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]" in output:
+    activation_refused, no_connection = flower_compat.supernode_error_marks()
+    if activation_refused in output:
         return Failure.ACTIVATION_REFUSED
     if "CERTIFICATE_VERIFY_FAILED" in output:
         return Failure.TLS_UNTRUSTED
-    if f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in output:
+    if no_connection in output:
         return Failure.NO_CONNECTION
     return Failure.OTHER
 
