@@ -18,6 +18,7 @@ from typing import Any
 from fedpriv.audit.recompute import cumulative_epsilons
 from fedpriv.common import signing
 from fedpriv.common.ledger import Problem, verify_entry, verify_ledger
+from fedpriv.common.records import LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
 
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation
 PUBLIC_KEYS = "public-keys.json"
@@ -136,13 +137,13 @@ def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: fl
         report.problems.append(Problem(", ".join(map(str, paths)), "no ledger found"))
         return report
 
-    site_entries: dict[str, dict[str, Any]] = {}  # entry hash -> entry, from site ledgers
-    received: list[tuple[str, dict[str, Any]]] = []  # (where, site entry) from federation ledgers
+    site_entries: dict[str, LedgerEntry] = {}  # entry hash -> entry of a privacy record
+    received: list[tuple[str, LedgerEntry]] = []  # (where, site entry) from federation ledgers
     for path in files:
         owner = path.stem if path.stem != "federation" else "aggregator"
         entries, problems = verify_ledger(path, pins.get(owner))
         report.problems += problems
-        signer = entries[0].get("signer") if entries else None
+        signer = entries[0].signer if entries else None
         report.ledgers.append(
             {
                 "path": str(path),
@@ -153,95 +154,118 @@ def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: fl
         )
         if owner not in pins and entries:
             report.problems.append(
-                Problem(path.name, "no pinned public key for this ledger: signatures prove integrity, not authorship", fatal=False)
+                Problem(
+                    path.name,
+                    "no pinned public key for this ledger: signatures prove integrity, not authorship",
+                    fatal=False,
+                )
             )
         for number, entry in enumerate(entries, start=1):
-            record = entry["record"]
-            if record.get("kind") == "site-release":
-                received.append((f"{path.name} line {number}", record["site_entry"]))
-            elif record.get("kind") == "site-exhausted":
-                report.exhausted.append({"site": record["site"], "round": record["round"], "epsilon": record.get("epsilon")})
-            elif record.get("party") == "site":
-                site_entries[entry["hash"]] = entry
-            elif record.get("party") == "aggregator":
-                site_entries[entry["hash"]] = entry
+            record = entry.record
+            if isinstance(record, SiteReleaseReceipt):
+                received.append((f"{path.name} line {number}", record.site_entry))
+            elif isinstance(record, SiteExhausted):
+                report.exhausted.append({"site": record.site, "round": record.round, "epsilon": record.epsilon})
+            elif isinstance(record, PrivacyRecord):
+                site_entries[entry.hash] = entry
 
     # What the aggregator received must be intact, signed by the site, and in the site's own ledger.
-    have_site_ledger = {e["record"]["site"] for e in site_entries.values() if e["record"].get("party") == "site"}
+    have_site_ledger = {e.record.site for e in site_entries.values() if e.record.party == "site"}
     for where, entry in received:
-        site = entry.get("record", {}).get("site", "?")
+        record = entry.record
+        site = record.site
         reason = verify_entry(entry)
         if reason:
             report.problems.append(Problem(f"{where} ({site})", f"received site record: {reason}"))
             continue
-        if site in pins and entry.get("signer") != pins[site]:
-            report.problems.append(Problem(f"{where} ({site})", "received site record signed by a key not provisioned for this site"))
-        if entry["hash"] not in site_entries:
+        if not isinstance(record, PrivacyRecord):
+            report.problems.append(
+                Problem(f"{where} ({site})", f"received site record is a '{record.kind}' record, not a release")
+            )
+            continue
+        if site in pins and entry.signer != pins[site]:
+            report.problems.append(
+                Problem(f"{where} ({site})", "received site record signed by a key not provisioned for this site")
+            )
+        if entry.hash not in site_entries:
             if site in have_site_ledger:
                 report.problems.append(
-                    Problem(f"{where} ({site})", f"record of round {entry['record']['round']} is missing from {site}'s own ledger: entries were removed")
+                    Problem(
+                        f"{where} ({site})",
+                        f"record of round {record.round} is missing from {site}'s own ledger: entries were removed",
+                    )
                 )
             else:
-                site_entries[entry["hash"]] = entry
+                site_entries[entry.hash] = entry
 
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[LedgerEntry]] = defaultdict(list)
     for entry in site_entries.values():
-        record = entry["record"]
-        groups[(record["site"], record["data_id"])].append(entry)
+        groups[(entry.record.site, entry.record.data_id)].append(entry)
     for (site, data_id), entries in sorted(groups.items()):
-        entries.sort(key=lambda e: (e["seq"], e["record"]["created"]))
+        entries.sort(key=lambda e: (e.seq, e.record.created))
         report.sites.append(_check_site(site, data_id, entries, tolerance, report.problems))
     return report
 
 
-def _check_site(site: str, data_id: str, entries: list[dict[str, Any]], tolerance: float, problems: list[Problem]) -> SiteReport:
-    first = entries[0]["record"]["accounting"]
+def _check_site(
+    site: str, data_id: str, entries: list[LedgerEntry], tolerance: float, problems: list[Problem]
+) -> SiteReport:
+    records: list[PrivacyRecord] = [e.record for e in entries]
+    first = records[0].accounting
     report = SiteReport(
         site=site,
         data_id=data_id,
-        accountant=first["accountant"],
-        delta=first["delta"],
-        cap=first.get("epsilon_cap"),
-        signer=signing.fingerprint(entries[0]["signer"]),
+        accountant=first.accountant,
+        delta=first.delta,
+        cap=first.epsilon_cap,
+        signer=signing.fingerprint(entries[0].signer),
     )
-    history = [
-        (e["record"]["mechanism"]["noise_multiplier"], e["record"]["mechanism"]["sample_rate"], e["record"]["mechanism"]["steps"])
-        for e in entries
-    ]
+    history = [(r.mechanism.noise_multiplier, r.mechanism.sample_rate, r.mechanism.steps) for r in records]
     recomputed = cumulative_epsilons(history, report.delta)
-    unprotected = [e["record"]["round"] for e, (sigma, _, _) in zip(entries, history) if sigma <= 0]
+    unprotected = [r.round for r, (sigma, _, _) in zip(records, history, strict=True) if sigma <= 0]
     if unprotected:
         problems.append(
-            Problem(f"{site} ({data_id})", f"{len(unprotected)} release(s) without DP noise (rounds {_ranges(unprotected)}): no privacy guarantee for this data")
+            Problem(
+                f"{site} ({data_id})",
+                f"{len(unprotected)} release(s) without DP noise (rounds {_ranges(unprotected)}): no privacy guarantee for this data",
+            )
         )
-    for i, entry in enumerate(entries):
-        record, accounting = entry["record"], entry["record"]["accounting"]
-        where = f"{site} round {record['round']} (run {record['run_id']})"
+    for i, record in enumerate(records):
+        accounting = record.accounting
+        where = f"{site} round {record.round} (run {record.run_id})"
         check = ReleaseCheck(
-            round=record["round"],
-            run_id=record["run_id"],
+            round=record.round,
+            run_id=record.run_id,
             noise_multiplier=history[i][0],
             sample_rate=history[i][1],
             steps=history[i][2],
-            claimed=accounting["epsilon"],
+            claimed=accounting.epsilon,
             pld=recomputed["pld"][i],
             rdp=recomputed["rdp"][i],
         )
         report.releases.append(check)
-        if accounting["delta"] != report.delta:
-            problems.append(Problem(where, f"delta changed from {report.delta} to {accounting['delta']}; releases of one dataset must share delta"))
+        if accounting.delta != report.delta:
+            problems.append(
+                Problem(
+                    where,
+                    f"delta changed from {report.delta} to {accounting.delta}; releases of one dataset must share delta",
+                )
+            )
         if history[i][0] <= 0:
             continue  # reported once per site above
-        reference = check.rdp if accounting["accountant"] == "rdp" else check.pld
-        claimed = accounting["epsilon"]
+        reference = check.rdp if accounting.accountant == "rdp" else check.pld
+        claimed = accounting.epsilon
         if claimed is None or not math.isfinite(reference):
             problems.append(Problem(where, f"claimed epsilon {claimed} cannot be checked"))
             continue
         if abs(reference - claimed) > tolerance * max(abs(claimed), 1e-9):
             problems.append(
-                Problem(where, f"claimed epsilon {claimed:.4f} but recomputed {reference:.4f} ({accounting['accountant'] == 'rdp' and 'RDP' or 'PLD'}), off by more than {100 * tolerance:g}%")
+                Problem(
+                    where,
+                    f"claimed epsilon {claimed:.4f} but recomputed {reference:.4f} ({accounting.accountant == 'rdp' and 'RDP' or 'PLD'}), off by more than {100 * tolerance:g}%",
+                )
             )
-        cap = accounting.get("epsilon_cap")
+        cap = accounting.epsilon_cap
         if cap is not None and (claimed > cap or reference > cap * (1 + tolerance)):
             problems.append(Problem(where, f"epsilon {max(claimed, reference):.4f} exceeds the site's cap {cap}"))
     return report

@@ -21,7 +21,9 @@ def _eps(value) -> str:
 
 
 def console_report(report: AuditReport, console: Console) -> None:
-    table = Table(title="Privacy audit (epsilon: claimed by the site / recomputed with dp-accounting)", title_justify="left")
+    table = Table(
+        title="Privacy audit (epsilon: claimed by the site / recomputed with dp-accounting)", title_justify="left"
+    )
     for column in ("site", "releases", "ε claimed", "ε PLD", "ε RDP", "cap", "left", "acct", "δ"):
         table.add_column(column, justify="left" if column in ("site", "acct") else "right", no_wrap=True)
     for site in report.sites:
@@ -39,8 +41,10 @@ def console_report(report: AuditReport, console: Console) -> None:
         )
     console.print(table)
     for item in report.exhausted:
-        console.print(f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})")
-    ledgers = ", ".join(f"{Path(l['path']).name} ({l['entries']})" for l in report.ledgers)
+        console.print(
+            f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})"
+        )
+    ledgers = ", ".join(f"{Path(led['path']).name} ({led['entries']})" for led in report.ledgers)
     console.print(f"Ledgers verified: {ledgers}")
     shown = 25
     for problem in report.problems[:shown]:
@@ -65,7 +69,7 @@ def epsilon_plot_png(report: AuditReport) -> bytes:
     for site in report.sites:
         points = [(r.round, r.claimed) for r in site.releases if r.claimed is not None]
         if points:
-            ax.plot(*zip(*points), marker=".", label=site.site)
+            ax.plot(*zip(*points, strict=True), marker=".", label=site.site)
             plotted += 1
         if site.cap:
             ax.axhline(site.cap, color="grey", linewidth=0.5, linestyle="--")
@@ -91,9 +95,10 @@ def html_report(report: AuditReport) -> str:
         f"<td><code>{html.escape(s.signer)}</code></td></tr>"
         for s in report.sites
     )
-    problems = "".join(
-        f"<li class='{'bad' if p.fatal else 'note'}'>{html.escape(str(p))}</li>" for p in report.problems
-    ) or "<li>none</li>"
+    problems = (
+        "".join(f"<li class='{'bad' if p.fatal else 'note'}'>{html.escape(str(p))}</li>" for p in report.problems)
+        or "<li>none</li>"
+    )
     releases = "".join(
         f"<tr><td>{html.escape(s.site)}</td><td>{r.round}</td><td>{r.noise_multiplier:.4f}</td><td>{r.sample_rate:g}</td>"
         f"<td>{r.steps}</td><td>{_eps(r.claimed)}</td><td>{_eps(r.pld)}</td><td>{_eps(r.rdp)}</td></tr>"
@@ -105,7 +110,7 @@ def html_report(report: AuditReport) -> str:
 <html><head><meta charset="utf-8"><title>fedpriv privacy audit: {status}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
-.bad{{color:#b00}}.note{{color:#a60}}h1 span{{color:{'#080' if report.ok else '#b00'}}}</style></head>
+.bad{{color:#b00}}.note{{color:#a60}}h1 span{{color:{"#080" if report.ok else "#b00"}}}</style></head>
 <body><h1>Privacy audit <span>{status}</span></h1>
 <p>Every ledger's hash chain and Ed25519 signatures were verified; every epsilon was recomputed
 from the recorded mechanisms with Google's dp-accounting (PLD and RDP) and compared with the claim.</p>

@@ -25,7 +25,10 @@ def simulate(config, *, sample_every: float = 0.1) -> dict:
         began = time.perf_counter()
         process = subprocess.Popen(
             [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", str(path)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         peak = [0]
 

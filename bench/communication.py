@@ -14,7 +14,7 @@ from _util import save, table
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.model import build_model
-from fedpriv.common.transport import to_record
+from fedpriv.common.protocol import to_record
 
 
 def main() -> None:

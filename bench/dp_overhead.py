@@ -42,8 +42,13 @@ def main() -> None:
         prepared = bundle.prepare(data)
         start = bundle.get_state()
         optimizer, lr = OPTIMIZERS[mode]
-        plan = LocalPlan(steps=STEPS[mode], sample_rate=args.batch / len(prepared), optimizer=optimizer,
-                         learning_rate=lr, max_physical_batch=4 * args.batch)
+        plan = LocalPlan(
+            steps=STEPS[mode],
+            sample_rate=args.batch / len(prepared),
+            optimizer=optimizer,
+            learning_rate=lr,
+            max_physical_batch=4 * args.batch,
+        )
         times: dict[str, list[float]] = {"dp": [], "plain": []}
         for repeat in range(args.repeats + 1):  # the first pair warms caches and is dropped
             for kind in ("plain", "dp"):
@@ -54,8 +59,13 @@ def main() -> None:
                 if repeat:
                     times[kind].append((time.perf_counter() - began) / plan.steps)
         plain, private = median(times["plain"]), median(times["dp"])
-        results[mode] = {"step-seconds": plain, "dp-step-seconds": private, "ratio": private / plain,
-                         "steps": plan.steps, "repeats": args.repeats}
+        results[mode] = {
+            "step-seconds": plain,
+            "dp-step-seconds": private,
+            "ratio": private / plain,
+            "steps": plan.steps,
+            "repeats": args.repeats,
+        }
         rows.append([mode, plain, private, private / plain])
     table(f"DP overhead (batch {args.batch}, MiniLM, Banking77)", ["mode", "step s", "DP step s", "DP / plain"], rows)
     save("dp_overhead", {"batch": args.batch, "results": results}, "python bench/dp_overhead.py")

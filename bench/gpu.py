@@ -60,13 +60,20 @@ def main() -> None:
         bundle = build_model(config.replace(**{"model.mode": mode}), labels, device=device)
         prepared = bundle.prepare(data)
         embeddings = {id(p) for p in bundle.model.encoder.get_input_embeddings().parameters()}
-        embeddings |= {id(p) for n, p in bundle.model.named_parameters() if "position_embeddings" in n or "token_type" in n}
+        embeddings |= {
+            id(p) for n, p in bundle.model.named_parameters() if "position_embeddings" in n or "token_type" in n
+        }
         weights = sum(p.numel() for p in bundle.model.parameters() if id(p) not in embeddings)
         flops = (6 if mode == "full" else 4) * weights * args.tokens
         floor = flops / peak  # seconds per example if only the matmuls ran
         for kind, dp in (("plain", None), ("dp", DpSettings(1.0, 1.0))):
-            plan = LocalPlan(steps=args.steps, sample_rate=args.batch / n, optimizer="adamw", learning_rate=1e-4,
-                             max_physical_batch=args.batch * 2)
+            plan = LocalPlan(
+                steps=args.steps,
+                sample_rate=args.batch / n,
+                optimizer="adamw",
+                learning_rate=1e-4,
+                max_physical_batch=args.batch * 2,
+            )
             times = []
             for _ in range(3):
                 began = time.perf_counter()
@@ -77,9 +84,16 @@ def main() -> None:
             per_example = median(times[1:])
             results[f"{mode}-{kind}"] = {"examples-per-second": 1 / per_example, "floor-examples-per-second": 1 / floor}
             rows.append([f"{mode} {kind}", 1 / per_example, 1 / floor, floor / per_example])
-    table(f"Training throughput on {device} (batch {args.batch}, {args.tokens} tokens; matmul {peak / 1e12:.1f} TFLOP/s)",
-          ["step", "examples/s", "matmul floor examples/s", "fraction of floor"], rows)
-    save("gpu", {"device": str(device), "matmul-flops": peak, "args": vars(args), "results": results}, "python bench/gpu.py")
+    table(
+        f"Training throughput on {device} (batch {args.batch}, {args.tokens} tokens; matmul {peak / 1e12:.1f} TFLOP/s)",
+        ["step", "examples/s", "matmul floor examples/s", "fraction of floor"],
+        rows,
+    )
+    save(
+        "gpu",
+        {"device": str(device), "matmul-flops": peak, "args": vars(args), "results": results},
+        "python bench/gpu.py",
+    )
 
 
 if __name__ == "__main__":

@@ -58,14 +58,18 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = load_dataset("builtin:banking77/train.csv", LabelSet.load("builtin:banking77/categories.json"), "text", "category")
+        source = load_dataset(
+            "builtin:banking77/train.csv", LabelSet.load("builtin:banking77/categories.json"), "text", "category"
+        )
         path = Path(tmp) / "subset.csv"
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["text", "category"])
             names = LabelSet.load("builtin:banking77/categories.json").names
             for i in range(args.rows):
-                writer.writerow([source.texts[i * len(source) // args.rows], names[source.labels[i * len(source) // args.rows]]])
+                writer.writerow(
+                    [source.texts[i * len(source) // args.rows], names[source.labels[i * len(source) // args.rows]]]
+                )
         base = FedprivConfig().replace(
             **{
                 "model.mode": args.mode,

@@ -2,45 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpriv.client.site import (
-    allows_non_private,
-    noise_multiplier,
-    resident_model,
-    site_budget,
-    site_data,
-    training_seed,
-)
+from fedpriv.client.runtime import WORKER
+from fedpriv.client.site import noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.accounting import Release, prefetch, steps_per_round
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.data import LabelSet
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
+from fedpriv.common.protocol import (
+    ACCURACY,
+    DELTA,
+    EPSILON,
+    EPSILON_CAP,
+    LOSS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    SAMPLE_RATE,
+    SECONDS,
+    SITE_WEIGHT,
+    STEPS,
+    TRAIN_LOSS,
+    EvaluateReply,
+    Instruction,
+    TrainReply,
+)
 from fedpriv.common.records import Mechanism, state_sha256
-from fedpriv.common.transport import from_record, to_record
 
 log = logging.getLogger(CLIENT_LOG)
-
-OK = "ok"
-EXHAUSTED = "budget-exhausted"
 
 app = ClientApp()
 
 
 def _setup(context: Context):
+    """This node's site as the worker keeps it: built at its first message, then reused."""
     config = FedprivConfig.from_run_config(context.run_config)
-    labels = LabelSet.load(config.data.labels)
-    bundle = resident_model(config, labels)
-    site = site_data(context, config, labels, bundle)
-    return config, bundle, site
+    site = WORKER.site(context, config)
+    return config, site.model, site
 
 
 def _plan(config: FedprivConfig, msg: Message) -> LocalPlan:
@@ -53,17 +57,17 @@ def _plan(config: FedprivConfig, msg: Message) -> LocalPlan:
         momentum=config.train.momentum,
         weight_decay=config.train.weight_decay,
         max_physical_batch=config.train.max_physical_batch,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        proximal_mu=Instruction.from_message(msg).proximal_mu,
     )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = Instruction.from_message(msg).server_round
     plan = _plan(config, msg)
     privacy = config.privacy
-    budget = site_budget(context, config, site)
+    budget = site.budget
 
     if privacy.enabled:
         dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm)
@@ -72,22 +76,24 @@ def train(msg: Message, context: Context) -> Message:
             spent = budget.spent()
             log.warning(
                 "%s round %d: budget exhausted (spent %.4f, this round would reach %.4f > cap %.4f); not training",
-                site.name, server_round, spent, budget.after(release), budget.cap,
+                site.name,
+                server_round,
+                spent,
+                budget.after(release),
+                budget.cap,
             )
-            metrics = {"num-examples": 0, "site-weight": 0, "epsilon": spent, "epsilon-cap": budget.cap}
-            content = RecordDict(
-                {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": EXHAUSTED})}
-            )
+            metrics = {NUM_EXAMPLES: 0, SITE_WEIGHT: 0, EPSILON: spent, EPSILON_CAP: budget.cap}
+            content = TrainReply.exhausted(site.name, metrics).to_content()
             return Message(content=content, reply_to=msg)
     else:
-        if not allows_non_private(context, site):
+        if not site.allows_non_private:
             raise PermissionError(
                 f"{site.name} refuses to train without DP (privacy.enabled=false); "
                 "its operator can allow it with allow-non-private=true in the node config"
             )
         dp = None
 
-    global_state = from_record(msg.content["arrays"])
+    global_state = Instruction.from_message(msg).state()
     bundle.set_state(global_state)
     progress = None
     if site.simulated and config.run_dir:
@@ -98,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         site.train,
         plan,
         dp=dp,
-        seed=training_seed(config, site, server_round),
+        seed=site.training_seed(server_round),
         anchor=global_state,
         on_step=progress,
     )
@@ -118,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         mechanism=mechanism,
         update_sha256=state_sha256(update),
     )
-    spent = entry["record"]["accounting"]["epsilon"]
+    spent = entry.record.accounting.epsilon
     spent = math.inf if spent is None else spent
     if dp is not None and site.simulated:
         # PRV accounting takes about a second per new history; work out next
@@ -126,41 +132,34 @@ def train(msg: Message, context: Context) -> Message:
         # aggregator. A deployed site runs each round in a fresh process.
         prefetch([*budget.releases(), release], budget.delta, budget.accountant)
     metrics = {
-        "num-examples": len(site.train),
-        "site-weight": 1,  # equal weights, for site-level DP at the aggregator
-        "train-loss": result.loss,
-        "steps": result.steps,
-        "epsilon": spent,
-        "epsilon-cap": budget.cap,
-        "delta": budget.delta,
-        "noise-multiplier": mechanism.noise_multiplier,
-        "sample-rate": plan.sample_rate,
-        "seconds": time.time() - started,
+        NUM_EXAMPLES: len(site.train),
+        SITE_WEIGHT: 1,  # equal weights, for site-level DP at the aggregator
+        TRAIN_LOSS: result.loss,
+        STEPS: result.steps,
+        EPSILON: spent,
+        EPSILON_CAP: budget.cap,
+        DELTA: budget.delta,
+        NOISE_MULTIPLIER: mechanism.noise_multiplier,
+        SAMPLE_RATE: plan.sample_rate,
+        SECONDS: time.time() - started,
     }
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, result.loss, spent)
-    content = RecordDict(
-        {
-            "arrays": to_record(update),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.name, "status": OK}),
-            "privacy": ConfigRecord({"entry": json.dumps(entry)}),
-        }
-    )
+    content = TrainReply.trained(site.name, update, metrics, entry).to_content()
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
-    bundle.set_state(from_record(msg.content["arrays"]))
+    bundle.set_state(Instruction.from_message(msg).state())
     result = bundle.evaluate(site.validation)
     metrics = {
-        "num-examples": result["num-examples"],
-        "site-weight": 1 if result["num-examples"] else 0,
-        "loss": result["loss"],
-        "accuracy": result["accuracy"],
+        NUM_EXAMPLES: result[NUM_EXAMPLES],
+        SITE_WEIGHT: 1 if result[NUM_EXAMPLES] else 0,
+        LOSS: result[LOSS],
+        ACCURACY: result[ACCURACY],
     }
-    if not result["num-examples"]:
-        metrics.update(loss=0.0, accuracy=0.0)  # no validation part (data.validation-fraction=0)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, "status": OK})})
+    if not result[NUM_EXAMPLES]:
+        metrics.update({LOSS: 0.0, ACCURACY: 0.0})  # no validation part (data.validation-fraction=0)
+    content = EvaluateReply(site.name, metrics).to_content()
     return Message(content=content, reply_to=msg)

@@ -8,12 +8,12 @@ of the aggregator can make a site exceed its cap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from fedpriv.common.accounting import Release, epsilon
 from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
+from fedpriv.common.records import Accounting, LedgerEntry, Mechanism, PrivacyRecord, now
 
 
 @dataclass
@@ -23,14 +23,30 @@ class SiteBudget:
     cap: float
     delta: float
     accountant: str
+    # This data's releases as last read from (or appended to) the ledger, and
+    # the ledger file's (size, mtime) then: the file stays the source of
+    # truth, read again only when it changed behind our back.
+    _releases: list[Release] | None = field(default=None, init=False, repr=False)
+    _seen: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            stat = self.ledger.path.stat()
+        except FileNotFoundError:
+            return (0, 0)
+        return (stat.st_size, stat.st_mtime_ns)
 
     def releases(self) -> list[Release]:
         """Every release of this data the ledger holds, from any run."""
-        return [
-            Release(r["mechanism"]["noise_multiplier"], r["mechanism"]["sample_rate"], r["mechanism"]["steps"])
-            for r in self.ledger.records()
-            if r.get("party") == "site" and r.get("data_id") == self.data_id
-        ]
+        stamp = self._stamp()
+        if self._releases is None or stamp != self._seen:
+            self._releases = [
+                Release(r.mechanism.noise_multiplier, r.mechanism.sample_rate, r.mechanism.steps)
+                for r in self.ledger.records()
+                if isinstance(r, PrivacyRecord) and r.party == "site" and r.data_id == self.data_id
+            ]
+            self._seen = stamp
+        return list(self._releases)
 
     def spent(self) -> float:
         return epsilon(self.releases(), self.delta, self.accountant)
@@ -43,7 +59,7 @@ class SiteBudget:
 
     def record(
         self, *, run_id: str, server_round: int, site: str, mechanism: Mechanism, update_sha256: str
-    ) -> dict:
+    ) -> LedgerEntry:
         """Appends the signed record of a release that is about to leave the site."""
         release = Release(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)
         private = mechanism.noise_multiplier > 0
@@ -69,4 +85,11 @@ class SiteBudget:
             update_sha256=update_sha256,
             created=now(),
         )
-        return self.ledger.append(record.canonical())
+        unchanged = self._stamp() == self._seen
+        entry = self.ledger.append(record)
+        if unchanged:  # our own append is all that changed since we read
+            self._releases.append(release)
+            self._seen = self._stamp()
+        else:
+            self._releases = None
+        return entry

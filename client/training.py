@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpriv.common import opacus_compat
 from fedpriv.common.model import ModelBundle, Prepared
 
 # Opacus' hooks on a frozen encoder trigger this PyTorch notice on every step.
@@ -77,20 +78,15 @@ def private_training(
     from opacus.data_loader import DPDataLoader
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    head = bundle.mode == "head"
+    tuning = bundle.tuning
     loader = DPDataLoader(
         dataset,
         sample_rate=sample_rate,
         collate_fn=bundle.collate_fn(),
         generator=generator,
-        # An empty Poisson batch would crash a transformer; Opacus then feeds
-        # one random, data-independent example instead (privacy unaffected).
-        rand_on_empty=not head,
+        rand_on_empty=tuning.rand_on_empty,
     )
-    # Ghost clipping computes per-example gradient norms without materialising
-    # the gradients (a 77x384 head at batch 450 would be 13M numbers a step);
-    # LoRA keeps hooks, whose per-example gradients are small anyway.
-    mode = "hooks" if bundle.mode == "lora" else "ghost"
+    mode = tuning.grad_sample_mode
     with warnings.catch_warnings():
         # We pass our own generator; Opacus warns that it is not its secure RNG.
         warnings.simplefilter("ignore", UserWarning)
@@ -115,7 +111,7 @@ def private_training(
     # Opacus derives the batch size from 1/len(loader); the plan's is exact.
     dp_optimizer.expected_batch_size = sample_rate * len(dataset)
     try:
-        if head:
+        if not tuning.physical_batching:
             yield iter(_cycle(dp_loader)), dp_optimizer, criterion
         else:
             with BatchMemoryManager(
@@ -124,11 +120,30 @@ def private_training(
                 yield iter(_cycle(physical)), dp_optimizer, criterion
     finally:
         hooks.cleanup()
-        for p in module.parameters():
-            for attr in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-            p.grad = None
+        opacus_compat.clear_per_sample_state(module)
+
+
+class StepCounter:
+    """Counts the DP optimizer's real steps: with physical batching most `step()` calls only accumulate.
+
+    Chained onto the optimizer's public step hook, which Opacus calls only
+    when a logical batch is complete and noised (its accountant hooks there too).
+    """
+
+    def __init__(self, previous: Callable | None) -> None:
+        self.steps = 0
+        self._previous = previous
+
+    @classmethod
+    def attach(cls, optimizer) -> StepCounter:
+        counter = cls(optimizer.step_hook)
+        optimizer.attach_step_hook(counter)
+        return counter
+
+    def __call__(self, optimizer) -> None:
+        if self._previous is not None:
+            self._previous(optimizer)
+        self.steps += 1
 
 
 def _cycle(loader) -> Iterator:
@@ -159,16 +174,24 @@ def train_local(
     steps = 0
     if dp is not None:
         with private_training(
-            bundle, dataset, optimizer, module,
-            sample_rate=plan.sample_rate, dp=dp, max_physical_batch=plan.max_physical_batch, generator=generator,
+            bundle,
+            dataset,
+            optimizer,
+            module,
+            sample_rate=plan.sample_rate,
+            dp=dp,
+            max_physical_batch=plan.max_physical_batch,
+            generator=generator,
         ) as (batches, dp_optimizer, criterion):
+            counter = StepCounter.attach(dp_optimizer)
             while steps < plan.steps:
                 batch = next(batches)
                 logits = bundle.logits(module, batch)
                 loss = criterion(logits, bundle.targets(batch).to(bundle.device))
                 loss.backward()
+                taken = counter.steps
                 dp_optimizer.step()
-                stepped = not dp_optimizer._is_last_step_skipped
+                stepped = counter.steps > taken
                 dp_optimizer.zero_grad()
                 if len(bundle.targets(batch)):
                     losses.append(float(loss.detach()))

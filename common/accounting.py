@@ -80,7 +80,11 @@ def _compute_epsilon(history: tuple[tuple[float, float, int], ...], delta: float
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [tuple(h) for h in history]
+    # One public step per DP-SGD step; Opacus merges equal consecutive steps,
+    # so its history ends up as `history`.
+    for sigma, rate, steps in history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=rate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about alpha ranges on every call
         if accountant == "rdp":
@@ -105,7 +109,9 @@ def prefetch(releases: Iterable[Release], delta: float, accountant: str = "prv")
 
 
 @lru_cache(maxsize=256)
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
     """Smallest noise multiplier whose `steps` releases stay within the target."""
     from opacus.accountants.utils import get_noise_multiplier
 

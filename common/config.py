@@ -76,7 +76,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     local_epochs: float = Field(3.0, gt=0.0, description="Passes over the site's data per round (expected).")
     sample_rate: float = Field(
-        0.5, gt=0.0, le=1.0,
+        0.5,
+        gt=0.0,
+        le=1.0,
         description="Chance that each example is in a step's batch (Poisson sampling); expected batch = rate x rows.",
     )
     max_physical_batch: int = Field(
@@ -102,12 +104,14 @@ class PrivacyConfig(_Section):
         "prv", description="Privacy accountant: prv (tight, Opacus PRV) or rdp (Renyi DP)."
     )
     epsilon_cap: float = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="Epsilon a site never exceeds (0: the target). A deployed site's own node config (epsilon-cap) wins.",
     )
 
     site_level_noise: float = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="Site-level DP at the aggregator: noise multiplier on the sum of clipped site updates (0: off).",
     )
     site_level_clip: float = Field(1.0, gt=0.0, description="Site-level DP: clipping norm of each site's update.")
@@ -120,9 +124,15 @@ class PrivacyConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="Aggregation: fedavg, fedprox or fedadam.")
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="Share of connected sites asked to train each round.")
-    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="Share asked to evaluate (0: no federated evaluation).")
+    name: Literal["fedavg", "fedprox", "fedadam"] = Field(
+        "fedavg", description="Aggregation: fedavg, fedprox or fedadam."
+    )
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of connected sites asked to train each round."
+    )
+    fraction_evaluate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share asked to evaluate (0: no federated evaluation)."
+    )
     min_sites: int = Field(2, ge=1, description="Sites that must be connected before a round starts.")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight.")
     server_learning_rate: float = Field(0.1, gt=0.0, description="FedAdam eta.")
@@ -130,7 +140,9 @@ class StrategyConfig(_Section):
     beta_2: float = Field(0.99, ge=0.0, lt=1.0, description="FedAdam second-moment decay.")
     tau: float = Field(1e-3, gt=0.0, description="FedAdam adaptivity (epsilon of the update).")
     tail_average: float = Field(
-        0.5, ge=0.0, lt=1.0,
+        0.5,
+        ge=0.0,
+        lt=1.0,
         description="Average the global models of this last fraction of rounds into the final model (free under DP).",
     )
     round_timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for the sites in a round.")
@@ -184,7 +196,9 @@ class FedprivConfig(_Section):
     run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
     central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")
     keep_checkpoints: int = Field(
-        0, ge=0, description="Round checkpoints kept in the run directory (0: all; full mode writes the whole model each round)."
+        0,
+        ge=0,
+        description="Round checkpoints kept in the run directory (0: all; full mode writes the whole model each round).",
     )
     aggregator_key: str = Field(
         "", description="The aggregator's Ed25519 ledger key (PEM); empty: one is made in the run directory."
@@ -206,7 +220,7 @@ class FedprivConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FedprivConfig":
+    def _consistent(self) -> FedprivConfig:
         if self.simulation.partitioner == "column" and not self.simulation.column:
             raise ValueError("simulation.column must name a column when simulation.partitioner is 'column'")
         return self
@@ -224,10 +238,10 @@ class FedprivConfig(_Section):
         return flatten(self.model_dump(by_alias=True))
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedprivConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedprivConfig:
         return parse_config(unflatten(dict(run_config)), source="run config")
 
-    def replace(self, **dotted: Any) -> "FedprivConfig":
+    def replace(self, **dotted: Any) -> FedprivConfig:
         """A copy with `section.key=value` overrides applied and validated again."""
         return apply_overrides(self, dotted)
 

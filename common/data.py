@@ -61,7 +61,7 @@ class LabelSet:
         return json.dumps(list(self.names))
 
     @classmethod
-    def load(cls, spec: str) -> "LabelSet":
+    def load(cls, spec: str) -> LabelSet:
         """From an inline JSON list, a .json list file, or a text file with one label per line."""
         text = spec.strip()
         if text.startswith("["):
@@ -87,7 +87,7 @@ class LabelSet:
         return cls._checked([str(n) for n in names], source)
 
     @classmethod
-    def _checked(cls, names: list[str], source: str) -> "LabelSet":
+    def _checked(cls, names: list[str], source: str) -> LabelSet:
         try:
             return cls(tuple(names))
         except ValueError as error:
@@ -105,7 +105,7 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: np.ndarray) -> "TextDataset":
+    def subset(self, indices: np.ndarray) -> TextDataset:
         return TextDataset([self.texts[i] for i in indices], self.labels[indices], self.source)
 
 
@@ -189,10 +189,12 @@ def load_dataset(
     index = labels.index
     texts: list[str] = []
     ids: list[int] = []
-    for number, text, label in zip(numbers, frame[text_column], frame[label_column]):
+    for number, text, label in zip(numbers, frame[text_column], frame[label_column], strict=True):
         clean = _as_text(text)
         if clean is None:
-            raise DataError(path, f"expected text, got {type(text).__name__} {text!r:.40}", column=text_column, row=number)
+            raise DataError(
+                path, f"expected text, got {type(text).__name__} {text!r:.40}", column=text_column, row=number
+            )
         if "\ufffd" in clean:
             raise DataError(path, "text contains undecodable characters (U+FFFD)", column=text_column, row=number)
         if not clean.strip():
@@ -222,7 +224,7 @@ def read_column(path: str | Path, column: str) -> list[str]:
     path = resolve_path(str(path))
     frame, numbers = read_columns(path, [column])
     values = []
-    for number, value in zip(numbers, frame[column]):
+    for number, value in zip(numbers, frame[column], strict=True):
         text = _as_text(value)
         if text is None and isinstance(value, (int, np.integer)):
             text = str(value)

@@ -1,8 +1,12 @@
-"""Reading settings files and writing files so that a crash never leaves half of one.
+"""Reading settings files, and writing files so that none is left half written or silently replaced.
 
 Every fedpriv file that is replaced (summaries, configs, key maps, progress)
 is written to a temporary name beside it and renamed over the old one, so a
 reader sees the old or the new content, never a mix.
+
+Secrets (private keys) and the certificates issued with them are the
+opposite: created with O_EXCL, never replaced, so writing one again cannot
+silently swap a key that sites or ledgers already depend on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.common.errors import FedprivError
+
+
+class SecretExistsError(FedprivError, FileExistsError):
+    """A key or certificate is already on disk; fedpriv never replaces one."""
 
 
 def read_toml(path: str | Path, what: str, error: type[Exception] = FedprivError) -> dict[str, Any]:
@@ -43,3 +51,27 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_new(path: str | Path, data: bytes, mode: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise SecretExistsError(f"{path}: already exists; refusing to overwrite it") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def write_secret(path: str | Path, data: bytes) -> Path:
+    """A new file readable by its owner only; refuses to replace an existing one."""
+    path = _write_new(path, data, 0o600)
+    os.chmod(path, 0o600)  # exactly 0600 whatever the umask: the owner must still be able to read it
+    return path
+
+
+def write_public(path: str | Path, data: bytes) -> Path:
+    """A new world-readable file (certificates, public keys); never replaces one either."""
+    return _write_new(path, data, 0o644)

@@ -19,11 +19,35 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from fedpriv.common import signing
-from fedpriv.common.records import canonical_json
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.records import (
+    LedgerEntry,
+    LedgerRecord,
+    PrivacyRecord,
+    SiteExhausted,
+    SiteReleaseReceipt,
+    canonical_json,
+)
 
 GENESIS = "0" * 64
+
+
+class LedgerError(FedprivError):
+    """A ledger line that is not an entry fedpriv can read."""
+
+
+def read_entry(data: Any) -> LedgerEntry:
+    """A written entry (parsed JSON) as its typed model; raises pydantic's ValidationError."""
+    return LedgerEntry.model_validate(data)
+
+
+def _summary(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in error.errors(include_url=False)[:3]
+    )
 
 
 def entry_hash(seq: int, prev: str, record: Mapping[str, Any]) -> str:
@@ -47,14 +71,24 @@ class Ledger:
         # long-lived writer (the aggregator) need not re-read the whole file.
         self._tail: tuple[int, int, str] | None = None
 
-    def entries(self) -> list[dict[str, Any]]:
+    def entries(self) -> list[LedgerEntry]:
         lines, _ = _complete_lines(self.path)
-        return [json.loads(line) for line in lines if line.strip()]
+        entries = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(read_entry(json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise LedgerError(f"{self.path} line {number}: not JSON ({error})") from None
+            except ValidationError as error:
+                raise LedgerError(f"{self.path} line {number}: not a ledger entry ({_summary(error)})") from None
+        return entries
 
-    def records(self) -> list[dict[str, Any]]:
-        return [entry["record"] for entry in self.entries()]
+    def records(self) -> list[LedgerRecord]:
+        return [entry.record for entry in self.entries()]
 
-    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def append(self, record: PrivacyRecord | SiteReleaseReceipt | SiteExhausted) -> LedgerEntry:
         if self.key is None:
             raise ValueError(f"{self.path}: opened without a signing key; cannot append")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,23 +104,24 @@ class Ledger:
             last = json.loads(lines[-1]) if lines else None
             seq = last["seq"] + 1 if last else 0
             prev = last["hash"] if last else GENESIS
-        record = json.loads(canonical_json(record))
-        digest = entry_hash(seq, prev, record)
+        written = json.loads(canonical_json(record.model_dump(by_alias=True, mode="json")))
+        digest = entry_hash(seq, prev, written)
         entry = {
             "seq": seq,
             "prev": prev,
-            "record": record,
+            "record": written,
             "hash": digest,
             "signer": signing.public_b64(self.key),
             "signature": signing.sign(self.key, digest.encode()),
         }
+        typed = read_entry(entry)  # before writing: a record that cannot be read back is never written
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         with os.fdopen(fd, "ab") as handle:
             handle.write(canonical_json(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
             self._tail = (handle.tell(), seq, digest)
-        return entry
+        return typed
 
 
 @dataclass(frozen=True)
@@ -99,8 +134,13 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-def verify_entry(entry: Mapping[str, Any]) -> str | None:
-    """Why a single signed entry is not intact, or None."""
+def verify_entry(entry: LedgerEntry | Mapping[str, Any]) -> str | None:
+    """Why a single signed entry is not intact, or None.
+
+    Checked over the entry exactly as written, never over a re-dump of its model.
+    """
+    if isinstance(entry, LedgerEntry):
+        entry = entry.written
     try:
         digest = entry_hash(entry["seq"], entry["prev"], entry["record"])
     except (KeyError, TypeError, ValueError) as error:
@@ -112,11 +152,11 @@ def verify_entry(entry: Mapping[str, Any]) -> str | None:
     return None
 
 
-def verify_ledger(path: str | Path, pinned_key: str | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
+def verify_ledger(path: str | Path, pinned_key: str | None = None) -> tuple[list[LedgerEntry], list[Problem]]:
     """Checks the whole chain; returns the readable entries and every problem, each naming its line."""
     path = Path(path)
     problems: list[Problem] = []
-    entries: list[dict[str, Any]] = []
+    entries: list[LedgerEntry] = []
     try:
         lines, complete = _complete_lines(path)
         size = path.stat().st_size
@@ -142,13 +182,28 @@ def verify_ledger(path: str | Path, pinned_key: str | None = None) -> tuple[list
             problems.append(Problem(where, reason))
         if isinstance(entry, dict):
             if entry.get("seq") != number - 1:
-                problems.append(Problem(where, f"sequence number {entry.get('seq')} where {number - 1} belongs: entries were removed or reordered"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"sequence number {entry.get('seq')} where {number - 1} belongs: entries were removed or reordered",
+                    )
+                )
             if entry.get("prev") != prev:
-                problems.append(Problem(where, "does not follow the entry before it: entries were removed, inserted or reordered"))
+                problems.append(
+                    Problem(where, "does not follow the entry before it: entries were removed, inserted or reordered")
+                )
             if signer is None:
                 signer = entry.get("signer")
             elif entry.get("signer") != signer:
-                problems.append(Problem(where, f"signed by {signing.fingerprint(entry.get('signer', '') or 'AA==')}, not by the ledger's key {signing.fingerprint(signer)}"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"signed by {signing.fingerprint(entry.get('signer', '') or 'AA==')}, not by the ledger's key {signing.fingerprint(signer)}",
+                    )
+                )
             prev = entry.get("hash", "")
-            entries.append(entry)
+            try:
+                entries.append(read_entry(entry))
+            except ValidationError as error:
+                problems.append(Problem(where, f"not a ledger entry fedpriv can read ({_summary(error)})"))
     return entries, problems

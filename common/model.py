@@ -17,20 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.common.batching import PadCollator, TokenDataset, encode, length_batches
+from fedpriv.common.batching import PadCollator, encode, length_batches
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, TextDataset
-from fedpriv.common.errors import FedprivError
 from fedpriv.common.features import FeatureCache, model_fingerprint
-from fedpriv.common.modeling_fedpriv import FedprivConfig as HFConfig
-from fedpriv.common.modeling_fedpriv import FedprivForSequenceClassification
+from fedpriv.common.modeling_fedpriv import FedprivClassifierConfig, FedprivForSequenceClassification
+from fedpriv.common.modes import FineTuningMode, ModelError, Prepared, fine_tuning_mode
 from fedpriv.common.resources import resolve_model
 
+__all__ = ["CENTER", "ModelBundle", "ModelError", "Prepared", "build_model", "default_device", "label_name_state"]
+
 CENTER = "norm.center"
-
-
-class ModelError(FedprivError, RuntimeError):
-    pass
 
 
 def default_device() -> torch.device:
@@ -40,67 +37,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Head(nn.Module):
-    """The trainable end of the model in `head` mode: features -> logits."""
-
-    def __init__(self, model: FedprivForSequenceClassification):
-        super().__init__()
-        self.norm, self.classifier = model.norm, model.classifier
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(pooled))
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Cached embeddings fetched a whole batch at a time (one index op, not a stack of rows)."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.features[i], self.labels[i]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.features[index], self.labels[index]
-
-
-def _batched(batch):
-    return batch  # FeatureDataset.__getitems__ already returns the stacked batch
-
-
-@dataclass
-class Prepared:
-    """A dataset in the form the model trains on: pooled embeddings (head) or token ids."""
-
-    labels: torch.Tensor
-    features: torch.Tensor | None = None
-    token_ids: list[list[int]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def dataset(self) -> torch.utils.data.Dataset:
-        if self.features is not None:
-            return FeatureDataset(self.features, self.labels)
-        return TokenDataset(self.token_ids, self.labels)
-
-
 @dataclass
 class ModelBundle:
     """The resident model of a worker: built once, its federated state swapped per call."""
 
     model: FedprivForSequenceClassification
     tokenizer: object
-    mode: str
+    tuning: FineTuningMode
     max_length: int
     fingerprint: str
     device: torch.device
     cache: FeatureCache | None = None
     _names: list[str] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return self.tuning.name
 
     # -- federated state ------------------------------------------------
 
@@ -130,22 +82,16 @@ class ModelBundle:
             for name in self.state_names:
                 value = torch.as_tensor(np.asarray(state[name]))
                 if value.shape != tensors[name].shape:
-                    raise ModelError(f"federated state '{name}': shape {tuple(value.shape)}, model has {tuple(tensors[name].shape)}")
+                    raise ModelError(
+                        f"federated state '{name}': shape {tuple(value.shape)}, model has {tuple(tensors[name].shape)}"
+                    )
                 tensors[name].copy_(value)
 
     # -- data ---------------------------------------------------------------
 
     def prepare(self, data: TextDataset) -> Prepared:
         labels = torch.as_tensor(data.labels, dtype=torch.long)
-        token_ids = encode(self.tokenizer, data.texts, self.max_length)
-        if self.mode != "head":
-            return Prepared(labels, token_ids=token_ids)
-        features = self.cache.get(self.fingerprint, token_ids) if self.cache else None
-        if features is None:
-            features = self.embed(token_ids)
-            if self.cache:
-                self.cache.put(self.fingerprint, token_ids, features)
-        return Prepared(labels, features=features)
+        return self.tuning.prepare(self, labels, encode(self.tokenizer, data.texts, self.max_length))
 
     @torch.no_grad()
     def embed(self, token_ids: list[list[int]], batch_size: int = 128) -> torch.Tensor:
@@ -168,21 +114,16 @@ class ModelBundle:
 
     def trainable_module(self) -> nn.Module:
         """What DP-SGD wraps: the head alone in `head` mode, else the whole model."""
-        return Head(self.model) if self.mode == "head" else self.model
+        return self.tuning.trainable_module(self.model)
 
     def logits(self, module: nn.Module, batch) -> torch.Tensor:
-        if self.mode == "head":
-            features, _ = batch
-            return module(features.to(self.device))
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        return module(**inputs).logits
+        return self.tuning.logits(module, batch, self.device)
 
-    @staticmethod
-    def targets(batch) -> torch.Tensor:
-        return batch[1] if isinstance(batch, (list, tuple)) else batch["labels"]
+    def targets(self, batch) -> torch.Tensor:
+        return self.tuning.targets(batch)
 
     def collate_fn(self):
-        return _batched if self.mode == "head" else PadCollator(self.tokenizer.pad_token_id or 0)
+        return self.tuning.collate_fn(self.tokenizer)
 
     @torch.no_grad()
     def evaluate(self, prepared: Prepared, batch_size: int = 256) -> dict[str, float]:
@@ -193,18 +134,7 @@ class ModelBundle:
         self.model.eval()
         module = self.trainable_module()
         total_loss, correct = 0.0, 0
-        if prepared.features is not None:
-            batches = (
-                (prepared.features[i : i + batch_size], prepared.labels[i : i + batch_size])
-                for i in range(0, len(prepared), batch_size)
-            )
-        else:
-            collate = self.collate_fn()
-            batches = (
-                collate([(prepared.token_ids[i], int(prepared.labels[i])) for i in rows])
-                for rows in length_batches(prepared.token_ids, batch_size // 4 or 1)
-            )
-        for batch in batches:
+        for batch in self.tuning.eval_batches(prepared, self.tokenizer, batch_size):
             logits = self.logits(module, batch)
             target = self.targets(batch).to(self.device)
             total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
@@ -219,13 +149,7 @@ class ModelBundle:
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = self.model
-        if self.mode == "lora":
-            import copy
-
-            model = copy.deepcopy(self.model)
-            model.encoder = model.encoder.merge_and_unload()
-        model.save_pretrained(tmp)
+        self.tuning.exportable(self.model).save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         if directory.exists():
             shutil.rmtree(directory)
@@ -242,6 +166,7 @@ def build_model(
 ) -> ModelBundle:
     from transformers import AutoModel, AutoTokenizer
 
+    tuning = fine_tuning_mode(config.model.mode)
     source = resolve_model(config.model.name)
     try:
         # Never the network: a site is offline, and a model must not change under a run.
@@ -250,7 +175,7 @@ def build_model(
     except (OSError, ValueError) as error:
         raise ModelError(f"model.name: cannot load '{config.model.name}' ({source}): {error}") from None
     device = device or default_device()
-    hf_config = HFConfig(
+    hf_config = FedprivClassifierConfig(
         encoder=base.config.to_dict(),
         num_labels=len(labels),
         id2label=dict(enumerate(labels.names)),
@@ -260,25 +185,7 @@ def build_model(
     model = FedprivForSequenceClassification(hf_config)
     model.encoder = base
     model.to(device)  # before peft: adapters created off-device corrupt DP updates (opacus#820)
-    mode = config.model.mode
-    if mode in ("head", "lora"):
-        base.requires_grad_(False)
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t.strip() for t in config.model.lora_targets.split(",") if t.strip()]
-        lora = LoraConfig(
-            r=config.model.lora_rank,
-            lora_alpha=config.model.lora_alpha,
-            lora_dropout=config.model.lora_dropout,
-            target_modules=targets,
-        )
-        try:
-            model.encoder = get_peft_model(base, lora)
-        except ValueError as error:
-            raise ModelError(f"model.lora-targets: {error}") from None
-    if mode == "full":
-        _freeze_unused(model, tokenizer, device)
+    tuning.configure(model, config.model, tokenizer, device)
     # Dropout would make cached features and per-round evaluation inconsistent;
     # DP noise already regularises.
     for module in model.modules():
@@ -288,27 +195,12 @@ def build_model(
     return ModelBundle(
         model=model,
         tokenizer=tokenizer,
-        mode=mode,
+        tuning=tuning,
         max_length=config.data.max_length,
         fingerprint=model_fingerprint(source, config.data.max_length),
         device=device,
         cache=cache,
     )
-
-
-def _freeze_unused(model: FedprivForSequenceClassification, tokenizer, device: torch.device) -> None:
-    """Freeze weights the classifier never uses (e.g. BERT's pooler).
-
-    They would travel for nothing, and DP clipping needs a gradient for every
-    trainable weight.
-    """
-    ids = torch.as_tensor([encode(tokenizer, ["probe"], 8)[0]], device=device)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids).logits.sum().backward()
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.requires_grad_(False)
-    model.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
-class FedprivConfig(PreTrainedConfig):
+class FedprivClassifierConfig(PreTrainedConfig):
     model_type = "fedpriv-classifier"
     sub_configs_defaults = {"encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
 
@@ -42,11 +42,11 @@ class FeatureNorm(nn.Module):
 
 
 class FedprivForSequenceClassification(PreTrainedModel):
-    config_class = FedprivConfig
+    config_class = FedprivClassifierConfig
     base_model_prefix = "encoder"
     main_input_name = "input_ids"
 
-    def __init__(self, config: FedprivConfig):
+    def __init__(self, config: FedprivClassifierConfig):
         super().__init__(config)
         self.encoder = AutoModel.from_config(config.encoder)
         hidden = config.encoder.hidden_size
@@ -95,5 +95,5 @@ class FedprivForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-FedprivConfig.register_for_auto_class()
+FedprivClassifierConfig.register_for_auto_class()
 FedprivForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

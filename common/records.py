@@ -1,4 +1,4 @@
-"""Privacy records: what was released, kept apart from how it was accounted.
+"""What the ledgers hold: privacy records, the aggregator's receipts, and signed entries.
 
 As in Google's dp_accounting, the *mechanism* is an immutable description of
 what happened (a Poisson-sampled Gaussian mechanism composed `steps` times,
@@ -7,18 +7,33 @@ compute epsilon from it later. The *accounting* part is the claim made at the
 time: which accountant, which library version, which delta, what cumulative
 epsilon and what cap. `fedpriv audit` recomputes the claim from the
 mechanisms alone.
+
+Every record kind a ledger holds is a model here, written and read back as
+the same type (`LedgerRecord`), inside a `LedgerEntry`. An entry read from a
+file keeps the exact JSON it was written as: its hash and signature cover
+those bytes, never a re-dump of the parsed model (which could turn 8 into 8.0).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA = "fedpriv.privacy-record/1"
 
@@ -63,8 +78,76 @@ class PrivacyRecord(_Frozen):
         return self.model_dump(by_alias=True, mode="json")
 
 
+class SiteReleaseReceipt(_Frozen):
+    """The aggregator's receipt of an admitted site update: the site's signed entry, as received."""
+
+    kind: Literal["site-release"] = "site-release"
+    round: int
+    site: str
+    site_entry: LedgerEntry
+
+
+class SiteExhausted(_Frozen):
+    """The aggregator's note that a site refused to train: its budget is spent."""
+
+    kind: Literal["site-exhausted"] = "site-exhausted"
+    round: int
+    site: str
+    epsilon: float | None = Field(None, description="What the site reported it has spent.")
+
+
+def _record_kind(value: Any) -> str | None:
+    # Privacy records carry a schema, not a kind (they predate the receipts).
+    kind = value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
+    if kind is not None:
+        return kind
+    party = value.get("party") if isinstance(value, Mapping) else getattr(value, "party", None)
+    return "privacy" if party is not None else None
+
+
+LedgerRecord = Annotated[
+    Annotated[PrivacyRecord, Tag("privacy")]
+    | Annotated[SiteReleaseReceipt, Tag("site-release")]
+    | Annotated[SiteExhausted, Tag("site-exhausted")],
+    Discriminator(_record_kind),
+]
+
+
+class LedgerEntry(_Frozen):
+    """One signed link of a ledger's chain: `hash` covers seq, prev and record; `signature` signs `hash`."""
+
+    seq: int
+    prev: str
+    record: LedgerRecord
+    hash: str
+    signer: str
+    signature: str
+    _written: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_written_form(cls, data: Any, handler):
+        entry = handler(data)
+        if isinstance(data, Mapping) and isinstance(data.get("record"), Mapping):
+            entry._written = copy.deepcopy(dict(data))
+        return entry
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler):
+        # Dumped (into a receipt, onto the wire) exactly as it was signed.
+        return copy.deepcopy(self._written) if self._written is not None else handler(self)
+
+    @property
+    def written(self) -> dict[str, Any]:
+        """The entry as it was written: what its hash and signature cover."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+SiteReleaseReceipt.model_rebuild()
+
+
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def canonical_json(value) -> bytes:
@@ -85,6 +168,6 @@ def state_sha256(state: Mapping[str, np.ndarray]) -> str:
 def data_sha256(texts, labels) -> str:
     """Identifies a site's training data by content (never by file name)."""
     digest = hashlib.sha256()
-    for text, label in zip(texts, labels):
+    for text, label in zip(texts, labels, strict=True):
         digest.update(canonical_json([text, int(label)]))
     return "sha256:" + digest.hexdigest()[:32]

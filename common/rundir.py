@@ -76,7 +76,7 @@ class RunDirectory:
         self._parsed: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     @classmethod
-    def create(cls, path: str | Path | None) -> "RunDirectory":
+    def create(cls, path: str | Path | None) -> RunDirectory:
         if not path:
             path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run = cls(Path(path).expanduser().resolve())

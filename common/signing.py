@@ -14,8 +14,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedpriv.common import pki
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.files import SecretExistsError, write_secret
 
 
 class SigningKeyError(FedprivError, ValueError):
@@ -32,8 +32,8 @@ def write_private_key(key: Ed25519PrivateKey, path: str | Path) -> Path:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     try:
-        return pki.write_secret(path, data)
-    except pki.SecretExistsError:
+        return write_secret(path, data)
+    except SecretExistsError:
         raise SigningKeyError(f"{path}: a key already exists here; refusing to overwrite it") from None
 
 

@@ -1,6 +1,6 @@
 """Split the built-in Banking77 training set into one CSV per site, to try a deployment on one machine.
 
-    python deploy/demo_data.py --sites site-a site-b --out data
+python deploy/demo_data.py --sites site-a site-b --out data
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def split(sites: list[str], out: Path, seed: int = 42, source: str = "builtin:ba
     order = np.random.default_rng(seed).permutation(len(frame))
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for site, part in zip(sites, np.array_split(order, len(sites))):
+    for site, part in zip(sites, np.array_split(order, len(sites)), strict=True):
         path = out / f"{site}.csv"
         frame.iloc[np.sort(part)].to_csv(path, index=False)
         paths.append(path)

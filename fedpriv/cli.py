@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.deploy_cli import register as register_deploy_commands
+from fedpriv.deploy.cli import register as register_deploy_commands
 
 app = typer.Typer(
     help="fedpriv: federated, differentially private fine-tuning of text classifiers.",
@@ -33,18 +33,18 @@ err = Console(stderr=True, soft_wrap=True)
 
 @app.command()
 def simulate(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
     settings: Annotated[
-        Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: section.key=value (repeatable).")
+        list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value (repeatable).")
     ] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
-    sites: Annotated[Optional[int], typer.Option(help="Number of simulated sites.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="Fine-tuning mode: head, lora or full.")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon per site.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of simulated sites.")] = None,
+    mode: Annotated[str | None, typer.Option(help="Fine-tuning mode: head, lora or full.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site.")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (baseline).")] = False,
-    data: Annotated[Optional[str], typer.Option(help="Dataset to split into sites (CSV, JSONL, Parquet).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for partitioning, sampling and noise.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset to split into sites (CSV, JSONL, Parquet).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for partitioning, sampling and noise.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federation of simulated sites on this machine (Flower Simulation Engine).
@@ -74,8 +74,8 @@ def simulate(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a finished (or running) run's summary again and redraw its plots."""
+    from fedpriv.common.report import print_summary, write_plots
     from fedpriv.common.rundir import RunDirectory
-    from fedpriv.simulation.report import print_summary, write_plots
 
     run = RunDirectory(run_dir)
     if not run.metrics_path.exists():
@@ -88,9 +88,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 def audit(
     paths: Annotated[list[Path], typer.Argument(help="Run directories and/or ledger files.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
-    html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML report here.")] = None,
-    keys: Annotated[Optional[Path], typer.Option(help="JSON map of owner -> Ed25519 public key (base64) to pin.")] = None,
-    tolerance: Annotated[float, typer.Option(help="Allowed relative gap between claimed and recomputed epsilon.")] = 0.01,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Also write an HTML report here.")] = None,
+    keys: Annotated[Path | None, typer.Option(help="JSON map of owner -> Ed25519 public key (base64) to pin.")] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Allowed relative gap between claimed and recomputed epsilon.")
+    ] = 0.01,
 ) -> None:
     """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation."""
     import json
@@ -116,8 +118,12 @@ def audit(
 @app.command("app")
 def flower_app(
     directory: Annotated[Path, typer.Argument(help="Folder to write the Flower App into (created if missing).")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file for the app's defaults.")] = None,
-    settings: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: section.key=value.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config file for the app's defaults.")
+    ] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")
+    ] = None,
 ) -> None:
     """Write the fedpriv Flower App (a pyproject.toml, no code) for `flwr run DIR`.
 
@@ -133,8 +139,8 @@ def flower_app(
 
 @config_app.command("show")
 def config_show(
-    config: Annotated[Optional[Path], typer.Argument(help="TOML config file (default: built-in defaults).")] = None,
-    settings: Annotated[Optional[list[str]], typer.Option("--set", "-s")] = None,
+    config: Annotated[Path | None, typer.Argument(help="TOML config file (default: built-in defaults).")] = None,
+    settings: Annotated[list[str] | None, typer.Option("--set", "-s")] = None,
 ) -> None:
     """Every setting with its value and meaning."""
     from rich.table import Table

@@ -28,6 +28,7 @@ def aggregator_key(config: FedprivConfig, run: RunDirectory):
         return signing.read_private_key(config.aggregator_key)
     return signing.load_or_create(run.path / "keys" / "aggregator.key")
 
+
 app = ServerApp()
 
 

@@ -9,7 +9,6 @@ the last completed round.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,50 +21,17 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.ledger import Ledger, verify_entry
+from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.records import state_sha256
+from fedpriv.common.protocol import EPSILON, EvaluateReply, ProtocolError, from_record, sender, to_record
+from fedpriv.common.records import PrivacyRecord, SiteExhausted, SiteReleaseReceipt, state_sha256
 from fedpriv.common.rundir import RunDirectory
-from fedpriv.common.transport import from_record, to_record
 from fedpriv.server import checkpoint, site_level_dp
+from fedpriv.server.admission import Admitted, Exhausted, Failed, admit
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.strategy import restore_strategy, strategy_state
 
 log = logging.getLogger(SERVER_LOG)
-
-EXHAUSTED = "budget-exhausted"
-
-
-def site_of(reply: Message) -> str:
-    record = reply.content.config_records.get("site") if not reply.has_error() else None
-    if record is not None and "name" in record:
-        return str(record["name"])
-    return f"node-{reply.metadata.src_node_id}"
-
-
-def status_of(reply: Message) -> str:
-    record = reply.content.config_records.get("site")
-    return str(record.get("status", "ok")) if record is not None else "ok"
-
-
-def release_problem(reply: Message, privacy_required: bool) -> tuple[dict | None, str | None]:
-    """The site's signed privacy entry, or why this update must not be aggregated."""
-    record = reply.content.config_records.get("privacy")
-    if record is None or "entry" not in record:
-        return None, "no privacy record came with the update" if privacy_required else None
-    try:
-        entry = json.loads(str(record["entry"]))
-    except json.JSONDecodeError:
-        return None, "privacy record is not JSON"
-    reason = verify_entry(entry)
-    if reason:
-        return entry, f"privacy record rejected: {reason}"
-    received = state_sha256(from_record(next(iter(reply.content.array_records.values()))))
-    if entry["record"].get("update_sha256") != received:
-        return entry, "the update differs from the one its privacy record describes"
-    if privacy_required and not entry["record"]["mechanism"]["noise_multiplier"] > 0:
-        return entry, "update released without DP noise in a private federation"
-    return entry, None
 
 
 @dataclass
@@ -119,7 +85,9 @@ class Federation:
                 self._central(0, state)
             return 1, state
         restore_strategy(self.strategy, saved.strategy)
-        self._site_level_releases = sum(1 for r in self.ledger.records() if r.get("party") == "aggregator")
+        self._site_level_releases = sum(
+            1 for r in self.ledger.records() if isinstance(r, PrivacyRecord) and r.party == "aggregator"
+        )
         site_level_dp.replay(self.strategy, self._site_level_releases, self.config)
         self.average.mean, self.average.count = saved.average, saved.averaged_rounds
         self.run.log("resumed", round=saved.round)
@@ -182,30 +150,28 @@ class Federation:
         self.run.log("site-level-release", round=rnd, epsilon=spent.epsilon, delta=spent.delta)
 
     def _record_train(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
-        """The updates fit to aggregate, and how many sites said their budget is spent."""
+        """The updates admitted to the aggregate, and how many sites said their budget is spent."""
         accepted, exhausted = [], 0
         for reply in replies:
-            site = site_of(reply)
-            if reply.has_error():
-                self.run.log("site-error", round=rnd, site=site, reason=reply.error.reason)
-                log.warning("round %d: %s failed: %s", rnd, site, reply.error.reason)
-                continue
-            metrics = dict(next(iter(reply.content.metric_records.values()), {}))
-            if status_of(reply) == EXHAUSTED:
+            verdict = admit(reply, self.config.privacy.enabled)
+            site = verdict.site
+            if isinstance(verdict, Failed):
+                self.run.log("site-error", round=rnd, site=site, reason=verdict.reason)
+                log.warning("round %d: %s failed: %s", rnd, site, verdict.reason)
+            elif isinstance(verdict, Exhausted):
                 exhausted += 1
+                metrics = dict(verdict.reply.metrics)
                 self.run.log("site-budget-exhausted", round=rnd, site=site, **metrics)
-                self.ledger.append({"kind": "site-exhausted", "round": rnd, "site": site, "epsilon": metrics.get("epsilon")})
+                self.ledger.append(SiteExhausted(round=rnd, site=site, epsilon=metrics.get(EPSILON)))
                 log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
-                continue
-            entry, problem = release_problem(reply, self.config.privacy.enabled)
-            if problem:
-                self.run.log("site-rejected", round=rnd, site=site, reason=problem)
-                log.warning("round %d: update of %s rejected: %s", rnd, site, problem)
-                continue
-            if entry is not None:
-                self.ledger.append({"kind": "site-release", "round": rnd, "site": site, "site_entry": entry})
-            self.run.log("site-train", round=rnd, site=site, **metrics)
-            accepted.append(reply)
+            elif isinstance(verdict, Admitted):
+                if verdict.entry is not None:
+                    self.ledger.append(SiteReleaseReceipt(round=rnd, site=site, site_entry=verdict.entry))
+                self.run.log("site-train", round=rnd, site=site, **dict(verdict.reply.metrics))
+                accepted.append(reply)
+            else:
+                self.run.log("site-rejected", round=rnd, site=site, reason=verdict.reason)
+                log.warning("round %d: update of %s rejected: %s", rnd, site, verdict.reason)
         return accepted, exhausted
 
     def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> None:
@@ -213,13 +179,19 @@ class Federation:
         if not messages:
             return
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
+        answered = []
         for reply in replies:
             if reply.has_error():
-                self.run.log("site-error", round=rnd, site=site_of(reply), reason=reply.error.reason, phase="evaluate")
+                self.run.log("site-error", round=rnd, site=sender(reply), reason=reply.error.reason, phase="evaluate")
                 continue
-            metrics = dict(next(iter(reply.content.metric_records.values()), {}))
-            self.run.log("site-evaluate", round=rnd, site=site_of(reply), **metrics)
-        aggregated = self.strategy.aggregate_evaluate(rnd, [r for r in replies if not r.has_error()])
+            try:
+                decoded = EvaluateReply.from_message(reply)
+            except ProtocolError as error:
+                self.run.log("site-error", round=rnd, site=sender(reply), reason=str(error), phase="evaluate")
+                continue
+            self.run.log("site-evaluate", round=rnd, site=decoded.site, **dict(decoded.metrics))
+            answered.append(reply)
+        aggregated = self.strategy.aggregate_evaluate(rnd, answered)
         if aggregated is not None:
             self.run.log("federated-evaluate", round=rnd, **dict(aggregated))
 

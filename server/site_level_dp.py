@@ -12,6 +12,7 @@ from importlib.metadata import version
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
+from fedpriv.common import flower_compat
 from fedpriv.common.accounting import RDP_ORDERS
 from fedpriv.common.config import ConfigError, FedprivConfig
 from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
@@ -21,23 +22,13 @@ SITE = "federation"
 
 
 def wrap(strategy: Strategy, config: FedprivConfig) -> Strategy:
-    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
     p, s = config.privacy, config.strategy
     if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
         raise ConfigError("privacy.site-level-noise: site-level DP works with strategy.name fedavg or fedprox")
     if s.fraction_train != 1.0:
         raise ConfigError("privacy.site-level-noise: needs a fixed cohort, strategy.fraction-train = 1")
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=p.delta,
-            population_size=s.min_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=p.site_level_cap or None,
-        ),
-        orders=tuple(float(o) for o in RDP_ORDERS),
+    accountant = flower_compat.rdp_accountant(
+        delta=p.delta, population=s.min_sites, max_epsilon=p.site_level_cap or None, orders=RDP_ORDERS
     )
     return DifferentialPrivacyServerSideFixedClipping(
         strategy,
@@ -50,15 +41,15 @@ def wrap(strategy: Strategy, config: FedprivConfig) -> Strategy:
 
 def replay(strategy: Strategy, releases: int, config: FedprivConfig) -> None:
     """Composes the releases a resumed run already made into a fresh accountant."""
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
     accountant = getattr(strategy, "accountant", None)
     if accountant is not None and releases:
         n = config.strategy.min_sites
-        accountant.compose(GaussianPrivacyEvent(config.privacy.site_level_noise, n, n), count=releases)
+        flower_compat.compose_gaussian(accountant, config.privacy.site_level_noise, n, releases)
 
 
-def release_record(strategy: Strategy, config: FedprivConfig, run_id: str, server_round: int, update_sha256: str) -> dict:
+def release_record(
+    strategy: Strategy, config: FedprivConfig, run_id: str, server_round: int, update_sha256: str
+) -> PrivacyRecord:
     spent = strategy.privacy_spent()
     p = config.privacy
     return PrivacyRecord(
@@ -84,4 +75,4 @@ def release_record(strategy: Strategy, config: FedprivConfig, run_id: str, serve
         ),
         update_sha256=update_sha256,
         created=now(),
-    ).canonical()
+    )

@@ -8,10 +8,9 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fedpriv.common import flower_compat
 from fedpriv.common.config import FedprivConfig
-
-WEIGHT = "num-examples"
-SITE_WEIGHT = "site-weight"
+from fedpriv.common.protocol import ARRAYS, CONFIG, EPSILON, NUM_EXAMPLES, SITE_WEIGHT
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -26,7 +25,7 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     keys = set().union(*(m.keys() for m in metrics)) - {weight_key, SITE_WEIGHT}
     for key in sorted(keys):
         values = np.array([float(m[key]) if key in m else math.nan for m in metrics])
-        if key == "epsilon":
+        if key == EPSILON:
             out[key] = float(np.max(values))
         elif weights.sum() > 0 and np.isfinite(values).all():
             out[key] = float(np.average(values, weights=weights))
@@ -45,7 +44,7 @@ def build_strategy(config: FedprivConfig) -> Strategy:
 def _base_strategy(config: FedprivConfig) -> Strategy:
     s = config.strategy
     # Site-level DP bounds each *site's* influence: every site weighs the same.
-    weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else WEIGHT
+    weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else NUM_EXAMPLES
     common = dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
@@ -53,6 +52,8 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
         min_evaluate_nodes=s.min_sites if s.fraction_evaluate > 0 else 0,
         min_available_nodes=s.min_sites,
         weighted_by_key=weight,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
         train_metrics_aggr_fn=aggregate_site_metrics,
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
@@ -67,15 +68,16 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """The parts of a strategy that must survive a restart (FedAdam's moments)."""
-    state: dict[str, np.ndarray] = {}
-    for attr in ("m_t", "v_t"):
-        for key, value in (getattr(strategy, attr, None) or {}).items():
-            state[f"{attr}/{key}"] = np.asarray(value)
-    return state
+    return {
+        f"{name}/{key}": np.asarray(value)
+        for name, values in flower_compat.adam_moments(strategy).items()
+        for key, value in values.items()
+    }
 
 
 def restore_strategy(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    for attr in ("m_t", "v_t"):
-        values = {k[len(attr) + 1 :]: v for k, v in state.items() if k.startswith(attr + "/")}
-        if values:
-            setattr(strategy, attr, values)
+    moments: dict[str, dict] = {}
+    for key, value in state.items():
+        name, _, param = key.partition("/")
+        moments.setdefault(name, {})[param] = value
+    flower_compat.set_adam_moments(strategy, moments)

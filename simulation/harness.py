@@ -18,10 +18,10 @@ from fedpriv.common.data import LabelSet, load_dataset, read_column
 from fedpriv.common.files import write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
+from fedpriv.common.report import print_summary, write_plots
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
-from fedpriv.simulation.report import print_summary, write_plots
 
 
 def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table, list[str]]:

@@ -36,7 +36,7 @@ class Monitor:
         self._trained: dict[int, int] = {}
         self._accuracy: float | None = None
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         self.progress.start()
         self.round_task = self.progress.add_task("Rounds", total=self.rounds, note="preparing sites")
         self.local_task = self.progress.add_task("Local training", total=None, note="")

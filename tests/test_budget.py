@@ -24,7 +24,9 @@ def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):
         if not budget.allows(release):
             refused.append(rnd)
             continue
-        mechanism = Mechanism(noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1.0, dataset_size=100)
+        mechanism = Mechanism(
+            noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1.0, dataset_size=100
+        )
         budget.record(run_id="r", server_round=rnd, site="s", mechanism=mechanism, update_sha256="0" * 64)
         trained.append(rnd)
     return budget, trained, refused
@@ -40,7 +42,7 @@ def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):
 @settings(max_examples=60, deadline=None)
 def test_no_site_ever_exceeds_its_cap(tmp_path_factory, cap, sigma, rate, steps, rounds):
     budget, trained, refused = run_site(tmp_path_factory.mktemp("b"), cap, sigma, rate, steps, rounds)
-    claimed = [r["accounting"]["epsilon"] for r in budget.ledger.records()]
+    claimed = [r.accounting.epsilon for r in budget.ledger.records()]
     assert all(e <= cap for e in claimed)
     assert len(trained) + len(refused) == rounds
     # Once the same release no longer fits, it never fits again: the site is skipped, not crashed.
@@ -58,17 +60,21 @@ def test_recording_past_the_cap_is_impossible(tmp_path):
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
-@pytest.mark.parametrize("sigma, rate, steps, rounds", [(3.2, 0.3, 10, 30), (1.1, 0.2, 50, 4), (0.9, 0.05, 100, 3), (5.0, 1.0, 3, 10)])
+@pytest.mark.parametrize(
+    "sigma, rate, steps, rounds", [(3.2, 0.3, 10, 30), (1.1, 0.2, 50, 4), (0.9, 0.05, 100, 3), (5.0, 1.0, 3, 10)]
+)
 def test_recomputed_epsilon_agrees_within_one_percent(accountant, sigma, rate, steps, rounds):
     history = [Release(sigma, rate, steps)] * rounds
     claimed = [epsilon(history[: i + 1], 1e-5, accountant) for i in range(rounds)]
     recomputed = cumulative_epsilons([r.as_tuple() for r in history], 1e-5)["pld" if accountant == "prv" else "rdp"]
-    for c, r in zip(claimed, recomputed):
+    for c, r in zip(claimed, recomputed, strict=True):
         assert math.isclose(c, r, rel_tol=0.01), (c, r)
 
 
 def test_exhausted_site_is_reported_by_the_audit(tmp_path):
-    budget, trained, refused = run_site(tmp_path / "run", cap=3.0, sigma=2.0, rate=0.3, steps=10, rounds=5, accountant="prv")
+    budget, trained, refused = run_site(
+        tmp_path / "run", cap=3.0, sigma=2.0, rate=0.3, steps=10, rounds=5, accountant="prv"
+    )
     (tmp_path / "run" / "ledgers").mkdir(parents=True)
     budget.ledger.path.rename(tmp_path / "run" / "ledgers" / "s.jsonl")
     assert trained and refused
@@ -76,3 +82,35 @@ def test_exhausted_site_is_reported_by_the_audit(tmp_path):
     assert report.ok
     (site,) = report.sites
     assert len(site.releases) == len(trained) and site.epsilon <= 3.0
+
+
+def test_budget_keeps_its_releases_and_rereads_only_a_ledger_changed_behind_its_back(tmp_path, monkeypatch):
+    reads = []
+    entries = Ledger.entries
+    monkeypatch.setattr(Ledger, "entries", lambda self: reads.append(1) or entries(self))
+    path, key = tmp_path / "site.jsonl", signing.generate()
+    budget = SiteBudget(Ledger(path, key), "data", 50.0, 1e-5, "rdp")
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
+    release = Release(1.5, 0.2, 10)
+
+    assert budget.spent() == 0.0 and len(reads) == 1
+    entry = budget.record(run_id="r", server_round=1, site="s", mechanism=mechanism, update_sha256="0" * 64)
+    assert budget.releases() == [release]
+    assert budget.spent() == pytest.approx(entry.record.accounting.epsilon)
+    assert budget.spent() == pytest.approx(epsilon([release], 1e-5, "rdp"))
+    assert len(reads) == 1  # its own append needs no re-read
+
+    # Another writer (a second process of the same site) appends to the same ledger.
+    other = SiteBudget(Ledger(path, key), "data", 50.0, 1e-5, "rdp")
+    other.record(run_id="r2", server_round=1, site="s", mechanism=mechanism, update_sha256="1" * 64)
+    reads.clear()
+    assert budget.releases() == [release, release] and len(reads) == 1
+    assert budget.spent() == pytest.approx(epsilon([release] * 2, 1e-5, "rdp")) and len(reads) == 1
+    # Releases of other data in the same ledger never count.
+    SiteBudget(Ledger(path, key), "other-data", 50.0, 1e-5, "rdp").record(
+        run_id="r3", server_round=1, site="s", mechanism=mechanism, update_sha256="2" * 64
+    )
+    assert budget.releases() == [release, release]
+    entry = budget.record(run_id="r", server_round=2, site="s", mechanism=mechanism, update_sha256="3" * 64)
+    assert entry.seq == 3 and len(budget.releases()) == 3
+    assert len(Ledger(path).records()) == 4

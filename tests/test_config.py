@@ -72,7 +72,11 @@ def test_missing_and_broken_files_are_named(tmp_path):
 
 def test_override_values_are_typed():
     assert parse_overrides(["a=3", "b=0.5", "c=true", 'd="x y"', "e=word"]) == {
-        "a": 3, "b": 0.5, "c": True, "d": "x y", "e": "word"
+        "a": 3,
+        "b": 0.5,
+        "c": True,
+        "d": "x y",
+        "e": "word",
     }
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_overrides(["novalue"])

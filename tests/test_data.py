@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from fedpriv.common.data import DataError, LabelSet, load_dataset, split_validation
-from tests.conftest import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, write_csv
 
 LABEL_SET = LabelSet(tuple(LABELS))
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from fedpriv.common import pki
+from fedpriv.common import files
 from fedpriv.common.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
-from tests.conftest import LABELS, easy_rows, write_csv
+from fedpriv.deploy import pki
+from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")
@@ -44,7 +45,11 @@ def free_ports(n: int) -> list[int]:
 def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=ENV,
     )
 
 
@@ -58,14 +63,14 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class Federation:
+class LocalFederation:
     """Provisioned kits, data, and the processes of one aggregator and its sites."""
 
     def __init__(self, root: Path, model_dir: str):
         self.root = root
         self.fleet, self.control, *agent_ports = free_ports(2 + len(SITES) + 4)
-        self.ports = dict(zip(SITES, agent_ports))
-        self.spare_ports = agent_ports[len(SITES):]
+        self.ports = dict(zip(SITES, agent_ports, strict=True))  # the rest are spare
+        self.spare_ports = agent_ports[len(SITES) :]
         self.processes: dict[str, subprocess.Popen] = {}
         (root / "federation.toml").write_text(
             f"""
@@ -89,7 +94,8 @@ max-length = 32
 min-sites = 2
 fraction-evaluate = 0.0
 round-timeout = 120.0
-""" + "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES),
+"""
+            + "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES),
             encoding="utf-8",
         )
         result = fedpriv("provision", "-f", root / "federation.toml")
@@ -115,14 +121,20 @@ round-timeout = 120.0
         with open(self.log(name), "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=ENV,
+                start_new_session=True,
             )
         self.processes[name] = process
         return process
 
     def start_aggregator(self) -> None:
         since = self.log_size("aggregator")
-        process = self._spawn("aggregator", "aggregator", "start", "--kit", self.kits / "aggregator", "--state", self.state)
+        process = self._spawn(
+            "aggregator", "aggregator", "start", "--kit", self.kits / "aggregator", "--state", self.state
+        )
 
         def ready():
             assert process.poll() is None, self.log_text("aggregator", since)[-3000:]
@@ -132,8 +144,17 @@ round-timeout = 120.0
 
     def start_agent(self, site: str) -> None:
         self._spawn(
-            site, "agent", "start", "--kit", self.kits / "sites" / site, "--data", self.data[site],
-            "--state", self.root / f"{site}-state", "--port", self.ports[site],
+            site,
+            "agent",
+            "start",
+            "--kit",
+            self.kits / "sites" / site,
+            "--data",
+            self.data[site],
+            "--state",
+            self.root / f"{site}-state",
+            "--port",
+            self.ports[site],
         )
 
     def kill(self, name: str) -> None:
@@ -163,10 +184,13 @@ round-timeout = 120.0
         home = self.state / "flwr-home"
         result = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "supernode", "list", "deploy-test", "--format", "json"],
-            capture_output=True, text=True, timeout=60, env=dict(ENV, FLWR_HOME=str(home)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(ENV, FLWR_HOME=str(home)),
         )
         text = result.stdout
-        nodes = json.loads(text[text.find("{"):]).get("nodes", []) if "{" in text else []
+        nodes = json.loads(text[text.find("{") :]).get("nodes", []) if "{" in text else []
         names = {v: k for k, v in json.loads((self.state / "registered-nodes.json").read_text()).items()}
         return {names.get(str(n["node-id"]), str(n["node-id"])) for n in nodes if n["status"] == "online"}
 
@@ -178,14 +202,34 @@ round-timeout = 120.0
 
     def submit(self, *args) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedpriv.cli", "aggregator", "run", "--kit", str(self.kits / "aggregator"),
-             "--state", str(self.state), *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "fedpriv.cli",
+                "aggregator",
+                "run",
+                "--kit",
+                str(self.kits / "aggregator"),
+                "--state",
+                str(self.state),
+                *map(str, args),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+            start_new_session=True,
         )
 
     def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
         return fedpriv(
-            "audit", run_dir, *(self.ledger(s) for s in SITES), "--keys", self.kits / "aggregator" / "public-keys.json", "--json"
+            "audit",
+            run_dir,
+            *(self.ledger(s) for s in SITES),
+            "--keys",
+            self.kits / "aggregator" / "public-keys.json",
+            "--json",
         )
 
 
@@ -218,13 +262,13 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
-        raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}") from None
     return process.returncode, out, err
 
 
 @pytest.fixture(scope="module")
 def fed(tiny_model_dir, tmp_path_factory):
-    federation = Federation(tmp_path_factory.mktemp("deploy"), tiny_model_dir)
+    federation = LocalFederation(tmp_path_factory.mktemp("deploy"), tiny_model_dir)
     try:
         federation.start_aggregator()
         for site in SITES:
@@ -258,7 +302,7 @@ def releases(run_dir: Path) -> list[tuple[str, int]]:
     return sorted((r["site"], r["round"]) for r in records if r.get("kind") == "site-release")
 
 
-def check_audit(fed: Federation, run_dir: Path) -> dict:
+def check_audit(fed: LocalFederation, run_dir: Path) -> dict:
     result = fed.audit(run_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -286,13 +330,16 @@ def parse_cli(argv: list[str]) -> tuple[str, dict]:
 
 
 def dockerfile(role: str) -> dict:
-    entry = {}
+    """ENTRYPOINT, CMD, and per build stage (in order) the sources of each COPY, flags first."""
+    entry: dict = {"stages": []}
     for line in (DEPLOY / "docker" / f"{role}.Dockerfile").read_text().splitlines():
         word, _, rest = line.partition(" ")
-        if word in ("ENTRYPOINT", "CMD"):
+        if word == "FROM":
+            entry["stages"].append({"from": rest, "COPY": []})
+        elif word in ("ENTRYPOINT", "CMD"):
             entry[word] = json.loads(rest)
         elif word == "COPY":
-            entry.setdefault("COPY", []).extend(rest.split()[:-1])
+            entry["stages"][-1]["COPY"].append(rest.split()[:-1])
     return entry
 
 
@@ -316,7 +363,7 @@ def render_helm(template: str, values: dict, release: str = "fp") -> str:
 
     out, stack, pos, trim = [], [], 0, False
     for match in _TOKEN.finditer(template):
-        text = template[pos:match.start()]
+        text = template[pos : match.start()]
         if trim:
             text = text.lstrip()
         if match.group(1):
@@ -362,12 +409,19 @@ def test_helm_chart_renders_the_aggregator_and_a_site_agent():
     values = yaml.safe_load((DEPLOY / "helm" / "fedpriv" / "values.yaml").read_text())
 
     default = {(d["kind"], d["metadata"]["name"]) for d in helm_manifests(values)}
-    assert default == {("Service", "fp-aggregator"), ("PersistentVolumeClaim", "fp-aggregator-state"), ("Deployment", "fp-aggregator")}
+    assert default == {
+        ("Service", "fp-aggregator"),
+        ("PersistentVolumeClaim", "fp-aggregator-state"),
+        ("Deployment", "fp-aggregator"),
+    }
 
     both = copy.deepcopy(values)
     both["agent"].update(enabled=True, superlink="agg.example.org:9092", storageClass="fast")
     docs = {d["kind"]: d for d in helm_manifests(both) if d["kind"] in ("Deployment", "StatefulSet")}
-    for kind, role, secret in (("Deployment", "aggregator", "fedpriv-aggregator-kit"), ("StatefulSet", "agent", "fedpriv-site-a-kit")):
+    for kind, role, secret in (
+        ("Deployment", "aggregator", "fedpriv-aggregator-kit"),
+        ("StatefulSet", "agent", "fedpriv-site-a-kit"),
+    ):
         pod = docs[kind]["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert parse_cli(dockerfile(role)["ENTRYPOINT"][1:] + container["args"])[0] == "start"
@@ -377,18 +431,27 @@ def test_helm_chart_renders_the_aggregator_and_a_site_agent():
         assert pod["securityContext"]["runAsNonRoot"] is True
     agent = docs["StatefulSet"]
     assert agent["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
-    assert docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--superlink", "agg.example.org:9092"]
+    assert docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == [
+        "--superlink",
+        "agg.example.org:9092",
+    ]
     assert docs["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_dockerfiles_copy_every_package_and_start_the_right_role():
+def test_dockerfiles_install_the_built_package_and_start_the_right_role():
     import tomllib
 
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     for role in ("aggregator", "agent"):
         entry = dockerfile(role)
-        copied = {c.rstrip("/") for c in entry["COPY"]}
-        assert set(packages) <= copied and {"pyproject.toml", "README.md"} <= copied
+        build, *_, image = entry["stages"]
+        # The build stage gets every package folder and builds the wheel from them ...
+        assert build["from"].endswith(" AS build")
+        copied = {source.rstrip("/") for sources in build["COPY"] for source in sources}
+        assert folders <= copied and {"pyproject.toml", "README.md"} <= copied
+        # ... and the image takes only what that stage built: no source tree, no app folder to find.
+        assert image["COPY"] and all(sources[0] == "--from=build" for sources in image["COPY"])
+        assert "FEDPRIV_APP_DIR" not in (DEPLOY / "docker" / f"{role}.Dockerfile").read_text()
         name, params = parse_cli(entry["ENTRYPOINT"][1:] + entry["CMD"])
         assert name == "start" and str(params["kit"]) == "/kit" and str(params["state"]) == "/state"
         assert (DEPLOY / "docker" / f"{role}.Dockerfile.dockerignore").exists()
@@ -420,7 +483,7 @@ def test_compose_file_runs_an_aggregator_and_two_sites_from_their_kits(tmp_path)
         from demo_data import split
     finally:
         sys.path.remove(str(DEPLOY))
-    from fedpriv.client.agent import Agent
+    from fedpriv.deploy.agent import Agent
 
     for path in split(["site-a", "site-b"], tmp_path / "data"):
         agent = Agent.from_kit(tmp_path / "kits" / "sites" / path.stem, tmp_path / "state")
@@ -432,13 +495,16 @@ def test_systemd_units_run_real_commands_and_stop_gently():
     import shlex
 
     for unit in ("fedpriv-aggregator.service", "fedpriv-agent@.service"):
+        # systemd allows a key more than once (Environment=); the last one is enough here.
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.optionxform = str
         parser.read(DEPLOY / "systemd" / unit)
         service = parser["Service"]
         # systemd fills ${VAR} from the unit's EnvironmentFile; the unit's comment shows what goes there.
-        argv = [re.sub(r"\$\{(\w+)\}", lambda m: "9094" if m.group(1).endswith("PORT") else "/srv/x", a)
-                for a in shlex.split(service["ExecStart"])]
+        argv = [
+            re.sub(r"\$\{(\w+)\}", lambda m: "9094" if m.group(1).endswith("PORT") else "/srv/x", a)
+            for a in shlex.split(service["ExecStart"])
+        ]
         assert argv[0].endswith("/fedpriv")
         assert parse_cli(argv[1:])[0] == "start"
         assert service["KillMode"] == "mixed" and service["User"] == "fedpriv"
@@ -471,11 +537,42 @@ def test_operator_guide_commands_are_real_commands():
         parse_cli(argv)
 
 
+def test_supernode_failures_are_told_apart_by_flowers_codes():
+    from fedpriv.deploy.agent import Failure, read_failure
+
+    # The ends of a SuperNode's output in Flower 1.39 (it exits with status 1 for every error).
+    connection = "ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+    refused = (
+        connection
+        + "[code: 2004] Failed to activate SuperNode.\nThe SuperNode could not establish a connection to the SuperLink.\n"
+    )
+    untrusted = connection + (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9092: Ssl handshake failed "
+        "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED\n"
+    )
+    unreachable = connection + "failed to connect to all addresses; last error: UNAVAILABLE: Connection refused\n"
+    assert read_failure(refused) is Failure.ACTIVATION_REFUSED  # the only one worth retrying
+    assert read_failure(untrusted) is Failure.TLS_UNTRUSTED
+    assert read_failure(unreachable) is Failure.NO_CONNECTION
+    assert (
+        read_failure("ERROR :     Exit Code: 302\nNode authentication requires elliptic curve private key.\n")
+        is Failure.OTHER
+    )
+    assert "fedpriv aggregator register" in Failure.ACTIVATION_REFUSED.diagnosis
+    assert "not signed by the CA in this kit" in Failure.TLS_UNTRUSTED.diagnosis
+
+
 @pytest.mark.slow
 def test_full_run_over_tls_with_node_authentication(fed):
     log = fed.log_text("aggregator")
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
-                 "--disable-runtime-dependency-installation"):
+    for flag in (
+        "--ssl-ca-certfile",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--enable-supernode-auth",
+        "--database",
+        "--disable-runtime-dependency-installation",
+    ):
         assert flag in log
     assert "registered site-a" in log and "registered site-b" in log
 
@@ -504,8 +601,20 @@ def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, 
 
     def attempt(kit: Path, *extra) -> subprocess.CompletedProcess:
         return fedpriv(
-            "agent", "start", "--kit", kit, "--data", fed.data["site-a"], "--state", tmp_path / f"state-{kit.name}",
-            "--port", next(port), "--max-retries", "0", *extra, timeout=180,
+            "agent",
+            "start",
+            "--kit",
+            kit,
+            "--data",
+            fed.data["site-a"],
+            "--state",
+            tmp_path / f"state-{kit.name}",
+            "--port",
+            next(port),
+            "--max-retries",
+            "0",
+            *extra,
+            timeout=180,
         )
 
     since = fed.log_size("aggregator")
@@ -517,7 +626,7 @@ def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, 
     other_ca = tmp_path / "other-ca"
     shutil.copytree(site_kit, other_ca)
     (other_ca / "ca.crt").unlink()
-    pki.write_public(other_ca / "ca.crt", pki.cert_pem(pki.new_ca("someone-else")[1]))
+    pki.write_cert(other_ca / "ca.crt", pki.new_ca("someone-else")[1])
     foreign = attempt(other_ca)
     assert foreign.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in foreign.stdout and "not signed by the CA in this kit" in foreign.stdout
@@ -525,7 +634,7 @@ def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, 
     unregistered = tmp_path / "unregistered"
     shutil.copytree(site_kit, unregistered)
     (unregistered / "node.key").unlink()
-    pki.write_secret(unregistered / "node.key", pki.NodeKey.generate().private_openssh)
+    files.write_secret(unregistered / "node.key", pki.NodeKey.generate().private_openssh)
     since = fed.log_size("aggregator")
     stranger = attempt(unregistered)
     assert stranger.returncode != 0

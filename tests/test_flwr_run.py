@@ -47,7 +47,11 @@ def test_flwr_run_dot(tiny_config, tmp_path):
     try:
         result = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "--run-config", run_config],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         _stop_local_superlink(flwr_home)

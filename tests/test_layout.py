@@ -68,7 +68,7 @@ def test_importing_fedpriv_changes_no_environment_variable():
     modules = [
         "fedpriv",
         *(
-            "fedpriv." + str(path.relative_to(folder.parent if name != "deploy" else ROOT).with_suffix("")).replace("/", ".")
+            f"fedpriv.{name}.{path.stem}"
             for name, folder in ROOMS.items()
             for path in folder.glob("*.py")
             if path.stem not in ("__init__", "__main__")
@@ -86,7 +86,9 @@ def test_importing_fedpriv_changes_no_environment_variable():
         "print(json.dumps(changed))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_", "HF_", "TRANSFORMERS_"))}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {}
 

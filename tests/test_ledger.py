@@ -10,8 +10,14 @@ import pytest
 from fedpriv.audit.auditor import audit
 from fedpriv.client.budget import SiteBudget
 from fedpriv.common import signing
-from fedpriv.common.ledger import Ledger, verify_ledger
-from fedpriv.common.records import Mechanism
+from fedpriv.common.ledger import GENESIS, Ledger, LedgerError, entry_hash, verify_ledger
+from fedpriv.common.records import (
+    Mechanism,
+    PrivacyRecord,
+    SiteExhausted,
+    SiteReleaseReceipt,
+    canonical_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,9 +97,9 @@ def test_resigned_by_another_key_is_caught_by_the_pinned_key(tmp_path):
     run = make_run(tmp_path)
     forged = Ledger(tmp_path / "forged.jsonl", signing.generate())
     for entry in Ledger(run / "ledgers" / "site-000.jsonl").entries():
-        record = entry["record"]
-        record["accounting"]["epsilon"] /= 2
-        forged.append(record)
+        record = entry.record
+        accounting = record.accounting.model_copy(update={"epsilon": record.accounting.epsilon / 2})
+        forged.append(record.model_copy(update={"accounting": accounting}))
     (run / "ledgers" / "site-000.jsonl").write_bytes(forged.path.read_bytes())
     forged.path.unlink()
     messages = [str(p) for p in audit([run]).problems if p.fatal]
@@ -104,14 +110,14 @@ def test_interrupted_write_still_verifies_and_next_append_continues(tmp_path):
     key = signing.generate()
     ledger = Ledger(tmp_path / "l.jsonl", key)
     for i in range(2):
-        ledger.append({"round": i, "site": "s", "note": "x"})
+        ledger.append(SiteExhausted(round=i, site="s", epsilon=1.0))
     with open(ledger.path, "ab") as handle:
         handle.write(b'{"seq":2,"prev":"abc","rec')  # power cut mid-write
     entries, problems = verify_ledger(ledger.path)
     assert len(entries) == 2 and all(not p.fatal for p in problems)
-    ledger.append({"round": 2, "site": "s", "note": "y"})
+    ledger.append(SiteExhausted(round=2, site="s", epsilon=2.0))
     entries, problems = verify_ledger(ledger.path)
-    assert [e["seq"] for e in entries] == [0, 1, 2] and not problems
+    assert [e.seq for e in entries] == [0, 1, 2] and not problems
 
 
 def test_cap_violation_and_wrong_claim_are_flagged(tmp_path):
@@ -120,9 +126,8 @@ def test_cap_violation_and_wrong_claim_are_flagged(tmp_path):
     ledger = Ledger(run / "ledgers" / "site-000.jsonl", key)
     last = ledger.records()[-1]
     # A correctly signed but false record: claims less than the mechanism spent, above a tiny cap.
-    record = dict(last, round=4)
-    record["accounting"] = dict(last["accounting"], epsilon=last["accounting"]["epsilon"] * 0.5, epsilon_cap=1.0)
-    ledger.append(record)
+    accounting = last.accounting.model_copy(update={"epsilon": last.accounting.epsilon * 0.5, "epsilon_cap": 1.0})
+    ledger.append(last.model_copy(update={"round": 4, "accounting": accounting}))
     messages = [str(p) for p in audit([run]).problems if p.fatal]
     assert any("site-000 round 4" in m and "recomputed" in m for m in messages), messages
     assert any("site-000 round 4" in m and "exceeds the site's cap 1.0" in m for m in messages), messages
@@ -137,14 +142,67 @@ def test_keys_are_never_overwritten(tmp_path):
 
 def test_audit_command_exit_codes_json_and_html(tmp_path):
     run = make_run(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "fedpriv.cli", "audit", str(run), "--json", "--html", str(tmp_path / "a.html")],
-                        capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", "audit", str(run), "--json", "--html", str(tmp_path / "a.html")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["ok"] and {s["site"] for s in data["sites"]} == {"site-000", "site-001"}
     assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
     ledger = run / "ledgers" / "site-000.jsonl"
     ledger.write_text(ledger.read_text().replace('"steps":10', '"steps":1', 1))
-    bad = subprocess.run([sys.executable, "-m", "fedpriv.cli", "audit", str(run)], capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", "audit", str(run)], capture_output=True, text=True, cwd=ROOT
+    )
     assert bad.returncode == 1
     assert "site-000.jsonl line 1" in bad.stdout and "Audit failed" in bad.stdout
+
+
+def test_entries_read_back_typed_and_verify_over_the_bytes_written(tmp_path):
+    """Floats once written as integers (8, not 8.0) keep verifying, in a site ledger and in a receipt."""
+    run = make_run(tmp_path, sites=("site-000",), rounds=2)
+    site_ledger = run / "ledgers" / "site-000.jsonl"
+    key = signing.read_private_key(run / "keys" / "site-000.key")
+    rewritten = Ledger(tmp_path / "rewritten.jsonl", key)
+    prev = GENESIS
+    for line in lines(site_ledger):
+        written = json.loads(line)
+        written["record"]["accounting"]["epsilon_cap"] = 8  # as an older writer might have put it
+        written["prev"] = prev
+        written["hash"] = entry_hash(written["seq"], written["prev"], written["record"])
+        written["signature"] = signing.sign(key, written["hash"].encode())
+        prev = written["hash"]
+        with open(rewritten.path, "ab") as handle:
+            handle.write(canonical_json(written) + b"\n")
+    assert b'"epsilon_cap":8,' in rewritten.path.read_bytes()
+    rewritten.path.replace(site_ledger)
+
+    entries = Ledger(site_ledger).entries()
+    assert all(isinstance(e.record, PrivacyRecord) and e.record.accounting.epsilon_cap == 8.0 for e in entries)
+    assert verify_ledger(site_ledger)[1] == []
+
+    # The aggregator's receipt carries the site's entry exactly as received.
+    federation = Ledger(run / "ledgers" / "federation.jsonl", signing.generate())
+    federation.append(SiteReleaseReceipt(round=1, site="site-000", site_entry=entries[0]))
+    federation.append(SiteExhausted(round=3, site="site-000", epsilon=7.5))
+    receipt, exhausted = Ledger(federation.path).records()
+    assert isinstance(receipt, SiteReleaseReceipt) and isinstance(exhausted, SiteExhausted)
+    assert canonical_json(receipt.site_entry.written) == canonical_json(entries[0].written)
+    assert b'"epsilon_cap":8,' in federation.path.read_bytes()
+    report = audit([run])
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.exhausted == [{"site": "site-000", "round": 3, "epsilon": 7.5}]
+
+
+def test_unreadable_entry_is_named_not_a_crash(tmp_path):
+    run = make_run(tmp_path, sites=("site-000",), rounds=2)
+    ledger = run / "ledgers" / "site-000.jsonl"
+    ledger.write_text(ledger.read_text().replace('"steps":10', '"steps":"ten"', 1))
+    with pytest.raises(LedgerError, match="site-000.jsonl line 1: not a ledger entry .*steps"):
+        Ledger(ledger).entries()
+    messages = [str(p) for p in audit([run]).problems if p.fatal]
+    assert any("site-000.jsonl line 1" in m and "hash mismatch" in m for m in messages), messages
+    assert any("site-000.jsonl line 1" in m and "not a ledger entry" in m for m in messages), messages

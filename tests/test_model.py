@@ -1,5 +1,7 @@
 """The federated state, and the exported model in plain transformers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch
 from fedpriv.client.training import LocalPlan, train_local
 from fedpriv.common.data import LabelSet, TextDataset
 from fedpriv.common.model import CENTER, ModelError, build_model, label_name_state
-from tests.conftest import LABELS, easy_rows
+from fedpriv.common.modes import fine_tuning_mode
+from tests.helpers import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))
 TEXTS = ["my card expired", "the atm kept my cash", "wire to a new payee", "why is it not today"]
@@ -19,7 +22,13 @@ def trained_bundle(tiny_config, mode):
     rows = easy_rows(60)
     data = TextDataset([t for t, _ in rows], np.array([LABELS.index(c) for _, c in rows]), "easy")
     lr = 20.0 if mode == "head" else 1e-2
-    train_local(bundle, bundle.prepare(data), LocalPlan(steps=5, sample_rate=0.5, optimizer="sgd" if mode == "head" else "adamw", learning_rate=lr), dp=None, seed=0)
+    train_local(
+        bundle,
+        bundle.prepare(data),
+        LocalPlan(steps=5, sample_rate=0.5, optimizer="sgd" if mode == "head" else "adamw", learning_rate=lr),
+        dp=None,
+        seed=0,
+    )
     return bundle
 
 
@@ -88,3 +97,24 @@ def test_label_name_initialisation_is_a_zero_shot_classifier(tiny_config):
 def test_unknown_model_is_a_named_error(tiny_config, tmp_path):
     with pytest.raises(ModelError, match="model.name: cannot load"):
         build_model(tiny_config.replace(**{"model.name": str(tmp_path / "no-model")}), LABEL_SET)
+
+
+def test_each_mode_is_one_class_chosen_by_name(tiny_config, tmp_path):
+    head, lora, full = (fine_tuning_mode(name) for name in ("head", "lora", "full"))
+    assert (head.grad_sample_mode, lora.grad_sample_mode, full.grad_sample_mode) == ("ghost", "hooks", "ghost")
+    assert not head.rand_on_empty and lora.rand_on_empty and full.rand_on_empty
+    with pytest.raises(ModelError, match="model.mode: unknown mode 'prefix'"):
+        fine_tuning_mode("prefix")
+
+    bundle = build_model(tiny_config.replace(**{"model.mode": "full"}), LABEL_SET)
+    assert bundle.tuning is full and bundle.mode == "full"
+    assert not any("pooler" in n for n in bundle.state_names)  # unused by the classifier: frozen
+    assert any(n.startswith("encoder.") for n in bundle.state_names)
+    data = bundle.prepare(TextDataset(TEXTS, np.array([0, 2, 1, 0]), "t"))
+    assert data.features is None and len(data.token_ids) == 4
+    assert bundle.evaluate(data)["num-examples"] == 4
+
+    # The exported config is the classifier's own, not fedpriv's run config.
+    config = json.loads((build_model(tiny_config, LABEL_SET).export(tmp_path / "m") / "config.json").read_text())
+    assert config["model_type"] == "fedpriv-classifier"
+    assert config["auto_map"]["AutoConfig"] == "modeling_fedpriv.FedprivClassifierConfig"

@@ -45,9 +45,9 @@ def test_smaller_alpha_means_more_label_skew():
 def test_partitions_are_deterministic_per_seed():
     labels = np.repeat(np.arange(5), 40)
     a, b, c = (dirichlet(labels, 4, 0.5, seed=s) for s in (7, 7, 8))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
-    assert all(np.array_equal(x, y) for x, y in zip(iid(50, 3, 1), iid(50, 3, 1)))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(iid(50, 3, 1), iid(50, 3, 1), strict=True))
 
 
 def test_dirichlet_gives_up_with_a_clear_error():

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedpriv.common import pki, signing
-from tests.conftest import LABELS, easy_rows, write_csv
+from fedpriv.common import files, signing
+from fedpriv.deploy import pki
+from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,10 @@ epsilon-cap = 2.5
 def fedpriv(*args, env=None, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0", **(env or {})),
     )
 
@@ -100,10 +104,20 @@ def test_private_keys_are_owner_only_and_kits_are_flat(kits):
         assert all(p.is_file() for p in kit.iterdir())
         assert not (kit / "ca.key").exists()
     assert sorted(p.name for p in (kits / "aggregator").iterdir()) == [
-        "ca.crt", "kit.toml", "ledger.key", "node-keys.json", "public-keys.json", "tls.crt", "tls.key",
+        "ca.crt",
+        "kit.toml",
+        "ledger.key",
+        "node-keys.json",
+        "public-keys.json",
+        "tls.crt",
+        "tls.key",
     ]
     assert sorted(p.name for p in (kits / "sites" / "north").iterdir()) == [
-        "ca.crt", "kit.toml", "ledger.key", "node.key", "node.pub",
+        "ca.crt",
+        "kit.toml",
+        "ledger.key",
+        "node.key",
+        "node.pub",
     ]
 
 
@@ -152,7 +166,7 @@ def test_public_keys_json_is_what_the_auditor_pins(kits):
 
 
 def test_kit_configs_name_the_aggregator_site_budget_and_labels(kits, federation_file):
-    from fedpriv.common.kit import load_aggregator_kit, load_site_kit
+    from fedpriv.deploy.kit import load_aggregator_kit, load_site_kit
 
     north, south = load_site_kit(kits / "sites" / "north"), load_site_kit(kits / "sites" / "south")
     assert north.site == "north" and north.superlink == "agg.example.org:9092"
@@ -171,8 +185,8 @@ def test_running_again_never_replaces_a_secret(kits, federation_file):
     assert again.returncode == 0, again.stderr
     assert "kept" in again.stdout and "created" not in again.stdout
     assert _snapshot(kits) == before
-    with pytest.raises(pki.SecretExistsError, match="refusing to overwrite"):
-        pki.write_secret(kits / "sites" / "north" / "node.key", b"x")
+    with pytest.raises(files.SecretExistsError, match="refusing to overwrite"):
+        files.write_secret(kits / "sites" / "north" / "node.key", b"x")
     assert (kits / "sites" / "north" / "node.key").read_bytes() == before["sites/north/node.key"]
 
 
@@ -239,7 +253,9 @@ def test_rotation_without_the_ca_key_leaves_the_old_pair_in_place(kits, federati
 
 def test_bad_federation_file_is_named(tmp_path):
     path = tmp_path / "federation.toml"
-    path.write_text('name = "x"\n[aggregator]\naddress = "a:1"\n[data]\nlabels = ["a"]\n[[sites]]\nname = "s"\n[[sites]]\nname = "s"\n')
+    path.write_text(
+        'name = "x"\n[aggregator]\naddress = "a:1"\n[data]\nlabels = ["a"]\n[[sites]]\nname = "s"\n[[sites]]\nname = "s"\n'
+    )
     result = fedpriv("provision", "-f", path)
     assert result.returncode == 2 and "site listed twice: s" in result.stderr
 
@@ -263,10 +279,26 @@ def test_insecure_aggregator_warns_loudly_and_stops_cleanly_on_sigterm(kits, tmp
     log = tmp_path / "aggregator.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fedpriv.cli", "aggregator", "start", "--kit", str(kits / "aggregator"),
-             "--state", str(tmp_path / "state"), "--insecure",
-             "--fleet-listen", f"127.0.0.1:{free_port()}", "--control-listen", f"127.0.0.1:{free_port()}"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "fedpriv.cli",
+                "aggregator",
+                "start",
+                "--kit",
+                str(kits / "aggregator"),
+                "--state",
+                str(tmp_path / "state"),
+                "--insecure",
+                "--fleet-listen",
+                f"127.0.0.1:{free_port()}",
+                "--control-listen",
+                f"127.0.0.1:{free_port()}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
             env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200"),
         )
     try:
@@ -300,7 +332,7 @@ def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
     data = write_csv(tmp_path / "site.csv", rows, header=("body", "queue"))
     result = fedpriv("agent", "check", "--kit", kits / "sites" / "north", "--data", data)
     assert result.returncode == 2 and "column 'text': missing column (found: body, queue)" in result.stderr
-    from fedpriv.client.agent import Agent
+    from fedpriv.deploy.agent import Agent
 
     agent = Agent.from_kit(kits / "sites" / "north", tmp_path / "state")
     assert len(agent.validate(data, text_column="body", label_column="queue")) == 30
@@ -311,7 +343,7 @@ def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
 def test_node_config_reaches_flower_unchanged(kits, tmp_path):
     from flwr.common.config import parse_config_args
 
-    from fedpriv.client.agent import Agent, format_node_config
+    from fedpriv.deploy.agent import Agent, format_node_config
 
     agent = Agent.from_kit(kits / "sites" / "south", tmp_path / "my state")
     data = write_csv(tmp_path / "it's data.csv", easy_rows(30))
@@ -324,11 +356,11 @@ def test_node_config_reaches_flower_unchanged(kits, tmp_path):
 
 
 def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):
-    from fedpriv.server.superlink import Aggregator, AggregatorError
+    from fedpriv.deploy.aggregator import Aggregator, AggregatorError
 
     aggregator = Aggregator(kits / "aggregator", tmp_path / "state")
     user = tmp_path / "run.toml"
-    user.write_text("rounds = 5\n[strategy]\nname = \"fedadam\"\n")
+    user.write_text('rounds = 5\n[strategy]\nname = "fedadam"\n')
     config = aggregator.run_config(user, ["train.sample-rate=0.2"], run_dir=tmp_path / "run")
     assert config.rounds == 5 and config.strategy.name == "fedadam" and config.train.sample_rate == 0.2
     assert json.loads(config.data.labels) == LABELS and config.data.test_path == ""

@@ -8,7 +8,7 @@ import pytest
 import tomli_w
 
 from fedpriv.common.rundir import RunDirectory, summarize
-from tests.conftest import easy_rows, write_csv
+from tests.helpers import easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def fedpriv(*args, cwd=None, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "fedpriv.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
     )
 
 
@@ -44,7 +47,10 @@ def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, t
 
     # What a run leaves behind.
     assert (run.path / "config.toml").exists() and (run.path / "summary.json").exists()
-    assert sorted(p.name for p in run.checkpoints.glob("*.safetensors")) == ["round-0001.safetensors", "round-0002.safetensors"]
+    assert sorted(p.name for p in run.checkpoints.glob("*.safetensors")) == [
+        "round-0001.safetensors",
+        "round-0002.safetensors",
+    ]
     assert (run.plots / "accuracy.png").stat().st_size > 1000 and (run.plots / "epsilon.png").exists()
     kinds = {e["kind"] for e in run.events()}
     assert {"site-train", "site-evaluate", "federated-evaluate", "central-evaluate", "round-end"} <= kinds
@@ -86,7 +92,9 @@ def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_confi
 
     config = tiny_config.replace(**{"rounds": 4})
     sigma = noise_multiplier(config)
-    step = Release(sigma, config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate))
+    step = Release(
+        sigma, config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
+    )
     after = [epsilon([step] * n, config.privacy.delta, config.privacy.accountant) for n in (1, 2)]
     # site-000 can afford one round, the others two; nobody can afford a third.
     caps = f"site-000={after[0] * 1.01:.6f},site-001={after[1] * 1.01:.6f},site-002={after[1] * 1.01:.6f}"
@@ -135,17 +143,3 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
     assert [r.round for r in federation.releases] == [1, 2]
     assert federation.epsilon == pytest.approx(releases[1]["epsilon"])
     assert federation.releases[-1].rdp == pytest.approx(federation.epsilon, rel=1e-6)
-
-
-def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
-    # The 100-site overhead depends on it: a Flower upgrade that moves the
-    # link state's internals must show here, not as a silent slowdown.
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    from fedpriv.simulation import dispatch
-
-    original = vce_api.add_messages_to_queue
-    with dispatch.fast_dispatch() as installed:
-        assert installed
-        assert vce_api.add_messages_to_queue is dispatch.add_messages_to_queue
-    assert vce_api.add_messages_to_queue is original

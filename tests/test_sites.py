@@ -5,11 +5,10 @@ import csv
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedpriv.client.site import site_data
+from fedpriv.client.runtime import WorkerRuntime
 from fedpriv.common.data import DataError, LabelSet
-from fedpriv.common.model import build_model
 from fedpriv.simulation.harness import plan_sites
-from tests.conftest import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, write_csv
 
 LABEL_SET = LabelSet(tuple(LABELS))
 
@@ -32,14 +31,19 @@ def departments(tmp_path):
 
 def test_column_partition_makes_one_site_per_value(tiny_config, departments):
     config = tiny_config.replace(
-        **{"data.path": str(departments), "simulation.partitioner": "column", "simulation.column": "department", "data.min-rows": 5}
+        **{
+            "data.path": str(departments),
+            "simulation.partitioner": "column",
+            "simulation.column": "department",
+            "data.min-rows": 5,
+        }
     )
     planned, _, names = plan_sites(config, LABEL_SET)
     assert planned.simulation.sites == 3 and names == ["east", "north", "south"]
-    bundle = build_model(planned, LABEL_SET)
+    worker = WorkerRuntime()
     sizes = {}
     for partition, name in enumerate(names):
-        site = site_data(context({"partition-id": partition, "num-partitions": 3}, node_id=partition), planned, LABEL_SET, bundle)
+        site = worker.site(context({"partition-id": partition, "num-partitions": 3}, node_id=partition), planned)
         assert site.name == name and site.simulated
         sizes[name] = len(site.train) + len(site.validation)
     assert sizes == {"east": 15, "north": 15, "south": 30}
@@ -47,24 +51,23 @@ def test_column_partition_makes_one_site_per_value(tiny_config, departments):
 
 def test_deployed_site_reads_its_own_file_and_columns(tiny_config, tmp_path):
     path = write_csv(tmp_path / "mine.csv", easy_rows(30), header=("body", "queue"))
-    bundle = build_model(tiny_config, LABEL_SET)
     node = {"data-path": str(path), "site-name": "branch-7", "text-column": "body", "label-column": "queue"}
-    site = site_data(context(node), tiny_config, LABEL_SET, bundle)
+    site = WorkerRuntime().site(context(node), tiny_config)
     assert site.name == "branch-7" and not site.simulated
     assert len(site.train) == 27 and len(site.validation) == 3
 
 
 def test_node_without_data_is_a_named_error(tiny_config):
-    bundle = build_model(tiny_config, LABEL_SET)
     with pytest.raises(DataError, match='set data-path="/path/to/site.csv"'):
-        site_data(context({}, node_id=99), tiny_config, LABEL_SET, bundle)
+        WorkerRuntime().site(context({}, node_id=99), tiny_config)
 
 
 def test_site_without_validation_part(tiny_config, tmp_path):
     path = write_csv(tmp_path / "mine.csv", easy_rows(12))
     config = tiny_config.replace(**{"data.validation-fraction": 0.0})
+    worker = WorkerRuntime()
     for mode in ("head", "lora"):
-        bundle = build_model(config.replace(**{"model.mode": mode}), LABEL_SET)
-        site = site_data(context({"data-path": str(path)}, node_id=hash(mode) % 1000), config, LABEL_SET, bundle)
+        site = worker.site(context({"data-path": str(path)}), config.replace(**{"model.mode": mode}))
+        assert site.model.mode == mode
         assert len(site.train) == 12 and len(site.validation) == 0
-        assert bundle.evaluate(site.validation)["num-examples"] == 0
+        assert site.model.evaluate(site.validation)["num-examples"] == 0

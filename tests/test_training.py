@@ -8,7 +8,7 @@ from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.accounting import RDP_ORDERS, Release, calibrate_noise, epsilon
 from fedpriv.common.data import LabelSet, TextDataset
 from fedpriv.common.model import build_model, label_name_state
-from tests.conftest import LABELS, easy_rows
+from tests.helpers import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))
 
@@ -38,7 +38,7 @@ def per_example_clipped_sum(bundle, prepared, clip):
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         factor = min(1.0, clip / (float(norm) + 1e-6))
-        for t, g in zip(total, grads):
+        for t, g in zip(total, grads, strict=True):
             t += factor * g
     return total
 
@@ -57,7 +57,7 @@ def test_per_example_clipping_holds(tiny_config, mode):
     expected = per_example_clipped_sum(bundle, prepared, clip)
     plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0)
     train_local(bundle, prepared, plan, dp=DpSettings(noise_multiplier=0.0, max_grad_norm=clip), seed=0)
-    for b, p, e in zip(before, params, expected):
+    for b, p, e in zip(before, params, expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e / len(prepared), atol=1e-6, rtol=1e-4)
 
 

@@ -28,9 +28,7 @@ def summary_tables(run: RunDirectory) -> list[Table]:
     federated = summary["federated-accuracy-by-round"]
     for rnd in sorted(set(central) | set(federated)):
         c, f = central.get(rnd), federated.get(rnd)
-        rounds.add_row(
-            str(rnd), "-" if c is None else f"{100 * c:.2f}%", "-" if f is None else f"{100 * f:.2f}%"
-        )
+        rounds.add_row(str(rnd), "-" if c is None else f"{100 * c:.2f}%", "-" if f is None else f"{100 * f:.2f}%")
     sites = Table(title="Privacy per site", title_justify="left")
     sites.add_column("site")
     sites.add_column("training rows", justify="right")
@@ -71,7 +69,10 @@ def write_plots(run: RunDirectory) -> list[Path]:
         ax.plot(list(map(int, central)), [100 * v for v in central.values()], marker="o", label="central (test set)")
     if federated:
         ax.plot(
-            list(map(int, federated)), [100 * (v or 0) for v in federated.values()], marker=".", label="federated (site validation)"
+            list(map(int, federated)),
+            [100 * (v or 0) for v in federated.values()],
+            marker=".",
+            label="federated (site validation)",
         )
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
@@ -89,7 +90,7 @@ def write_plots(run: RunDirectory) -> list[Path]:
     for site, info in summary["sites"].items():
         points = [(int(r), e) for r, e in info["epsilon-by-round"].items() if e is not None]
         if points:
-            ax.plot(*zip(*points), marker=".", label=site)
+            ax.plot(*zip(*points, strict=True), marker=".", label=site)
             plotted = True
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent")

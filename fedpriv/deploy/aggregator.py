@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,10 +27,14 @@ from typing import Any
 
 import tomli_w
 
-from fedpriv.common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides, read_toml
+from fedpriv.common.config import FedprivConfig, apply_overrides, parse_config, parse_overrides
 from fedpriv.common.data import LabelSet
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.kit import (
+from fedpriv.common.files import read_toml, write_atomic
+from fedpriv.common.flower_app import write_app_dir
+from fedpriv.common.rundir import CONFIG, RunDirectory
+from fedpriv.deploy import processes
+from fedpriv.deploy.kit import (
     CA_CERT,
     LEDGER_KEY,
     NODE_KEYS,
@@ -45,32 +46,18 @@ from fedpriv.common.kit import (
     require,
     split_address,
 )
-from fedpriv.common.rundir import CONFIG, RunDirectory
+from fedpriv.deploy.processes import flower_bin, flower_env
 
 DATABASE = "superlink.db"
 FLWR_HOME = "flwr-home"
 REGISTERED = "registered-nodes.json"
 # Settings an operator may still change when resuming: they affect waiting, not the privacy plan.
 RESUMABLE = {"strategy.min-sites", "strategy.round-timeout", "central-eval-every"}
+GRACE_SECONDS = 20.0
 
 
 class AggregatorError(FedprivError, RuntimeError):
     """The aggregator cannot start or submit; the message says why."""
-
-
-def _bin(name: str) -> str:
-    """Flower's commands from this environment first: a venv need not be activated."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    # flower-superexec and flwr-serverapp/flwr-clientapp are started by name.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def connection_name(kit: AggregatorKit) -> str:
@@ -120,25 +107,32 @@ class Aggregator:
         else:
             table["root-certificates"] = str(self.kit_dir / CA_CERT)
         config = {"superlink": {"default": self.connection, self.connection: table}}
-        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+        write_atomic(self.flwr_home / "config.toml", tomli_w.dumps(config))
 
     def superlink_command(self, fleet_listen: str | None = None, control_listen: str | None = None) -> list[str]:
         host, port = split_address(control_listen or self.kit.aggregator.control_listen)
         command = [
-            _bin("flower-superlink"),
-            "--fleet-api-address", fleet_listen or self.kit.aggregator.fleet_listen,
-            "--host", host,
-            "--port", str(port),
-            "--database", str(self.state / DATABASE),
+            flower_bin("flower-superlink"),
+            "--fleet-api-address",
+            fleet_listen or self.kit.aggregator.fleet_listen,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--database",
+            str(self.state / DATABASE),
             "--disable-runtime-dependency-installation",
         ]
         if self.insecure:
             # Node authentication needs TLS (Flower refuses keys over plaintext).
             return command + ["--insecure"]
         return command + [
-            "--ssl-ca-certfile", str(self.kit_dir / CA_CERT),
-            "--ssl-certfile", str(self.kit_dir / TLS_CERT),
-            "--ssl-keyfile", str(self.kit_dir / TLS_KEY),
+            "--ssl-ca-certfile",
+            str(self.kit_dir / CA_CERT),
+            "--ssl-certfile",
+            str(self.kit_dir / TLS_CERT),
+            "--ssl-keyfile",
+            str(self.kit_dir / TLS_KEY),
             "--enable-supernode-auth",
         ]
 
@@ -161,8 +155,21 @@ class Aggregator:
                 key_file = Path(tmp) / f"{site}.pub"
                 key_file.write_text(public + "\n", encoding="utf-8")
                 result = subprocess.run(
-                    [_bin("flwr"), "supernode", "register", str(key_file), self.connection, "--name", site, "--format", "json"],
-                    env=env, capture_output=True, text=True, timeout=120,
+                    [
+                        flower_bin("flwr"),
+                        "supernode",
+                        "register",
+                        str(key_file),
+                        self.connection,
+                        "--name",
+                        site,
+                        "--format",
+                        "json",
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
                 )
                 answer = _json_tail(result.stdout)
                 if result.returncode == 0 and answer.get("success"):
@@ -171,8 +178,10 @@ class Aggregator:
                 elif "already in use" in (result.stdout + result.stderr):
                     log(f"{site} already registered" + (f" (node {registered[site]})" if site in registered else ""))
                 else:
-                    raise AggregatorError(f"could not register {site}: {(result.stdout + result.stderr).strip()[-800:]}")
-        registered_path.write_text(json.dumps(registered, indent=2) + "\n", encoding="utf-8")
+                    raise AggregatorError(
+                        f"could not register {site}: {(result.stdout + result.stderr).strip()[-800:]}"
+                    )
+        write_atomic(registered_path, json.dumps(registered, indent=2) + "\n")
         return registered
 
     # -- running the SuperLink --------------------------------------------
@@ -193,19 +202,19 @@ class Aggregator:
             self.prepare()
         command = self.superlink_command(fleet_listen, control_listen)
         log("starting: " + " ".join(command))
-        process = subprocess.Popen(command, env=flower_env(self.flwr_home))
-        stopping = _forward_signals(process)
+        stop = processes.StopSignals()
+        process = stop.watch(subprocess.Popen(command, env=flower_env(self.flwr_home)))
         try:
             _wait_for_port(_dial(control), process, ready_timeout)
             if not self.insecure and self.node_keys():
                 self.register_nodes(log)
             fleet = fleet_listen or self.kit.aggregator.fleet_listen
             log(f"aggregator ready: sites connect to {self.kit.aggregator.address} (listening on {fleet})")
-            code = process.wait()
+            code = processes.wait(process, stop, GRACE_SECONDS)
         except BaseException:
-            _stop(process)
+            processes.stop(process, GRACE_SECONDS)
             raise
-        return 0 if stopping() else code
+        return 0 if stop.requested else code
 
     # -- submitting runs --------------------------------------------------
 
@@ -260,33 +269,23 @@ class Aggregator:
         )
 
     def submit(self, config: FedprivConfig, app_dir: str | Path | None = None, stream: bool = True) -> int:
-        """`flwr run` of the fedpriv app with this configuration; its log goes to our stdout."""
+        """`flwr run` of the fedpriv app with this configuration; its log goes to our stdout.
+
+        The app folder is written from this installation (settings only, no
+        code); `app_dir` submits another Flower App folder instead.
+        """
         self.prepare()
-        app = Path(app_dir) if app_dir else find_app_dir()
         with tempfile.TemporaryDirectory(prefix="fedpriv-run-") as tmp:
+            app = Path(app_dir) if app_dir else write_app_dir(Path(tmp) / "app", config)
             settings = Path(tmp) / "run-config.toml"
             settings.write_text(tomli_w.dumps(config.model_dump(by_alias=True)), encoding="utf-8")
-            command = [_bin("flwr"), "run", str(app), self.connection, "--run-config", str(settings)]
+            command = [flower_bin("flwr"), "run", str(app), self.connection, "--run-config", str(settings)]
             if stream:
                 command.append("--stream")
-            process = subprocess.Popen(command, env=flower_env(self.flwr_home))
-            stopping = _forward_signals(process)
-            code = process.wait()
-        return 130 if stopping() else code
-
-
-def find_app_dir() -> Path:
-    """The fedpriv Flower App: the project folder holding pyproject.toml with [tool.flwr.app]."""
-    here = Path(__file__).resolve().parents[1]
-    candidates = [Path(os.environ["FEDPRIV_APP_DIR"])] if os.environ.get("FEDPRIV_APP_DIR") else []
-    for candidate in [*candidates, here, Path.cwd()]:
-        project = candidate / "pyproject.toml"
-        if project.exists() and "[tool.flwr.app]" in project.read_text(encoding="utf-8"):
-            return candidate
-    raise AggregatorError(
-        "cannot find the fedpriv Flower App (a folder with pyproject.toml and [tool.flwr.app]); "
-        "pass --app DIR or set FEDPRIV_APP_DIR"
-    )
+            stop = processes.StopSignals()
+            process = stop.watch(subprocess.Popen(command, env=flower_env(self.flwr_home)))
+            code = processes.wait(process, stop, GRACE_SECONDS)
+        return 130 if stop.requested else code
 
 
 def _merge(base: dict, extra: Mapping) -> None:
@@ -317,28 +316,3 @@ def _wait_for_port(address: str, process: subprocess.Popen, timeout: float) -> N
         except OSError:
             time.sleep(0.3)
     raise AggregatorError(f"the SuperLink did not open {address} within {timeout:.0f} s")
-
-
-def _forward_signals(process: subprocess.Popen) -> Callable[[], bool]:
-    """SIGTERM/SIGINT to us go to the child, which shuts down on its own; returns 'were we asked to stop?'."""
-    asked: list[int] = []
-
-    def forward(signum, _frame):
-        asked.append(signum)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    return lambda: bool(asked)
-
-
-def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

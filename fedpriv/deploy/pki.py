@@ -6,7 +6,8 @@ do not get certificates; each proves who it is with a node-authentication key
 (ECDSA, NIST P-384, public half in OpenSSH format, as Flower expects) that
 the aggregator registers.
 
-Secrets are created with O_EXCL and mode 0600: a file that already exists is
+Keys and certificates are written with `fedpriv.common.files.write_secret`
+and `write_public` (O_EXCL; secrets 0600): a file that already exists is
 never replaced, so re-running provisioning cannot silently swap a key that
 sites or ledgers already depend on.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpriv.common.errors import FedprivError
+from fedpriv.common.files import write_public, write_secret
 
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()
@@ -33,44 +33,28 @@ CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime browsers and most TLS stacks still accept
 
 
-class SecretExistsError(FedprivError, FileExistsError):
-    """A key or certificate is already on disk; provisioning never replaces one."""
-
-
-def _write_new(path: str | Path, data: bytes, mode: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise SecretExistsError(f"{path}: already exists; refusing to overwrite it") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
-
-
-def write_secret(path: str | Path, data: bytes) -> Path:
-    """A new file readable by its owner only; refuses to replace an existing one."""
-    path = _write_new(path, data, 0o600)
-    os.chmod(path, 0o600)  # exactly 0600 whatever the umask: the owner must still be able to read it
-    return path
-
-
-def write_public(path: str | Path, data: bytes) -> Path:
-    """A new world-readable file (certificates, public keys); never replaces one either."""
-    return _write_new(path, data, 0o644)
-
-
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVE)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_key(path: str | Path, key: ec.EllipticCurvePrivateKey) -> Path:
+    """A new private key file, owner-only; an existing one is never replaced (`SecretExistsError`)."""
+    return write_secret(path, key_pem(key))
+
+
+def write_cert(path: str | Path, cert: x509.Certificate) -> Path:
+    """A new certificate file; an existing one is never replaced either."""
+    return write_public(path, cert_pem(cert))
 
 
 def load_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
@@ -86,13 +70,16 @@ def load_cert(path: str | Path) -> x509.Certificate:
 
 def _name(common_name: str, organisation: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
     )
 
 
 def _now() -> dt.datetime:
     # Backdated a little: a site whose clock runs slightly behind must still accept a fresh certificate.
-    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
 
 
 def new_ca(federation: str, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -111,9 +98,15 @@ def new_ca(federation: str, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivat
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -164,17 +157,21 @@ def issue_server_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, HASH)
     )
     return key, cert
@@ -205,13 +202,18 @@ class NodeKey:
     public_openssh: bytes
 
     @classmethod
-    def generate(cls) -> "NodeKey":
+    def generate(cls) -> NodeKey:
         key = new_key()
         private = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return cls(private, public + b"\n")
+
+    def write(self, private_path: str | Path, public_path: str | Path) -> None:
+        """The private half owner-only, the public half readable; neither replaces an existing file."""
+        write_secret(private_path, self.private_openssh)
+        write_public(public_path, self.public_openssh)
 
 
 def node_public_key(text: str | bytes) -> ec.EllipticCurvePublicKey:

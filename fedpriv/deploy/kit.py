@@ -13,13 +13,14 @@ separate state directory.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.files import read_toml
+from fedpriv.common.schema import KebabModel
 
 KIT_CONFIG = "kit.toml"
 CA_CERT = "ca.crt"
@@ -50,22 +51,14 @@ def check_site_name(name: str) -> str:
     return name
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid")
-
-
-class KitData(_Model):
+class KitData(KebabModel):
     labels: str = Field(description="The federation's label set as an inline JSON list.")
     text_column: str = "text"
     label_column: str = "category"
     min_rows: int = Field(10, ge=1)
 
 
-class SiteKit(_Model):
+class SiteKit(KebabModel):
     role: Literal["site"] = "site"
     federation: str
     site: str
@@ -75,13 +68,13 @@ class SiteKit(_Model):
     data: KitData
 
 
-class AggregatorEndpoints(_Model):
+class AggregatorEndpoints(KebabModel):
     address: str = Field(description="The Fleet API address sites dial, HOST:PORT.")
     fleet_listen: str = "0.0.0.0:9092"
     control_listen: str = "127.0.0.1:9093"
 
 
-class AggregatorKit(_Model):
+class AggregatorKit(KebabModel):
     role: Literal["aggregator"] = "aggregator"
     federation: str
     aggregator: AggregatorEndpoints
@@ -90,13 +83,9 @@ class AggregatorKit(_Model):
 
 
 def _read(directory: Path) -> dict[str, Any]:
-    path = directory / KIT_CONFIG
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KitError(f"{directory}: not a fedpriv kit (no {KIT_CONFIG}); make kits with `fedpriv provision`") from None
-    except tomllib.TOMLDecodeError as error:
-        raise KitError(f"{path}: not valid TOML: {error}") from None
+    if not (directory / KIT_CONFIG).exists():
+        raise KitError(f"{directory}: not a fedpriv kit (no {KIT_CONFIG}); make kits with `fedpriv provision`")
+    return read_toml(directory / KIT_CONFIG, "kit settings", KitError)
 
 
 def _validate(model: type[BaseModel], tree: dict[str, Any], path: Path):
@@ -119,7 +108,9 @@ def load_aggregator_kit(directory: str | Path) -> AggregatorKit:
     directory = Path(directory)
     tree = _read(directory)
     if tree.get("role") != "aggregator":
-        raise KitError(f"{directory / KIT_CONFIG}: this is a kit for {tree.get('role', '?')} {tree.get('site', '')}, not the aggregator")
+        raise KitError(
+            f"{directory / KIT_CONFIG}: this is a kit for {tree.get('role', '?')} {tree.get('site', '')}, not the aggregator"
+        )
     return _validate(AggregatorKit, tree, directory / KIT_CONFIG)
 
 

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedpriv.common import pki, signing
-from fedpriv.common.config import FedprivConfig, read_toml
+from fedpriv.common import signing
+from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.kit import (
+from fedpriv.common.files import read_toml, write_atomic
+from fedpriv.common.schema import KebabModel
+from fedpriv.deploy import pki
+from fedpriv.deploy.kit import (
     AGGREGATOR,
     CA_CERT,
     KIT_CONFIG,
@@ -62,34 +65,26 @@ class ProvisionError(FedprivError, ValueError):
     """The federation file or the existing kits do not allow provisioning; the message says why."""
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid")
-
-
-class AggregatorSpec(_Section):
+class AggregatorSpec(KebabModel):
     address: str = Field(description="HOST:PORT sites dial (the Fleet API).")
     hosts: list[str] = Field(default_factory=list, description="Extra DNS names and IPs for the TLS certificate.")
     fleet_listen: str = ""
     control_listen: str = "127.0.0.1:9093"
 
 
-class DataSpec(_Section):
+class DataSpec(KebabModel):
     labels: str | list[str]
     text_column: str = "text"
     label_column: str = "category"
     min_rows: int = Field(10, ge=1)
 
 
-class SiteDefaults(_Section):
+class SiteDefaults(KebabModel):
     epsilon_cap: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
-class SiteSpec(_Section):
+class SiteSpec(KebabModel):
     name: str
     epsilon_cap: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
@@ -100,7 +95,9 @@ class SiteSpec(_Section):
         return check_site_name(value)
 
 
-class Federation(_Section):
+class FederationSpec(KebabModel):
+    """The federation file: the aggregator, the sites, their budgets and the label set."""
+
     name: str
     aggregator: AggregatorSpec
     data: DataSpec
@@ -109,7 +106,7 @@ class Federation(_Section):
     run: dict = Field(default_factory=dict, description="fedpriv settings every run starts from.")
 
     @model_validator(mode="after")
-    def _unique(self) -> "Federation":
+    def _unique(self) -> FederationSpec:
         names = [s.name for s in self.sites]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -122,11 +119,11 @@ class Federation(_Section):
         return list(dict.fromkeys(h.lower() for h in ordered))
 
 
-def load_federation(path: str | Path) -> Federation:
+def load_federation(path: str | Path) -> FederationSpec:
     path = Path(path)
     tree = read_toml(path, "federation file", ProvisionError)
     try:
-        federation = Federation.model_validate(tree)
+        federation = FederationSpec.model_validate(tree)
     except (ValidationError, KitError) as error:
         raise ProvisionError(f"{path}: {error}") from None
     labels = federation.data.labels
@@ -166,9 +163,7 @@ def _write_derived(path: Path, text: str, report: Report) -> None:
     if old == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text)
     (report.updated if old is not None else report.created).append(path)
 
 
@@ -176,21 +171,21 @@ def _write_ledger_key(path: Path) -> None:
     signing.write_private_key(signing.generate(), path)
 
 
-def _ca(out: Path, federation: Federation, report: Report):
+def _ca(out: Path, federation: FederationSpec, report: Report):
     key_path, cert_path = out / CA_DIR / CA_KEY, out / CA_DIR / CA_CERT
     if key_path.exists() != cert_path.exists():
         raise ProvisionError(f"{out / CA_DIR}: has only one of {CA_KEY} and {CA_CERT}; restore the other from backup")
     if not key_path.exists():
         key, cert = pki.new_ca(federation.name)
-        pki.write_secret(key_path, pki.key_pem(key))
-        pki.write_public(cert_path, pki.cert_pem(cert))
+        pki.write_key(key_path, key)
+        pki.write_cert(cert_path, cert)
         report.created += [key_path, cert_path]
     else:
         report.kept += [key_path, cert_path]
     return cert_path
 
 
-def _tls(kit: Path, out: Path, federation: Federation, report: Report) -> None:
+def _tls(kit: Path, out: Path, federation: FederationSpec, report: Report) -> None:
     cert_path, key_path = kit / TLS_CERT, kit / TLS_KEY
     if cert_path.exists() and key_path.exists():
         report.kept += [cert_path, key_path]
@@ -213,14 +208,14 @@ def _require_ca_key(out: Path) -> None:
         )
 
 
-def issue_tls(out: Path, federation: Federation, report: Report) -> None:
+def issue_tls(out: Path, federation: FederationSpec, report: Report) -> None:
     kit = out / AGGREGATOR
     _require_ca_key(out)
     ca_key = pki.load_key(out / CA_DIR / CA_KEY)
     ca_cert = pki.load_cert(out / CA_DIR / CA_CERT)
     key, cert = pki.issue_server_cert(ca_key, ca_cert, federation.hosts(), federation.name)
-    pki.write_secret(kit / TLS_KEY, pki.key_pem(key))
-    pki.write_public(kit / TLS_CERT, pki.cert_pem(cert))
+    pki.write_key(kit / TLS_KEY, key)
+    pki.write_cert(kit / TLS_CERT, cert)
     report.created += [kit / TLS_KEY, kit / TLS_CERT]
 
 
@@ -240,7 +235,15 @@ def _copy_ca(cert_path: Path, kit: Path, report: Report) -> None:
     _write_derived(kit / CA_CERT, cert_path.read_text(encoding="utf-8"), report)
 
 
-def _site(out: Path, federation: Federation, site: SiteSpec, ca_cert: Path, ledger_keys: dict, node_keys: dict, report: Report) -> None:
+def _site(
+    out: Path,
+    federation: FederationSpec,
+    site: SiteSpec,
+    ca_cert: Path,
+    ledger_keys: dict,
+    node_keys: dict,
+    report: Report,
+) -> None:
     kit = out / SITES_DIR / site.name
     if not kit.exists() and site.name in ledger_keys:
         # Issued before and handed over: new keys would be a different site.
@@ -250,9 +253,7 @@ def _site(out: Path, federation: Federation, site: SiteSpec, ca_cert: Path, ledg
     if (kit / NODE_KEY).exists() != (kit / NODE_PUB).exists():
         raise ProvisionError(f"{kit}: has only one of {NODE_KEY} and {NODE_PUB}; restore the other or remove both")
     if not (kit / NODE_KEY).exists():
-        pair = pki.NodeKey.generate()
-        pki.write_secret(kit / NODE_KEY, pair.private_openssh)
-        pki.write_public(kit / NODE_PUB, pair.public_openssh)
+        pki.NodeKey.generate().write(kit / NODE_KEY, kit / NODE_PUB)
         report.created += [kit / NODE_KEY, kit / NODE_PUB]
     else:
         report.kept += [kit / NODE_KEY, kit / NODE_PUB]
@@ -284,7 +285,7 @@ def _site(out: Path, federation: Federation, site: SiteSpec, ca_cert: Path, ledg
     _write_derived(kit / KIT_CONFIG, HEADER + tomli_w.dumps(config.model_dump(by_alias=True)), report)
 
 
-def _run_defaults(federation: Federation) -> dict:
+def _run_defaults(federation: FederationSpec) -> dict:
     """The settings every run of this federation starts from: its labels and columns, no built-in test set."""
     run = json.loads(json.dumps(federation.run))
     data = run.setdefault("data", {})
@@ -336,7 +337,11 @@ def provision(federation_file: str | Path, out: str | Path) -> Report:
 
 
 def add_site(
-    federation_file: str | Path, out: str | Path, name: str, epsilon_cap: float | None = None, delta: float | None = None
+    federation_file: str | Path,
+    out: str | Path,
+    name: str,
+    epsilon_cap: float | None = None,
+    delta: float | None = None,
 ) -> Report:
     """Lists a new site in the federation file, then provisions what is missing (its kit)."""
     path = Path(federation_file)
@@ -353,11 +358,11 @@ def add_site(
     # Appended as text so the operator's comments and layout survive.
     block = "\n[[sites]]\n" + tomli_w.dumps(entry)
     text = path.read_text(encoding="utf-8")
-    path.write_text(text + ("" if text.endswith("\n") else "\n") + block, encoding="utf-8")
+    write_atomic(path, text + ("" if text.endswith("\n") else "\n") + block)
     try:
         load_federation(path)
     except ProvisionError as error:
-        path.write_text(text, encoding="utf-8")  # e.g. a file that lists sites inline: leave it as it was
+        write_atomic(path, text)  # e.g. a file that lists sites inline: leave it as it was
         raise ProvisionError(f"could not append {name} as a [[sites]] table ({error}); add it by hand") from None
     return provision(path, out)
 

@@ -14,27 +14,26 @@ backed up: it is what keeps the site under its cap across runs.
 
 from __future__ import annotations
 
+import enum
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpriv.common import flower_compat
+from fedpriv.common import node_config as keys
 from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
-from fedpriv.common.kit import LEDGER_KEY as KIT_LEDGER_KEY
+from fedpriv.deploy import processes
+from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
+from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
 
 FLWR_HOME = "flwr-home"
 DEFAULT_PORT = 9094
 GRACE_SECONDS = 30.0
 ACTIVATION_RETRY_SECONDS = 10.0
-# What Flower's SuperNode exit code 305 (no connection) most often means, for the site's operator.
+# What Flower's "could not connect to the SuperLink" most often means, for the site's operator.
 HINT = (
     "the SuperNode could not connect: check the aggregator address and firewall, that this kit's ca.crt "
     "is the federation's CA, and that the aggregator registered this site's node key"
@@ -52,7 +51,7 @@ class Agent:
     state: Path
 
     @classmethod
-    def from_kit(cls, kit_dir: str | Path, state_dir: str | Path | None = None) -> "Agent":
+    def from_kit(cls, kit_dir: str | Path, state_dir: str | Path | None = None) -> Agent:
         kit_dir = Path(kit_dir).expanduser().resolve()
         kit = load_site_kit(kit_dir)
         require(kit_dir, KIT_LEDGER_KEY)
@@ -85,9 +84,6 @@ class Agent:
         return load_dataset(Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows)
 
     def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
-        from fedpriv.common import node_config as keys
-
-
         values: dict[str, str | float] = {
             keys.DATA_PATH: str(Path(data).expanduser().resolve()),
             keys.SITE_NAME: self.kit.site,
@@ -111,18 +107,23 @@ class Agent:
         max_retries: int | None = None,
     ) -> list[str]:
         command = [
-            _bin("flower-supernode"),
-            "--superlink", superlink or self.kit.superlink,
-            "--port", str(port),
-            "--node-config", format_node_config(node_config),
+            processes.flower_bin("flower-supernode"),
+            "--superlink",
+            superlink or self.kit.superlink,
+            "--port",
+            str(port),
+            "--node-config",
+            format_node_config(node_config),
         ]
         if insecure:
             command.append("--insecure")
         else:
             require(self.kit_dir, CA_CERT, NODE_KEY)
             command += [
-                "--root-certificates", str(self.kit_dir / CA_CERT),
-                "--auth-supernode-private-key", str(self.kit_dir / NODE_KEY),
+                "--root-certificates",
+                str(self.kit_dir / CA_CERT),
+                "--auth-supernode-private-key",
+                str(self.kit_dir / NODE_KEY),
             ]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
@@ -147,96 +148,85 @@ class Agent:
         os.chmod(self.state, 0o700)
         (self.state / FLWR_HOME).mkdir(exist_ok=True)
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(
-            FLWR_HOME=str(self.state / FLWR_HOME),
-            FLWR_TELEMETRY_ENABLED="0",
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        asked: list[int] = []
-        current: list[subprocess.Popen] = []
-
-        def forward(signum, _frame):
-            asked.append(signum)
-            if current and current[-1].poll() is None:
-                current[-1].send_signal(signal.SIGTERM)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, forward)
+        env = processes.flower_env(self.state / FLWR_HOME)
+        stop = processes.StopSignals()
         superlink = command[command.index("--superlink") + 1]
         attempt = 0
         while True:
             log(f"{self.kit.site}: connecting to {superlink}")
             # Its own process group: the SuperNode starts SuperExec and a
             # ClientApp process per message, and a stop must take them all.
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                bufsize=1,
-                start_new_session=True,
+            process = stop.watch(
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    bufsize=1,
+                    start_new_session=True,
+                )
             )
-            current.append(process)
-            seen = _Echo(process)
-            code = _wait(process, asked)
-            _stop_group(process.pid)
-            seen.join()
-            if asked:
+            output = processes.PassThrough(process)
+            code = processes.wait(process, stop, GRACE_SECONDS)
+            processes.stop_group(process.pid)
+            failure = read_failure(output.join()) if code else None
+            if stop.requested:
                 log(f"{self.kit.site}: stopped")
                 return 0
             if code == 0:
                 return 0
-            if seen.activation_refused and (max_retries is None or attempt < max_retries):
+            if failure is Failure.ACTIVATION_REFUSED and (max_retries is None or attempt < max_retries):
                 attempt += 1
                 log(
                     f"{self.kit.site}: the aggregator refused to activate this site's node key: it is not registered "
                     f"(yet), or this site's previous session has not expired; retrying in {retry_seconds:g} s"
                 )
-                deadline = time.monotonic() + retry_seconds
-                while time.monotonic() < deadline and not asked:
-                    time.sleep(0.2)
-                if asked:
+                if stop.sleep(retry_seconds):
                     log(f"{self.kit.site}: stopped")
                     return 0
                 continue
-            log(f"{self.kit.site}: SuperNode exited with code {code}; {seen.diagnosis()}")
-            return code or 1
+            log(f"{self.kit.site}: SuperNode exited with code {code}; {failure.diagnosis}")
+            return code
 
 
-class _Echo:
-    """Passes the SuperNode's output through and notes what went wrong."""
+class Failure(enum.Enum):
+    """Why a SuperNode stopped with an error, as far as its exit message tells."""
 
-    def __init__(self, process: subprocess.Popen):
-        self.activation_refused = False
-        self.tls_untrusted = False
-        self.plaintext = False
-        self._thread = threading.Thread(target=self._pump, args=(process,), daemon=True)
-        self._thread.start()
+    ACTIVATION_REFUSED = (
+        "the aggregator refused this site's node key: ask its operator to run `fedpriv aggregator register`"
+    )
+    TLS_UNTRUSTED = (
+        "the aggregator's TLS certificate is not signed by the CA in this kit (ca.crt): wrong kit or wrong address"
+    )
+    NO_CONNECTION = HINT
+    OTHER = "see Flower's message above"
 
-    def _pump(self, process: subprocess.Popen) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if "[code: 2004]" in line:
-                self.activation_refused = True
-            if "CERTIFICATE_VERIFY_FAILED" in line:
-                self.tls_untrusted = True
-            if "Socket closed" in line or "WRONG_VERSION_NUMBER" in line:
-                self.plaintext = True
-
-    def join(self) -> None:
-        self._thread.join(timeout=5)
-
+    @property
     def diagnosis(self) -> str:
-        if self.tls_untrusted:
-            return "the aggregator's TLS certificate is not signed by the CA in this kit (ca.crt): wrong kit or wrong address"
-        if self.activation_refused:
-            return "the aggregator refused this site's node key: ask its operator to run `fedpriv aggregator register`"
-        return HINT
+        return self.value
+
+
+def read_failure(output: str) -> Failure:
+    """Reads why the SuperNode failed from the output it ended with.
+
+    This has to read text: Flower's SuperNode exits with status 1 for every
+    error (`flwr_exit`), and its `ExitCode` (305: no connection) and the
+    SuperLink's `ApiErrorCode` (2004: node activation refused) appear only in
+    the message it logs before exiting ("Exit Code: 305", "[code: 2004]"). An
+    untrusted certificate has no Flower code at all: gRPC passes on
+    BoringSSL's reason, CERTIFICATE_VERIFY_FAILED. Flower's numbers come from
+    its constants (`flower_compat`), so a renumbering fails its check, not silently.
+    """
+    activation_refused, no_connection = flower_compat.supernode_error_marks()
+    if activation_refused in output:
+        return Failure.ACTIVATION_REFUSED
+    if "CERTIFICATE_VERIFY_FAILED" in output:
+        return Failure.TLS_UNTRUSTED
+    if no_connection in output:
+        return Failure.NO_CONNECTION
+    return Failure.OTHER
 
 
 def format_node_config(values: dict[str, str | float]) -> str:
@@ -254,34 +244,3 @@ def format_node_config(values: dict[str, str | float]) -> str:
                 raise AgentError(f"node config {key}: {text!r} cannot be quoted for Flower (contains both quote marks)")
             parts.append(f"{key}={quote}{text}{quote}")
     return " ".join(parts)
-
-
-def _wait(process: subprocess.Popen, asked: list[int]) -> int:
-    """The child's exit code; a child that ignores a forwarded stop for GRACE_SECONDS is killed."""
-    deadline = None
-    while True:
-        try:
-            return process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            if asked and deadline is None:
-                deadline = time.monotonic() + GRACE_SECONDS
-            if deadline is not None and time.monotonic() > deadline:
-                process.kill()
-
-
-def _stop_group(pgid: int) -> None:
-    """Ends what the SuperNode left running (SuperExec, ClientApps): TERM, then KILL."""
-    deadline = time.monotonic() + 10.0
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            os.killpg(pgid, 0)
-            time.sleep(0.2)
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the whole group is gone
-
-
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)

@@ -1,0 +1,176 @@
+"""What a worker process keeps between messages: one resident model and the sites it serves.
+
+As in pfl-research, a simulation worker that trains a thousand sites builds
+the model once. Each site's prepared data, budget, ledger and signing key are
+kept too, keyed by everything that determines them (run, node, model, data
+settings, seed, privacy plan), so a later run or a changed setting gets a
+fresh site, never a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from flwr.app import Context
+
+from fedpriv.client.budget import SiteBudget
+from fedpriv.client.site import DeployedSource, allows_non_private, data_source, open_budget
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
+from fedpriv.common.features import FeatureCache
+from fedpriv.common.logs import CLIENT_LOG
+from fedpriv.common.model import ModelBundle, Prepared, build_model
+from fedpriv.common.partition import split_for
+from fedpriv.common.records import data_sha256
+from fedpriv.common.resources import resolve_path
+
+log = logging.getLogger(CLIENT_LOG)
+
+
+@dataclass(eq=False)
+class SiteRuntime:
+    """One site as this worker serves it, from its first message to its last."""
+
+    name: str
+    simulated: bool
+    partition: int | None
+    train: Prepared
+    validation: Prepared
+    data_id: str
+    allows_non_private: bool
+    model: ModelBundle = field(repr=False)
+    config: FedprivConfig = field(repr=False)
+    run_id: int = 0
+    node_config: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def budget(self) -> SiteBudget:
+        """Opened at the first train message: one ledger, its key read once."""
+        return open_budget(self.node_config, self.config, self.run_id, self.name, self.simulated, self.data_id)
+
+    def training_seed(self, server_round: int) -> int:
+        """Repeatable in simulation; secret at a real site.
+
+        A deployed site's sampling and noise must be unpredictable to everyone
+        else, or the aggregator could replay the noise and subtract it.
+        """
+        if not self.simulated:
+            return secrets.randbits(63)
+        digest = hashlib.sha256(f"{self.config.seed}|{self.partition}|{server_round}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
+
+class WorkerRuntime:
+    """The state of one worker process: its resident model, the simulation's split, its sites."""
+
+    max_sites = 4096  # prepared sites kept per worker; features are small next to the model
+
+    def __init__(self) -> None:
+        self._model_key: tuple | None = None
+        self._model: ModelBundle | None = None
+        self._split_key: tuple | None = None
+        self._split: tuple[TextDataset, list, list[str]] | None = None
+        self._sites: OrderedDict[tuple, SiteRuntime] = OrderedDict()
+
+    def resident_model(self, config: FedprivConfig, labels: LabelSet) -> ModelBundle:
+        key = (config.model.model_dump_json(), config.data.max_length, labels.names)
+        if key != self._model_key:
+            # One resident model per worker; sites prepared for the old one go with it.
+            self._model = self._model_key = None
+            self._sites.clear()
+            self._model = build_model(config, labels, cache=FeatureCache())
+            self._model_key = key
+        return self._model
+
+    def site(self, context: Context, config: FedprivConfig) -> SiteRuntime:
+        labels = LabelSet.load(config.data.labels)
+        model = self.resident_model(config, labels)
+        node = dict(context.node_config)
+        key = (
+            context.run_id,
+            context.node_id,
+            model.fingerprint,
+            model.mode,
+            labels.names,
+            config.seed,
+            config.data.model_dump_json(),
+            config.simulation.model_dump_json(),
+            config.privacy.model_dump_json(),
+            config.run_dir,
+            tuple(sorted((k, str(v)) for k, v in node.items())),
+        )
+        site = self._sites.get(key)
+        if site is not None:
+            self._sites.move_to_end(key)
+            return site
+        site = self._build_site(context.run_id, context.node_id, node, config, labels, model)
+        self._sites[key] = site
+        while len(self._sites) > self.max_sites:
+            self._sites.popitem(last=False)
+        return site
+
+    def _build_site(
+        self, run_id: int, node_id: int, node: dict, config: FedprivConfig, labels: LabelSet, model: ModelBundle
+    ) -> SiteRuntime:
+        data = config.data
+        source = data_source(node, node_id, config)
+        if isinstance(source, DeployedSource):
+            dataset = load_dataset(source.path, labels, source.text_column, source.label_column, min_rows=data.min_rows)
+            name, partition = source.name, None
+        else:
+            full, parts, names = self._partitioned(config, labels, source.partitions)
+            partition = source.partition
+            dataset, name = full.subset(parts[partition]), names[partition]
+            if len(dataset) < data.min_rows:
+                raise DataError(
+                    full.source, f"simulated {name} has {len(dataset)} rows, fewer than data.min-rows={data.min_rows}"
+                )
+        simulated = partition is not None
+        train, validation = split_validation(dataset, data.validation_fraction, seed=config.seed + (partition or 0))
+        log.info("%s: %d training and %d validation rows", name, len(train), len(validation))
+        return SiteRuntime(
+            name=name,
+            simulated=simulated,
+            partition=partition,
+            train=model.prepare(train),
+            validation=model.prepare(validation),
+            data_id=data_sha256(train.texts, train.labels),
+            allows_non_private=allows_non_private(node, simulated),
+            model=model,
+            config=config,
+            run_id=run_id,
+            node_config=node,
+        )
+
+    def _partitioned(self, config: FedprivConfig, labels: LabelSet, sites: int):
+        """The simulation's dataset and its split into sites, computed once per worker."""
+        data, sim = config.data, config.simulation
+        path = resolve_path(data.path)
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        key = (
+            str(path),
+            stamp,
+            data.text_column,
+            data.label_column,
+            labels.names,
+            sim.model_dump_json(),
+            sites,
+            config.seed,
+            data.min_rows,
+        )
+        if key != self._split_key:
+            dataset = load_dataset(path, labels, data.text_column, data.label_column, min_rows=1)
+            self._split = (dataset, *split_for(config, dataset, sites))
+            self._split_key = key
+        return self._split
+
+
+# The one runtime of this worker process (a simulation worker, or a deployed site's ClientApp process).
+WORKER = WorkerRuntime()

@@ -1,0 +1,272 @@
+"""`fedpriv provision`, `fedpriv aggregator` and `fedpriv agent`: running fedpriv across real sites.
+
+Like the rest of the CLI, each command imports what it runs only when it
+runs: a site's agent never loads aggregator code and the other way round.
+Commands just raise: `fedpriv.cli.main()` prints any `FedprivError` and exits 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+provision_app = typer.Typer(
+    help="Make the federation's CA, certificates and keys, and one kit per party.",
+    invoke_without_command=True,
+)
+aggregator_app = typer.Typer(help="Run the aggregator (a Flower SuperLink) from its kit.", no_args_is_help=True)
+agent_app = typer.Typer(help="Run a site agent (a Flower SuperNode) from its kit.", no_args_is_help=True)
+
+FederationOpt = Annotated[
+    Path, typer.Option("--federation", "-f", help="The federation file (TOML; see deploy/federation.example.toml).")
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Where the kits go (default: kits/ beside the federation file).")
+]
+AggKitOpt = Annotated[Path, typer.Option("--kit", help="The aggregator's kit folder.")]
+AggStateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", help="Where the aggregator keeps its state (default: aggregator-state/ beside the kit)."),
+]
+
+
+def _log(message: str) -> None:
+    console.print(f"[bold]fedpriv:[/] {message}")
+
+
+def _warn_insecure(who: str) -> None:
+    err.print(
+        Panel(
+            f"[bold]{who} is running WITHOUT TLS and without node authentication.[/]\n"
+            "Model updates cross the network in plain text and anyone who can reach the port can join.\n"
+            "Use this only for a throw-away test on one machine.",
+            title="[bold red]INSECURE[/]",
+            border_style="red",
+        )
+    )
+
+
+def _out(federation: Path, out: Path | None) -> Path:
+    return out or federation.resolve().parent / "kits"
+
+
+def _print_report(report, out: Path) -> None:
+    for path in report.created:
+        console.print(f"[green]created[/] {path}")
+    for path in report.updated:
+        console.print(f"[yellow]updated[/] {path}")
+    if report.kept:
+        console.print(f"kept {len(report.kept)} existing key/certificate file(s) unchanged (never overwritten)")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(
+        f"\nKits in {out}: give [bold]sites/NAME/[/] to each site, keep [bold]aggregator/[/] on the aggregator, "
+        f"and keep [bold]ca/ca.key[/] offline."
+    )
+
+
+# -- provision ------------------------------------------------------------
+
+
+@provision_app.callback()
+def provision(
+    ctx: typer.Context,
+    federation: FederationOpt = Path("federation.toml"),
+    out: OutOpt = None,
+) -> None:
+    """From a federation file: a CA, the aggregator's TLS certificate, node and ledger keys, one kit per party.
+
+    Running it again only adds what is missing; existing keys are never replaced.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from fedpriv.deploy.provision import provision as run_provision
+
+    report = run_provision(federation, _out(federation, out))
+    _print_report(report, _out(federation, out))
+
+
+@provision_app.command("add-site")
+def provision_add_site(
+    name: Annotated[str, typer.Argument(help="The new site's name (lower-case letters, digits, '-').")],
+    federation: FederationOpt = Path("federation.toml"),
+    out: OutOpt = None,
+    epsilon_cap: Annotated[
+        float | None, typer.Option(help="The site's epsilon cap (default: the federation's).")
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="The site's delta (default: the federation's).")] = None,
+) -> None:
+    """Add a site to the federation file and make its kit; then run `fedpriv aggregator register`."""
+    from fedpriv.deploy.provision import add_site
+
+    report = add_site(federation, _out(federation, out), name, epsilon_cap, delta)
+    _print_report(report, _out(federation, out))
+    console.print(
+        f"Next: give sites/{name}/ to the site; if the aggregator runs elsewhere, copy public-keys.json and "
+        "node-keys.json from aggregator/ into its kit; then run `fedpriv aggregator register --kit KIT` there."
+    )
+
+
+@provision_app.command("rotate-tls")
+def provision_rotate_tls(federation: FederationOpt = Path("federation.toml"), out: OutOpt = None) -> None:
+    """Issue a new TLS key and certificate for the aggregator (same CA: sites change nothing)."""
+    from fedpriv.deploy.provision import rotate_tls
+
+    report = rotate_tls(federation, _out(federation, out))
+    _print_report(report, _out(federation, out))
+    console.print("Restart the aggregator to use the new certificate.")
+
+
+# -- aggregator -------------------------------------------------------------
+
+
+def _aggregator(kit: Path, state: Path | None, insecure: bool):
+    from fedpriv.deploy.aggregator import Aggregator
+
+    return Aggregator(kit, state, insecure=insecure)
+
+
+@aggregator_app.command("start")
+def aggregator_start(
+    kit: AggKitOpt,
+    state: AggStateOpt = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Run without TLS and node authentication (local tests only).")
+    ] = False,
+    fleet_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for the Fleet API (sites), default from the kit.")
+    ] = None,
+    control_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for the control API (operator), default from the kit.")
+    ] = None,
+) -> None:
+    """Run the SuperLink (TLS, node authentication, persistent state) and register the provisioned sites."""
+    if insecure:
+        _warn_insecure("The aggregator")
+    aggregator = _aggregator(kit, state, insecure)
+    raise typer.Exit(aggregator.start(fleet_listen, control_listen, log=_log))
+
+
+@aggregator_app.command("register")
+def aggregator_register(kit: AggKitOpt, state: AggStateOpt = None) -> None:
+    """Register every site in the kit's node-keys.json with the running aggregator (after add-site)."""
+    _aggregator(kit, state, False).register_nodes(log=console.print)
+
+
+@aggregator_app.command("run")
+def aggregator_run(
+    kit: AggKitOpt,
+    state: AggStateOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run settings.")] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: STATE/runs/<date>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = None,
+    app_dir: Annotated[
+        Path | None, typer.Option("--app", help="The fedpriv Flower App folder (default: this installation's).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="The aggregator was started with --insecure.")] = False,
+) -> None:
+    """Submit a fedpriv run to the running aggregator and stream its progress."""
+    from fedpriv.common.report import print_summary
+    from fedpriv.common.rundir import RunDirectory
+    from fedpriv.deploy.aggregator import AggregatorError
+
+    aggregator = _aggregator(kit, state, insecure)
+    if resume:
+        if config or run_dir:
+            raise AggregatorError("--resume takes the run's saved settings and directory; drop --config/--run-dir")
+        cfg = aggregator.resume_config(resume, settings or [])
+    else:
+        cfg = aggregator.run_config(config, settings or [], run_dir)
+    _log(f"run directory {cfg.run_dir}")
+    code = aggregator.submit(cfg, app_dir)
+    run = RunDirectory(cfg.run_dir)
+    if code == 0 and run.events("run-end"):
+        print_summary(run, console)
+        raise typer.Exit(0)
+    err.print(
+        f"[bold red]the run did not finish[/] (flwr exited with {code}). Its checkpoints are in {run.checkpoints}; "
+        f"continue it with: fedpriv aggregator run --kit {kit} --resume {run.path}"
+    )
+    raise typer.Exit(1)
+
+
+# -- agent --------------------------------------------------------------------
+
+
+@agent_app.command("start")
+def agent_start(
+    kit: Annotated[Path, typer.Option("--kit", help="This site's kit folder.")],
+    data: Annotated[Path, typer.Option("--data", help="The site's data (CSV, JSONL or Parquet).")],
+    state: Annotated[
+        Path | None, typer.Option("--state", help="Where the site keeps its ledger and Flower state.")
+    ] = None,
+    port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's app API (unique per agent on one host).")
+    ] = 9094,
+    superlink: Annotated[
+        str | None, typer.Option(help="Aggregator Fleet address HOST:PORT (default: the kit's).")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Label set (file or inline JSON list), default: the kit's.")
+    ] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column, default: the kit's.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column, default: the kit's.")] = None,
+    min_rows: Annotated[int | None, typer.Option(help="Fewest usable rows, default: the kit's.")] = None,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(help="Give up after this many failed connection or activation attempts (default: keep trying)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Connect without TLS (only to an --insecure test aggregator).")
+    ] = False,
+    allow_non_private: Annotated[
+        bool, typer.Option("--allow-non-private", help="Let this site train without DP if a run asks.")
+    ] = False,
+) -> None:
+    """Check the site's data, then join the federation (Flower SuperNode); stops cleanly on SIGTERM."""
+    from fedpriv.deploy.agent import Agent
+
+    agent = Agent.from_kit(kit, state)
+    dataset = agent.validate(data, labels, text_column, label_column, min_rows)
+    _log(
+        f"{agent.kit.site}: {len(dataset)} rows in {data} checked against "
+        f"{len(set(dataset.labels.tolist()))} of the federation's labels"
+    )
+    command = agent.supernode_command(
+        agent.node_config(data, allow_non_private),
+        port=port,
+        superlink=superlink,
+        insecure=insecure,
+        max_retries=max_retries,
+    )
+    if insecure:
+        _warn_insecure(f"Site {agent.kit.site}")
+    raise typer.Exit(agent.run(command, max_retries=max_retries, log=_log))
+
+
+@agent_app.command("check")
+def agent_check(
+    kit: Annotated[Path, typer.Option("--kit", help="This site's kit folder.")],
+    data: Annotated[Path, typer.Option("--data", help="The site's data (CSV, JSONL or Parquet).")],
+) -> None:
+    """Only check the site's data against the federation's label set and columns."""
+    from fedpriv.deploy.agent import Agent
+
+    dataset = Agent.from_kit(kit).validate(data)
+    console.print(f"{data}: {len(dataset)} rows, all labels known to the federation")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(provision_app, name="provision")
+    app.add_typer(aggregator_app, name="aggregator")
+    app.add_typer(agent_app, name="agent")

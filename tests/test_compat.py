@@ -1,0 +1,129 @@
+"""The internals of Flower and Opacus that fedpriv relies on, checked against the installed versions.
+
+If a pin moves, these fail first, naming what is gone; nothing else in
+fedpriv touches those internals (the layout test below keeps it so).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedpriv.common import flower_compat, opacus_compat
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modules of each library that count as its public API.
+PUBLIC = {
+    "flwr": {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.serverapp.exception"},
+    "opacus": {
+        "opacus",
+        "opacus.data_loader",
+        "opacus.utils.batch_memory_manager",
+        "opacus.accountants",
+        "opacus.accountants.utils",
+    },
+}
+COMPAT = {"flwr": ROOT / "common" / "flower_compat.py", "opacus": ROOT / "common" / "opacus_compat.py"}
+SOURCES = ["common", "client", "server", "simulation", "audit", "fedpriv"]
+
+
+def test_installed_flower_has_every_internal_fedpriv_uses():
+    flower_compat.check()
+
+
+def test_installed_opacus_has_every_internal_fedpriv_uses():
+    opacus_compat.check()
+
+
+def test_a_moved_flower_pin_is_reported_by_name(monkeypatch):
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    monkeypatch.setattr(flower_compat, "version", lambda _: "1.42.0")
+    monkeypatch.delattr(vce_api, "add_messages_to_queue")
+    with pytest.raises(flower_compat.FlowerCompatError) as caught:
+        flower_compat.check()
+    message = str(caught.value)
+    assert "fedpriv needs flwr 1.39.*" in message and "installed: 1.42.0" in message
+    assert "link state" in message and "the pinned version" in message
+
+
+def test_a_moved_opacus_pin_is_reported_by_name(monkeypatch):
+    from opacus.optimizers import DPOptimizer
+
+    monkeypatch.setattr(opacus_compat, "version", lambda _: "2.0.0")
+    monkeypatch.delattr(DPOptimizer, "attach_step_hook")
+    with pytest.raises(opacus_compat.OpacusCompatError, match=r"opacus 1\.6\.\*.*attach_step_hook"):
+        opacus_compat.check()
+
+
+def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
+    # The 100-site overhead depends on it: a Flower upgrade that moves the
+    # link state's internals must show here, not as a silent slowdown.
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    with flower_compat.fast_dispatch() as installed:
+        assert installed
+        assert vce_api.add_messages_to_queue is flower_compat.add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_fedadam_moments_survive_a_round_trip():
+    from flwr.serverapp.strategy import FedAdam
+
+    source, target = FedAdam(), FedAdam()
+    source.m_t, source.v_t = {"w": torch.ones(2).numpy()}, {"w": torch.zeros(2).numpy()}
+    flower_compat.set_adam_moments(target, flower_compat.adam_moments(source))
+    assert target.m_t["w"].tolist() == [1.0, 1.0] and target.v_t["w"].tolist() == [0.0, 0.0]
+
+
+def test_opacus_state_left_on_parameters_is_cleared():
+    from opacus import PrivacyEngine
+
+    module = nn.Linear(3, 2)
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3), torch.zeros(8).long()))
+    hooks, dp_optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=module,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+        wrap_model=False,
+    )
+    criterion(module(torch.randn(4, 3)), torch.zeros(4).long()).backward()
+    dp_optimizer.step()
+    hooks.cleanup()
+    assert any(hasattr(p, name) for p in module.parameters() for name in opacus_compat.PER_SAMPLE_STATE)
+    opacus_compat.clear_per_sample_state(module)
+    assert not any(hasattr(p, name) for p in module.parameters() for name in opacus_compat.PER_SAMPLE_STATE)
+    assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("library", ["flwr", "opacus"])
+def test_only_the_compat_module_imports_a_library_internal(library):
+    offenders = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == COMPAT[library]:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                offenders += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                    for name in names
+                    if name.split(".")[0] == library and name != library and name not in PUBLIC[library]
+                ]
+    assert not offenders, "\n".join(offenders)
