@@ -309,3 +309,23 @@ def test_round_cost_10_sites_30k_values(capsys):
             f"\nsecagg round, 10 sites x {LENGTH} values, all stages in one process: "
             f"{clean * 1000:.0f} ms; with one dropout {with_dropout * 1000:.0f} ms"
         )
+
+
+def test_any_threshold_of_shares_rebuild_the_secret_and_a_wrong_share_is_caught():
+    import itertools
+    import os
+
+    from fedpriv.common.secagg import shares
+
+    secret = os.urandom(shares.SECRET_BYTES)
+    split = shares.split(secret, 3, 5)
+    for chosen in itertools.combinations(split, 3):
+        assert shares.combine({i: split[i] for i in chosen}, 3, "s") == secret
+    with pytest.raises(SecAggError, match="2 shares, the threshold is 3"):
+        shares.combine({1: split[1], 2: split[2]}, 3, "s")
+    bad = dict(split)
+    bad[2] = os.urandom(shares.SHARE_BYTES)  # garbled (a deliberate shift is caught by the key check instead)
+    with pytest.raises(SecAggError, match="a share was wrong"):
+        shares.combine(bad, 3, "s")
+    # Two different secrets give different shares: the polynomial is fresh each time.
+    assert shares.split(secret, 3, 5) != split
