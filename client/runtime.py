@@ -122,7 +122,9 @@ class WorkerRuntime:
         data = config.data
         source = data_source(node, node_id, config)
         if isinstance(source, DeployedSource):
-            dataset = load_dataset(source.path, labels, source.text_column, source.label_column, min_rows=data.min_rows)
+            dataset = load_dataset(
+                source.path, labels, source.text_column, source.label_column, data.min_rows, source.delimiter
+            )
             name, partition = source.name, None
         else:
             full, parts, names = self._partitioned(config, labels, source.partitions)
@@ -159,6 +161,7 @@ class WorkerRuntime:
             stamp,
             data.text_column,
             data.label_column,
+            data.delimiter,
             labels.names,
             sim.model_dump_json(),
             sites,
@@ -166,7 +169,7 @@ class WorkerRuntime:
             data.min_rows,
         )
         if key != self._split_key:
-            dataset = load_dataset(path, labels, data.text_column, data.label_column, min_rows=1)
+            dataset = load_dataset(path, labels, data.text_column, data.label_column, 1, data.delimiter)
             self._split = (dataset, *split_for(config, dataset, sites))
             self._split_key = key
         return self._split

@@ -24,6 +24,7 @@ from fedpriv.common.ledger import Ledger
 from fedpriv.common.node_config import (
     ALLOW_NON_PRIVATE,
     DATA_PATH,
+    DELIMITER,
     DELTA,
     EPSILON_CAP,
     LABEL_COLUMN,
@@ -44,6 +45,7 @@ class DeployedSource:
     name: str
     text_column: str
     label_column: str
+    delimiter: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ def data_source(node: Mapping[str, Any], node_id: int, config: FedprivConfig) ->
             name=str(node.get(SITE_NAME, f"node-{node_id}")),
             text_column=str(node.get(TEXT_COLUMN, data.text_column)),
             label_column=str(node.get(LABEL_COLUMN, data.label_column)),
+            delimiter=str(node.get(DELIMITER, data.delimiter)),
         )
     if PARTITION_ID in node:
         return SimulatedSource(int(node[PARTITION_ID]), int(node.get(NUM_PARTITIONS, config.simulation.sites)))

@@ -40,6 +40,11 @@ class DataConfig(_Section):
     )
     text_column: str = Field("text", description="Column holding the text.")
     label_column: str = Field("category", description="Column holding the label name.")
+    delimiter: str = Field(
+        "",
+        max_length=1,
+        description="Column delimiter of a delimited text file; empty: by extension (.csv comma, .tsv/.txt tab).",
+    )
     labels: str = Field(
         "builtin:banking77/categories.json",
         description="The federation's fixed label set: a .json list or .txt file (one label per line), or an inline JSON list.",

@@ -7,9 +7,12 @@ fix their export without reading a traceback.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import io
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,18 @@ import pandas as pd
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.resources import resolve_path
 
-SUPPORTED = {".csv": "CSV", ".jsonl": "JSONL", ".json": "JSONL", ".parquet": "Parquet"}
+# File kinds by extension; a delimited kind's default delimiter beside it.
+SUPPORTED = {
+    ".csv": "CSV",
+    ".tsv": "TSV",
+    ".tab": "TSV",
+    ".txt": "TSV",  # GLUE and many exports: tab-separated with a header
+    ".jsonl": "JSONL",
+    ".json": "JSONL",
+    ".parquet": "Parquet",
+}
+DELIMITERS = {"CSV": ",", "TSV": "\t"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 
 
 class DataError(FedprivError, ValueError):
@@ -109,10 +123,40 @@ class TextDataset:
         return TextDataset([self.texts[i] for i in indices], self.labels[indices], self.source)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    kind = SUPPORTED.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(path, f"unsupported file type '{path.suffix}' (use .csv, .jsonl or .parquet)")
+def file_kind(path: Path) -> tuple[str, str | None]:
+    """(kind, compression) from the file name: train.tsv.gz -> ("TSV", "gzip")."""
+    suffixes = [x.lower() for x in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    kind = SUPPORTED.get(suffixes[-1]) if suffixes else None
+    if kind is None or (kind == "Parquet" and compression):
+        shown = "".join(path.suffixes) or "(none)"
+        raise DataError(
+            path,
+            f"unsupported file type '{shown}' (use .csv, .tsv, .txt, .jsonl or .parquet; "
+            ".gz or .zst compression for the text formats)",
+        )
+    return kind, compression
+
+
+def _decompress(path: Path, raw: bytes, compression: str | None) -> bytes:
+    try:
+        if compression == "gzip":
+            return gzip.decompress(raw)
+        if compression == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+    except (OSError, EOFError, zlib.error, ValueError) as error:
+        raise DataError(path, f"cannot decompress ({compression}): {error}") from None
+    except Exception as error:  # zstandard raises its own ZstdError
+        raise DataError(path, f"cannot decompress ({compression}): {error}") from None
+    return raw
+
+
+def _read_table(path: Path, delimiter: str = "") -> pd.DataFrame:
+    kind, compression = file_kind(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     if kind == "Parquet":
@@ -120,20 +164,26 @@ def _read_table(path: Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as error:  # pyarrow raises many types for a bad file
             raise DataError(path, f"cannot read Parquet: {error}") from None
-    raw = path.read_bytes()
+    raw = _decompress(path, path.read_bytes(), compression)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        row = line - 1 if kind == "CSV" else line  # CSV line 1 is the header
+        row = line - 1 if kind != "JSONL" else line  # a delimited file's line 1 is the header
         raise DataError(path, f"text is not valid UTF-8 (byte {error.start}, line {line})", row=row) from None
     if not text.strip():
         raise DataError(path, "file is empty")
-    if kind == "CSV":
+    if kind in DELIMITERS:
+        separator = delimiter or DELIMITERS[kind]
         try:
-            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[])
-        except pd.errors.ParserError as error:
-            raise DataError(path, f"malformed CSV: {error}") from None
+            # A quote in a TSV is text (GLUE's sentences have them); CSV keeps standard quoting.
+            quoting = csv.QUOTE_NONE if separator == "\t" and not delimiter else csv.QUOTE_MINIMAL
+            return pd.read_csv(
+                io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[], quoting=quoting
+            )
+        except (pd.errors.ParserError, csv.Error) as error:
+            name = {",": "CSV", "\t": "tab-separated"}.get(separator, f"'{separator}'-separated")
+            raise DataError(path, f"malformed {name} file: {error}") from None
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -149,10 +199,10 @@ def _read_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_columns(path: str | Path, columns: list[str]) -> tuple[pd.DataFrame, list[int]]:
+def read_columns(path: str | Path, columns: list[str], delimiter: str = "") -> tuple[pd.DataFrame, list[int]]:
     """The named columns of a table, with each row's 1-based number in the file."""
     path = Path(path)
-    frame = _read_table(path)
+    frame = _read_table(path, delimiter)
     if len(frame) == 0:
         raise DataError(path, "file has no data rows")
     missing = [c for c in columns if c not in frame.columns]
@@ -182,10 +232,11 @@ def load_dataset(
     text_column: str,
     label_column: str,
     min_rows: int = 1,
+    delimiter: str = "",
 ) -> TextDataset:
     """Read and validate a site's table; any bad row stops with a `DataError`."""
     path = resolve_path(str(path))
-    frame, numbers = read_columns(path, [text_column, label_column])
+    frame, numbers = read_columns(path, [text_column, label_column], delimiter)
     index = labels.index
     texts: list[str] = []
     ids: list[int] = []
@@ -219,10 +270,10 @@ def load_dataset(
     return TextDataset(texts, np.asarray(ids, dtype=np.int64), str(path))
 
 
-def read_column(path: str | Path, column: str) -> list[str]:
+def read_column(path: str | Path, column: str, delimiter: str = "") -> list[str]:
     """One column as strings (the natural partition column of a simulation)."""
     path = resolve_path(str(path))
-    frame, numbers = read_columns(path, [column])
+    frame, numbers = read_columns(path, [column], delimiter)
     values = []
     for number, value in zip(numbers, frame[column], strict=True):
         text = _as_text(value)

@@ -76,7 +76,7 @@ def split_for(config, dataset, sites: int) -> tuple[list[np.ndarray], list[str]]
 
     sim = config.simulation
     if sim.partitioner == "column":
-        return by_column(read_column(dataset.source, sim.column), sites)
+        return by_column(read_column(dataset.source, sim.column, config.data.delimiter), sites)
     names = [f"site-{i:03d}" for i in range(sites)]
     if sim.partitioner == "iid":
         return iid(len(dataset), sites, config.seed), names

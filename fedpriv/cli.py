@@ -42,7 +42,9 @@ def simulate(
     mode: Annotated[str | None, typer.Option(help="Fine-tuning mode: head, lora or full.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site.")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (baseline).")] = False,
-    data: Annotated[str | None, typer.Option(help="Dataset to split into sites (CSV, JSONL, Parquet).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset to split into sites (.csv, .tsv, .txt, .jsonl, .parquet; .gz/.zst).")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for partitioning, sampling and noise.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
@@ -51,6 +53,11 @@ def simulate(
 
     With no options: the built-in demo, Banking77 split over 10 sites, MiniLM,
     DP-SGD at epsilon 8 per site.
+
+    Data files: .csv, .tsv/.tab/.txt (tab-separated), .jsonl/.json (one object
+    per line) or .parquet; text files may be compressed (.gz, .zst), e.g.
+    train.tsv.gz. A header row and UTF-8 are expected; other delimiters:
+    --set data.delimiter=";".
     """
     from fedpriv.common.config import apply_overrides, load_config
     from fedpriv.simulation.harness import simulate as run_simulation

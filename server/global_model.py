@@ -24,7 +24,12 @@ class GlobalModel:
         self.test: Prepared | None = None
         if config.data.test_path:
             data = load_dataset(
-                config.data.test_path, labels, config.data.text_column, config.data.label_column, min_rows=1
+                config.data.test_path,
+                labels,
+                config.data.text_column,
+                config.data.label_column,
+                1,
+                config.data.delimiter,
             )
             self.test = self.bundle.prepare(data)
             log.info("central test set: %d rows from %s", len(data), data.source)

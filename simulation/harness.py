@@ -19,6 +19,7 @@ from fedpriv.common.files import write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
 from fedpriv.common.report import print_summary, write_plots
+from fedpriv.common.resources import check_model
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
@@ -27,8 +28,8 @@ from fedpriv.simulation.monitor import Monitor
 def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table, list[str]]:
     """Validates the dataset and shows how it is split into sites, before any worker starts."""
     data, sim = config.data, config.simulation
-    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, min_rows=1)
-    sites = len(set(read_column(data.path, sim.column))) if sim.partitioner == "column" else sim.sites
+    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    sites = len(set(read_column(data.path, sim.column, data.delimiter))) if sim.partitioner == "column" else sim.sites
     if sites != sim.sites:
         config = config.replace(**{"simulation.sites": sites})
     parts, names = split_for(config, dataset, sites)
@@ -61,6 +62,7 @@ def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
 
 def simulate(config: FedprivConfig, console: Console | None = None, verbose: bool = False) -> RunDirectory:
     console = console or Console()
+    check_model(config.model.name)  # before any site is built or anything is written
     run = RunDirectory.create(config.run_dir)
     config = config.replace(**{"run-dir": str(run.path)})
     labels = LabelSet.load(config.data.labels)

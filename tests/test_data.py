@@ -113,3 +113,57 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
     assert len(val) == 10 and len(train) == 40
     assert train.texts == again.texts
     assert sorted(train.texts + val.texts) == sorted(data.texts)
+
+
+def test_tsv_txt_and_compressed_files_read_like_csv(tmp_path):
+    import gzip
+
+    import zstandard
+
+    rows = easy_rows(12)
+    # GLUE style: tab-separated, a quote inside a sentence is text, not a quoting character.
+    rows[1] = ('my "new" card has not arrived', rows[1][1])
+    tsv = "text\tcategory\n" + "".join(f"{t}\t{c}\n" for t, c in rows)
+    expected = [t for t, _ in rows]
+    (tmp_path / "a.tsv").write_text(tsv)
+    (tmp_path / "a.txt").write_text(tsv)
+    (tmp_path / "a.tsv.gz").write_bytes(gzip.compress(tsv.encode()))
+    write_csv(tmp_path / "b.csv", rows)
+    (tmp_path / "b.csv.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "b.csv").read_bytes()))
+    for name in ("a.tsv", "a.txt", "a.tsv.gz", "b.csv.zst"):
+        data = load(tmp_path / name)
+        assert data.texts == expected, name
+        assert data.labels.tolist() == load(tmp_path / "b.csv").labels.tolist()
+
+
+def test_a_delimiter_setting_reads_other_separators_and_names_the_file(tmp_path):
+    rows = easy_rows(6)
+    path = tmp_path / "semi.csv"
+    path.write_text("text;category\n" + "".join(f"{t};{c}\n" for t, c in rows))
+    assert load(path, delimiter=";").texts == [t for t, _ in rows]
+    with pytest.raises(DataError, match=r"semi\.csv, column 'text': missing column \(found: text;category\)"):
+        load(path)
+
+
+def test_broken_compressed_and_compressed_parquet_files_are_named(tmp_path):
+    bad = tmp_path / "site.tsv.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"site\.tsv\.gz: cannot decompress \(gzip\)"):
+        load(bad)
+    zst = tmp_path / "site.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    with pytest.raises(DataError, match=r"site\.jsonl\.zst: cannot decompress \(zstd\)"):
+        load(zst)
+    with pytest.raises(DataError, match=r"site\.parquet\.gz: unsupported file type '\.parquet\.gz'"):
+        load(tmp_path / "site.parquet.gz")
+
+
+def test_simulate_help_lists_the_data_formats():
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for fmt in (".csv", ".tsv", ".txt", ".jsonl", ".parquet", ".gz", ".zst", "data.delimiter"):
+        assert fmt in result.output, fmt

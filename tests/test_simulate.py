@@ -85,6 +85,20 @@ def test_bad_setting_is_named_on_the_command_line(tmp_path):
     assert "privacy.delta" in result.stderr
 
 
+def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_path):
+    run = tmp_path / "run"
+    result = fedpriv("simulate", "--set", "model.name=no/such-model", "-o", str(run))
+    assert result.returncode == 2, result.stderr
+    assert "model.name: 'no/such-model' is neither a local directory nor in the offline Hugging Face cache" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and not run.exists()
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = fedpriv("simulate", "--set", f"model.name={empty}", "-o", str(run))
+    assert result.returncode == 2 and "without a config.json" in result.stderr
+
+
 @pytest.mark.slow
 def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
     from fedpriv.client.site import noise_multiplier

@@ -81,7 +81,9 @@ class Agent:
             d = d.model_copy(update={"min_rows": min_rows})
         self.kit = self.kit.model_copy(update={"data": d})
         label_set = LabelSet.load(labels or d.labels)
-        return load_dataset(Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows)
+        return load_dataset(
+            Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows, d.delimiter
+        )
 
     def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
         values: dict[str, str | float] = {
@@ -94,6 +96,8 @@ class Agent:
             keys.TEXT_COLUMN: self.kit.data.text_column,
             keys.LABEL_COLUMN: self.kit.data.label_column,
         }
+        if self.kit.data.delimiter:
+            values[keys.DELIMITER] = self.kit.data.delimiter
         if allow_non_private:
             values[keys.ALLOW_NON_PRIVATE] = "true"
         return values

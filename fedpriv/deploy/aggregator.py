@@ -32,6 +32,7 @@ from fedpriv.common.data import LabelSet
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
+from fedpriv.common.resources import check_model
 from fedpriv.common.rundir import CONFIG, RunDirectory
 from fedpriv.deploy import processes
 from fedpriv.deploy.kit import (
@@ -274,6 +275,7 @@ class Aggregator:
         The app folder is written from this installation (settings only, no
         code); `app_dir` submits another Flower App folder instead.
         """
+        check_model(config.model.name)  # the aggregator builds the global model from it: fail before submitting
         self.prepare()
         with tempfile.TemporaryDirectory(prefix="fedpriv-run-") as tmp:
             app = Path(app_dir) if app_dir else write_app_dir(Path(tmp) / "app", config)

@@ -206,7 +206,9 @@ def aggregator_run(
 @agent_app.command("start")
 def agent_start(
     kit: Annotated[Path, typer.Option("--kit", help="This site's kit folder.")],
-    data: Annotated[Path, typer.Option("--data", help="The site's data (CSV, JSONL or Parquet).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="The site's data (.csv, .tsv, .txt, .jsonl, .parquet; .gz/.zst).")
+    ],
     state: Annotated[
         Path | None, typer.Option("--state", help="Where the site keeps its ledger and Flower state.")
     ] = None,
@@ -257,7 +259,9 @@ def agent_start(
 @agent_app.command("check")
 def agent_check(
     kit: Annotated[Path, typer.Option("--kit", help="This site's kit folder.")],
-    data: Annotated[Path, typer.Option("--data", help="The site's data (CSV, JSONL or Parquet).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="The site's data (.csv, .tsv, .txt, .jsonl, .parquet; .gz/.zst).")
+    ],
 ) -> None:
     """Only check the site's data against the federation's label set and columns."""
     from fedpriv.deploy.agent import Agent

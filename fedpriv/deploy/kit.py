@@ -55,6 +55,7 @@ class KitData(KebabModel):
     labels: str = Field(description="The federation's label set as an inline JSON list.")
     text_column: str = "text"
     label_column: str = "category"
+    delimiter: str = Field("", max_length=1)
     min_rows: int = Field(10, ge=1)
 
 

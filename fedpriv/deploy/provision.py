@@ -76,6 +76,7 @@ class DataSpec(KebabModel):
     labels: str | list[str]
     text_column: str = "text"
     label_column: str = "category"
+    delimiter: str = Field("", max_length=1)
     min_rows: int = Field(10, ge=1)
 
 
@@ -279,6 +280,7 @@ def _site(
             labels=federation.data.labels,
             text_column=federation.data.text_column,
             label_column=federation.data.label_column,
+            delimiter=federation.data.delimiter,
             min_rows=federation.data.min_rows,
         ),
     )
@@ -292,6 +294,7 @@ def _run_defaults(federation: FederationSpec) -> dict:
     data.setdefault("labels", federation.data.labels)
     data.setdefault("text-column", federation.data.text_column)
     data.setdefault("label-column", federation.data.label_column)
+    data.setdefault("delimiter", federation.data.delimiter)
     data.setdefault("min-rows", federation.data.min_rows)
     data.setdefault("test-path", "")
     try:
