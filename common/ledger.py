@@ -60,7 +60,11 @@ def _complete_lines(path: Path) -> tuple[list[str], int]:
         return [], 0
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8").splitlines(), end
+    try:
+        return data[:end].decode("utf-8").splitlines(), end
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise LedgerError(f"{path} line {line}: not UTF-8 text (byte {error.start})") from None
 
 
 class Ledger:
@@ -160,7 +164,7 @@ def verify_ledger(path: str | Path, pinned_key: str | None = None) -> tuple[list
     try:
         lines, complete = _complete_lines(path)
         size = path.stat().st_size
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, LedgerError) as error:
         return [], [Problem(str(path), f"cannot read ledger: {error}")]
     if size != complete:
         problems.append(
