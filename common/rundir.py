@@ -13,13 +13,17 @@ it, so it lives in `common`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import write_atomic
 
 METRICS = "metrics.jsonl"
@@ -28,6 +32,11 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 PLOTS = "plots"
+LOCK = "run.lock"
+
+
+class RunDirectoryError(FedprivError):
+    """A run directory cannot be used as asked (in use, already holds a run, already finished)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,6 +121,53 @@ class RunDirectory:
         if self._parsed is None or self._parsed[0] != stamp:
             self._parsed = (stamp, list(read_jsonl(self.metrics_path)))
         return [e for e in self._parsed[1] if kind is None or e.get("kind") == kind]
+
+    def started(self) -> bool:
+        """Whether a run has already begun here (its config or a checkpoint was written)."""
+        checkpoints = self.checkpoints
+        return (self.path / CONFIG).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+    def finished(self) -> bool:
+        return bool(self.events("run-end"))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds the run for this process; a second process is refused, naming the holder.
+
+        An OS lock (flock), so a holder killed with -9 leaves no stale lock.
+        Taking it also drops a metrics line a killed holder left half-written,
+        so the next event does not fuse with it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunDirectoryError(
+                    f"{self.path}: in use by {holder}; two runs must not write one run directory "
+                    "(wait for it to end, or give this run another directory)"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"fedpriv process {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
+            self._drop_partial_metrics_line()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def _drop_partial_metrics_line(self) -> None:
+        path = self.metrics_path
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            with open(path, "r+b") as handle:
+                handle.truncate(end)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_atomic(self.path / SUMMARY, json.dumps(_jsonable(summary), indent=2))

@@ -48,6 +48,10 @@ def simulate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for partitioning, sampling and noise.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue a run that was cut short (killed, crashed) from its last complete round."),
+    ] = None,
 ) -> None:
     """Run a federation of simulated sites on this machine (Flower Simulation Engine).
 
@@ -58,9 +62,21 @@ def simulate(
     per line) or .parquet; text files may be compressed (.gz, .zst), e.g.
     train.tsv.gz. A header row and UTF-8 are expected; other delimiters:
     --set data.delimiter=";".
+
+    A run cut short (killed, crashed, machine restarted) continues from its
+    last complete round with --resume RUN_DIR; budgets already spent count.
     """
     from fedpriv.common.config import apply_overrides, load_config
+    from fedpriv.common.errors import FedprivError
+    from fedpriv.simulation.harness import resume_config
     from fedpriv.simulation.harness import simulate as run_simulation
+
+    if resume:
+        given = [config, settings, rounds, sites, mode, epsilon, data, output, seed]
+        if no_dp or any(v for v in given):
+            raise FedprivError("--resume continues a run with its saved settings; give no other settings with it")
+        run_simulation(resume_config(resume), console=console, verbose=verbose, resume=True)
+        return
 
     shortcuts = {
         "rounds": rounds,

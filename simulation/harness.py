@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -13,14 +14,14 @@ from fedpriv.audit.auditor import audit
 from fedpriv.audit.render import console_report, html_report
 from fedpriv.common import signing
 from fedpriv.common.accounting import steps_per_round
-from fedpriv.common.config import FedprivConfig
+from fedpriv.common.config import FedprivConfig, parse_config
 from fedpriv.common.data import LabelSet, load_dataset, read_column
-from fedpriv.common.files import write_atomic
+from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
 from fedpriv.common.report import print_summary, write_plots
 from fedpriv.common.resources import check_model
-from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.rundir import CONFIG, RunDirectory, RunDirectoryError
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
 
@@ -60,10 +61,35 @@ def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
     write_atomic(keys / "public-keys.json", json.dumps(public, indent=2))
 
 
-def simulate(config: FedprivConfig, console: Console | None = None, verbose: bool = False) -> RunDirectory:
+def simulate(
+    config: FedprivConfig, console: Console | None = None, verbose: bool = False, resume: bool = False
+) -> RunDirectory:
+    """Runs a simulated federation in `config.run_dir`; `resume` continues one cut short there."""
     console = console or Console()
     check_model(config.model.name)  # before any site is built or anything is written
     run = RunDirectory.create(config.run_dir)
+    with run.lock():
+        if run.started() and not resume:
+            raise RunDirectoryError(
+                f"{run.path} already holds a run; continue it with: fedpriv simulate --resume {run.path} "
+                "(or give this run another --output)"
+            )
+        if resume and run.finished():
+            raise RunDirectoryError(f"{run.path}: this run already finished; start a new one")
+        return _simulate(run, config, console, verbose)
+
+
+def resume_config(run_dir: Path) -> FedprivConfig:
+    """The saved settings of a run cut short, to continue it with the same privacy plan."""
+    saved = Path(run_dir).expanduser().resolve() / CONFIG
+    if not saved.exists():
+        raise RunDirectoryError(f"{saved.parent}: no {CONFIG} here; is this a fedpriv run directory?")
+    return parse_config(read_toml(saved, "saved run config", RunDirectoryError), str(saved)).replace(
+        **{"run-dir": str(saved.parent)}
+    )
+
+
+def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbose: bool) -> RunDirectory:
     config = config.replace(**{"run-dir": str(run.path)})
     labels = LabelSet.load(config.data.labels)
     config, sites_table, site_names = plan_sites(config, labels)

@@ -157,3 +157,49 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
     assert [r.round for r in federation.releases] == [1, 2]
     assert federation.epsilon == pytest.approx(releases[1]["epsilon"])
     assert federation.releases[-1].rdp == pytest.approx(federation.epsilon, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(tiny_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    config = tiny_config.replace(**{"rounds": 12})  # enough rounds to be cut short mid-run
+    path = write_config(tmp_path, config)
+    run = RunDirectory(config.run_dir)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: Ray's workers die with it
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run.checkpoints / "round-0002.safetensors").exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no round-2 checkpoint within 300 s"
+            time.sleep(0.2)
+        # A second run into the same directory while the first holds it: refused, nothing interleaved.
+        second = fedpriv("simulate", "--config", str(path))
+        assert second.returncode == 2 and "in use by fedpriv process" in second.stderr, second.stderr
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    audit = fedpriv("audit", str(run.path))
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    fresh = fedpriv("simulate", "--config", str(path))
+    assert fresh.returncode == 2 and f"fedpriv simulate --resume {run.path}" in fresh.stderr
+    assert fedpriv("simulate", "--resume", str(run.path), "--rounds", "9").returncode == 2
+
+    resumed = fedpriv("simulate", "--resume", str(run.path))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Audit passed" in resumed.stdout
+    assert run.events("resumed") and run.events("run-end")
+    assert summarize(run)["rounds-completed"] == 12
+    assert sorted(p.name for p in run.checkpoints.glob("*.safetensors"))[-1] == "round-0012.safetensors"
+    again = fedpriv("simulate", "--resume", str(run.path))
+    assert again.returncode == 2 and "already finished" in again.stderr
