@@ -11,8 +11,11 @@ silently swap a key that sites or ledgers already depend on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,33 @@ from fedpriv.common.errors import FedprivError
 
 class SecretExistsError(FedprivError, FileExistsError):
     """A key or certificate is already on disk; fedpriv never replaces one."""
+
+
+class StorageError(FedprivError, OSError):
+    """A file could not be written (disk full, read-only, no permission); nothing partial was kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_STORAGE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EROFS: "read-only"}
+
+
+@contextlib.contextmanager
+def storage(path: str | Path, what: str) -> Iterator[None]:
+    """Turns a failed write of `what` into a `StorageError` that names the file and the cause."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        cause = _STORAGE.get(error.errno) or error.strerror or str(error)
+        name = errno.errorcode.get(error.errno or 0, "")
+        raise StorageError(
+            error.errno or 0,
+            f"{path}: cannot write the {what}: {cause}{f' ({name})' if name else ''}; "
+            "nothing partial was kept, and what was written before still verifies",
+        ) from None
 
 
 def read_toml(path: str | Path, what: str, error: type[Exception] = FedprivError) -> dict[str, Any]:
@@ -38,16 +68,17 @@ def read_toml(path: str | Path, what: str, error: type[Exception] = FedprivError
         raise error(f"{path}: not valid TOML: {decode_error}") from None
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Replaces `path` with `data` in one rename (text is written as UTF-8)."""
+def write_atomic(path: str | Path, data: str | bytes, what: str = "file") -> Path:
+    """Replaces `path` with `data` in one rename (text is written as UTF-8); a failed write leaves the old file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, path)
+        with storage(path, what):
+            if isinstance(data, bytes):
+                tmp.write_bytes(data)
+            else:
+                tmp.write_text(data, encoding="utf-8")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

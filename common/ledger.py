@@ -10,6 +10,7 @@ append removes, so the ledger always verifies up to its last complete entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from fedpriv.common import signing
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.files import StorageError, storage
 from fedpriv.common.records import (
     LedgerEntry,
     LedgerRecord,
@@ -119,12 +121,21 @@ class Ledger:
             "signature": signing.sign(self.key, digest.encode()),
         }
         typed = read_entry(entry)  # before writing: a record that cannot be read back is never written
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        with os.fdopen(fd, "ab") as handle:
-            handle.write(canonical_json(entry) + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            self._tail = (handle.tell(), seq, digest)
+        before = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with storage(self.path, "privacy ledger entry"):
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                with os.fdopen(fd, "ab") as handle:
+                    handle.write(canonical_json(entry) + b"\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    self._tail = (handle.tell(), seq, digest)
+        except StorageError:
+            # An entry that did not reach the disk whole was never a record (and its update never leaves).
+            self._tail = None
+            with contextlib.suppress(OSError), open(self.path, "r+b") as handle:
+                handle.truncate(before)
+            raise
         return typed
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.files import write_atomic
+from fedpriv.common.files import storage, write_atomic
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
@@ -59,7 +59,7 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
     readers. Privacy records go to the ledger, which does fsync.
     """
     line = json.dumps(_jsonable(record), sort_keys=False) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
+    with storage(path, "run's metrics"), open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -40,11 +41,17 @@ def main(grid: Grid, context: Context) -> None:
     labels = LabelSet.load(config.data.labels)
     started = time.time()
     run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
-    model = GlobalModel(config, labels)
-    ledger = Ledger(run.path / "ledgers" / "federation.jsonl", aggregator_key(config, run))
-    federation = Federation(config, grid, build_strategy(config), model, run, ledger, run_id=str(context.run_id))
-    final_state = federation.run_rounds()
-    exported = model.export(final_state, run.model_dir)
+    try:
+        model = GlobalModel(config, labels)
+        ledger = Ledger(run.path / "ledgers" / "federation.jsonl", aggregator_key(config, run))
+        federation = Federation(config, grid, build_strategy(config), model, run, ledger, run_id=str(context.run_id))
+        final_state = federation.run_rounds()
+        exported = model.export(final_state, run.model_dir)
+    except Exception as error:
+        # Whoever started the run (the simulation, an operator) reads why it stopped here.
+        with contextlib.suppress(Exception):  # the disk may be what failed
+            run.log("run-failed", error=str(error), type=type(error).__name__)
+        raise
     run.log("run-end", seconds=round(time.time() - started, 3), model=str(exported))
     write_summary(run)
     log.info("run finished: %s", run.path)

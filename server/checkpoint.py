@@ -17,6 +17,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from fedpriv.common.files import storage
+
 _NAME = re.compile(r"round-(\d{4,})\.safetensors$")
 
 
@@ -49,8 +51,12 @@ def save(directory: Path, checkpoint: Checkpoint, keep: int = 0) -> Path:
     }
     meta = {"round": str(checkpoint.round), "averaged_rounds": str(checkpoint.averaged_rounds)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        with storage(path, "round checkpoint"):
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if keep:
         for old in sorted(directory.glob("round-*.safetensors"))[:-keep]:
             old.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from fedpriv.common import signing
 from fedpriv.common.accounting import steps_per_round
 from fedpriv.common.config import FedprivConfig, parse_config
 from fedpriv.common.data import LabelSet, load_dataset, read_column
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
@@ -79,6 +80,20 @@ def simulate(
         return _simulate(run, config, console, verbose)
 
 
+def _stopped(run: RunDirectory, console: Console, reason: str | None = None) -> None:
+    """The aggregator ended before the run did: show that what was written verifies, then say why."""
+    failures = run.events("run-failed")
+    if reason is None:
+        reason = failures[-1]["error"] if failures else "the aggregator stopped without saying why (run with --verbose)"
+    rounds = [e["round"] for e in run.events("round-end")]
+    report = audit([run.path])
+    console_report(report, console)
+    raise RunDirectoryError(
+        f"the run stopped after round {max(rounds, default=0)}: {reason}. "
+        f"Once fixed, continue it with: fedpriv simulate --resume {run.path}"
+    )
+
+
 def resume_config(run_dir: Path) -> FedprivConfig:
     """The saved settings of a run cut short, to continue it with the same privacy plan."""
     saved = Path(run_dir).expanduser().resolve() / CONFIG
@@ -112,8 +127,13 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
     app_dir = write_app_dir(run.path / "flower-app", config)
     steps = steps_per_round(config.train.local_epochs, config.train.sample_rate)
     started = time.time()
-    with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
-        engine.run(config, app_dir, verbose=verbose)
+    try:
+        with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
+            engine.run(config, app_dir, verbose=verbose)
+    except FedprivError as error:  # the ServerApp runs in this process: its error arrives here
+        _stopped(run, console, str(error))
+    if not run.finished():
+        _stopped(run, console)
     console.print(f"Simulation finished in {time.time() - started:.0f} s")
     write_plots(run)
     print_summary(run, console)
