@@ -8,14 +8,11 @@ run in file order and each leaves both sites connected for the next.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,246 +21,15 @@ from fedpriv.common import files
 from fedpriv.common.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.deploy import pki
-from tests.helpers import LABELS, easy_rows, write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
-SITES = ("site-a", "site-b")
-ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=ENV,
-    )
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class LocalFederation:
-    """Provisioned kits, data, and the processes of one aggregator and its sites."""
-
-    def __init__(self, root: Path, model_dir: str):
-        self.root = root
-        self.fleet, self.control, *agent_ports = free_ports(2 + len(SITES) + 6)
-        self.ports = dict(zip(SITES, agent_ports, strict=False))  # the rest are spare
-        self.spare_ports = agent_ports[len(SITES) :]
-        self.processes: dict[str, subprocess.Popen] = {}
-        (root / "federation.toml").write_text(
-            f"""
-name = "deploy-test"
-[aggregator]
-address = "127.0.0.1:{self.fleet}"
-hosts = ["localhost"]
-fleet-listen = "127.0.0.1:{self.fleet}"
-control-listen = "127.0.0.1:{self.control}"
-[data]
-labels = {json.dumps(LABELS)}
-[site-defaults]
-epsilon-cap = 1000.0
-[run]
-rounds = 2
-[run.model]
-name = "{model_dir}"
-[run.data]
-max-length = 32
-[run.strategy]
-min-sites = 2
-fraction-evaluate = 0.0
-round-timeout = 120.0
-"""
-            + "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES),
-            encoding="utf-8",
-        )
-        result = fedpriv("provision", "-f", root / "federation.toml")
-        assert result.returncode == 0, result.stdout + result.stderr
-        self.kits = root / "kits"
-        self.state = root / "aggregator-state"
-        self.data = {s: write_csv(root / f"{s}.csv", easy_rows(150, seed=10 + i)) for i, s in enumerate(SITES)}
-        self.test = write_csv(root / "test.csv", easy_rows(90, seed=2))
-
-    # -- processes ---------------------------------------------------------
-
-    def log(self, name: str) -> Path:
-        return self.root / f"{name}.log"
-
-    def log_text(self, name: str, since: int = 0) -> str:
-        path = self.log(name)
-        return path.read_bytes()[since:].decode("utf-8", "replace") if path.exists() else ""
-
-    def log_size(self, name: str) -> int:
-        return self.log(name).stat().st_size if self.log(name).exists() else 0
-
-    def _spawn(self, name: str, *args) -> subprocess.Popen:
-        with open(self.log(name), "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=ENV,
-                start_new_session=True,
-            )
-        self.processes[name] = process
-        return process
-
-    def start_aggregator(self) -> None:
-        since = self.log_size("aggregator")
-        process = self._spawn(
-            "aggregator", "aggregator", "start", "--kit", self.kits / "aggregator", "--state", self.state
-        )
-
-        def ready():
-            assert process.poll() is None, self.log_text("aggregator", since)[-3000:]
-            return "aggregator ready" in self.log_text("aggregator", since)
-
-        wait_for(ready, 120, "the aggregator")
-
-    def start_agent(self, site: str) -> None:
-        self._spawn(
-            site,
-            "agent",
-            "start",
-            "--kit",
-            self.kits / "sites" / site,
-            "--data",
-            self.data[site],
-            "--state",
-            self.root / f"{site}-state",
-            "--port",
-            self.ports[site],
-        )
-
-    def kill(self, name: str) -> None:
-        """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""
-        process = self.processes.pop(name)
-        _kill_tree(process.pid, signal.SIGKILL)
-        process.wait(30)
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            _kill_tree(process.pid, signal.SIGKILL)  # whatever is left
-        self.processes.clear()
-
-    # -- the aggregator's view ---------------------------------------------
-
-    def online(self) -> set[str]:
-        home = self.state / "flwr-home"
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "supernode", "list", "deploy-test", "--format", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=dict(ENV, FLWR_HOME=str(home)),
-        )
-        text = result.stdout
-        nodes = json.loads(text[text.find("{") :]).get("nodes", []) if "{" in text else []
-        names = {v: k for k, v in json.loads((self.state / "registered-nodes.json").read_text()).items()}
-        return {names.get(str(n["node-id"]), str(n["node-id"])) for n in nodes if n["status"] == "online"}
-
-    def wait_online(self, sites=SITES, timeout: float = 150) -> None:
-        wait_for(lambda: set(sites) <= self.online(), timeout, f"{', '.join(sites)} to be online", interval=2)
-
-    def ledger(self, site: str) -> Path:
-        return self.root / f"{site}-state" / "ledgers" / f"{site}.jsonl"
-
-    def submit(self, *args) -> subprocess.Popen:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedpriv.cli",
-                "aggregator",
-                "run",
-                "--kit",
-                str(self.kits / "aggregator"),
-                "--state",
-                str(self.state),
-                *map(str, args),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=ENV,
-            start_new_session=True,
-        )
-
-    def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
-        return fedpriv(
-            "audit",
-            run_dir,
-            *(self.ledger(s) for s in SITES),
-            "--keys",
-            self.kits / "aggregator" / "public-keys.json",
-            "--json",
-        )
-
-
-def _kill_tree(pid: int, sig: int) -> None:
-    """Signals a process, its process group and every descendant (the SuperNode has its own group)."""
-    import psutil
-
-    try:
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            os.killpg(member.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            member.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}") from None
-    return process.returncode, out, err
+from tests.local_federation import (
+    ROOT,
+    SITES,
+    LocalFederation,
+    fedpriv,
+    finish,
+    sweep,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -277,23 +43,7 @@ def fed(tiny_model_dir, tmp_path_factory):
         yield federation
     finally:
         federation.stop_all()
-        _sweep(federation.root)
-
-
-def _sweep(root: Path) -> None:
-    """Kills whatever Flower process of this federation outlived its parent (e.g. after a crash test)."""
-    import psutil
-
-    for process in psutil.process_iter(["pid"]):
-        try:
-            home = process.environ().get("FLWR_HOME", "")
-        except (psutil.Error, OSError):
-            continue
-        if home.startswith(str(root)):
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
+        sweep(federation.root)
 
 
 def releases(run_dir: Path) -> list[tuple[str, int]]:
@@ -563,6 +313,66 @@ def test_supernode_failures_are_told_apart_by_flowers_codes():
 
 
 @pytest.mark.slow
+def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, tmp_path):
+    site_kit = fed.kits / "sites" / "site-a"
+    port = iter(fed.spare_ports)
+
+    def attempt(kit: Path, *extra) -> subprocess.CompletedProcess:
+        return fedpriv(
+            "agent",
+            "start",
+            "--kit",
+            kit,
+            "--data",
+            fed.data["site-a"],
+            "--state",
+            tmp_path / f"state-{kit.name}",
+            "--port",
+            next(port),
+            "--max-retries",
+            "0",
+            *extra,
+            timeout=180,
+        )
+
+    since = fed.log_size("aggregator")
+    plaintext = attempt(site_kit, "--insecure")
+    assert plaintext.returncode != 0
+    assert "INSECURE" in plaintext.stderr and "UNAVAILABLE" in plaintext.stdout
+    # Runs first, against a SuperLink that has not run an app yet: gRPC writes
+    # its handshake notices (INFO) to stderr reliably only then. On a loaded
+    # machine the agent (no retries) may also give up before its first bytes
+    # reach the SuperLink, which then has nothing to log: try again.
+    for _ in range(2):
+        try:
+            wait_for(lambda: "Handshake failed" in fed.log_text("aggregator", since), 20, "the handshake log")
+            break
+        except AssertionError:
+            assert attempt(site_kit, "--insecure").returncode != 0
+    wait_for(lambda: "Handshake failed" in fed.log_text("aggregator", since), 20, "the SuperLink to log the handshake")
+
+    other_ca = tmp_path / "other-ca"
+    shutil.copytree(site_kit, other_ca)
+    (other_ca / "ca.crt").unlink()
+    pki.write_cert(other_ca / "ca.crt", pki.new_ca("someone-else")[1])
+    foreign = attempt(other_ca)
+    assert foreign.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in foreign.stdout and "not signed by the CA in this kit" in foreign.stdout
+
+    unregistered = tmp_path / "unregistered"
+    shutil.copytree(site_kit, unregistered)
+    (unregistered / "node.key").unlink()
+    files.write_secret(unregistered / "node.key", pki.NodeKey.generate().private_openssh)
+    since = fed.log_size("aggregator")
+    stranger = attempt(unregistered)
+    assert stranger.returncode != 0
+    assert "[code: 2004]" in stranger.stdout and "refused this site's node key" in stranger.stdout
+    assert "ApiError:2004" in fed.log_text("aggregator", since)
+
+    assert fed.online() == set(SITES)  # nobody else got in
+
+
+@pytest.mark.slow
 def test_full_run_over_tls_with_node_authentication(fed):
     log = fed.log_text("aggregator")
     for flag in (
@@ -592,64 +402,6 @@ def test_full_run_over_tls_with_node_authentication(fed):
         assert fed.ledger(site).exists()
     report = check_audit(fed, run_dir)
     assert {s["site"] for s in report["sites"]} == set(SITES)
-
-
-@pytest.mark.slow
-def test_plaintext_foreign_ca_and_unregistered_keys_are_refused_and_logged(fed, tmp_path):
-    site_kit = fed.kits / "sites" / "site-a"
-    port = iter(fed.spare_ports)
-
-    def attempt(kit: Path, *extra) -> subprocess.CompletedProcess:
-        return fedpriv(
-            "agent",
-            "start",
-            "--kit",
-            kit,
-            "--data",
-            fed.data["site-a"],
-            "--state",
-            tmp_path / f"state-{kit.name}",
-            "--port",
-            next(port),
-            "--max-retries",
-            "0",
-            *extra,
-            timeout=180,
-        )
-
-    since = fed.log_size("aggregator")
-    plaintext = attempt(site_kit, "--insecure")
-    assert plaintext.returncode != 0
-    assert "INSECURE" in plaintext.stderr and "UNAVAILABLE" in plaintext.stdout
-    # On a loaded machine the agent (no retries) can give up before its first
-    # bytes reach the SuperLink, which then has nothing to log: try again.
-    for _ in range(2):
-        try:
-            wait_for(lambda: "Handshake failed" in fed.log_text("aggregator", since), 20, "the handshake log")
-            break
-        except AssertionError:
-            assert attempt(site_kit, "--insecure").returncode != 0
-    wait_for(lambda: "Handshake failed" in fed.log_text("aggregator", since), 20, "the SuperLink to log the handshake")
-
-    other_ca = tmp_path / "other-ca"
-    shutil.copytree(site_kit, other_ca)
-    (other_ca / "ca.crt").unlink()
-    pki.write_cert(other_ca / "ca.crt", pki.new_ca("someone-else")[1])
-    foreign = attempt(other_ca)
-    assert foreign.returncode != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in foreign.stdout and "not signed by the CA in this kit" in foreign.stdout
-
-    unregistered = tmp_path / "unregistered"
-    shutil.copytree(site_kit, unregistered)
-    (unregistered / "node.key").unlink()
-    files.write_secret(unregistered / "node.key", pki.NodeKey.generate().private_openssh)
-    since = fed.log_size("aggregator")
-    stranger = attempt(unregistered)
-    assert stranger.returncode != 0
-    assert "[code: 2004]" in stranger.stdout and "refused this site's node key" in stranger.stdout
-    assert "ApiError:2004" in fed.log_text("aggregator", since)
-
-    assert fed.online() == set(SITES)  # nobody else got in
 
 
 @pytest.mark.slow

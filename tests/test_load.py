@@ -1,0 +1,22 @@
+"""Load: a deployed federation of 8 agents on 127.0.0.1 whose agents are killed and restarted at random rounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.local_federation import run_under_load
+
+
+@pytest.mark.slow
+def test_eight_agents_two_killed_and_restarted_every_round_completes_nothing_left_behind(tiny_model_dir, tmp_path):
+    result = run_under_load(tmp_path, tiny_model_dir, sites=8, rounds=5, kills=2, seed=3)
+    assert result["returncode"] == 0, result["output"]
+    assert sorted(result["round-s"]) == [1, 2, 3, 4, 5]
+    killed = {e["site"]: e["round"] for e in result["events"] if e["event"] == "killed"}
+    assert len(killed) == 2
+    for rnd, sites in result["trained"].items():
+        # Every round aggregates the sites present: all but those killed before it and not yet back.
+        assert len(sites) >= 6, (rnd, sites)
+    assert len(result["trained"][1]) == 8
+    assert result["audit-returncode"] == 0, result["audit"]
+    assert result["left-behind"] == []
