@@ -123,6 +123,24 @@ class PrivacyConfig(_Section):
     site_level_cap: float = Field(
         0.0, ge=0.0, description="Site-level DP: epsilon the federation may not exceed (0: no cap)."
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="Mask every update so the aggregator learns only the sum of the sites' updates (SecAgg+ style).",
+    )
+    noise: Literal["local", "distributed"] = Field(
+        "local",
+        description="local: each site adds all its DP noise; distributed: each adds a share, the sum carries central DP-SGD noise (needs secure-aggregation).",
+    )
+    max_colluding_sites: int = Field(
+        1,
+        ge=0,
+        description="Secure aggregation: sites that may collude with the aggregator or drop out; the round needs sites minus this many.",
+    )
+    distributed_batch: float = Field(
+        0.0,
+        ge=0.0,
+        description="Distributed noise: the public expected batch of the whole federation per step; 0: sample-rate x rows (simulation only).",
+    )
 
     def cap(self) -> float:
         return self.epsilon_cap or self.target_epsilon
@@ -151,6 +169,12 @@ class StrategyConfig(_Section):
         description="Average the global models of this last fraction of rounds into the final model (free under DP).",
     )
     round_timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for the sites in a round.")
+    max_update_norm: float = Field(
+        1e5, gt=0.0, description="A site update whose L2 distance from the model sent exceeds this is rejected."
+    )
+    max_site_examples: int = Field(
+        10_000_000, ge=1, description="A site claiming more training examples than this is rejected."
+    )
 
 
 class SimulationConfig(_Section):
@@ -228,6 +252,24 @@ class FedprivConfig(_Section):
     def _consistent(self) -> FedprivConfig:
         if self.simulation.partitioner == "column" and not self.simulation.column:
             raise ValueError("simulation.column must name a column when simulation.partitioner is 'column'")
+        p, s = self.privacy, self.strategy
+        if p.noise == "distributed" and not p.secure_aggregation:
+            raise ValueError("privacy.noise = 'distributed' needs privacy.secure-aggregation = true")
+        if p.noise == "distributed" and not p.enabled:
+            raise ValueError("privacy.noise = 'distributed' needs privacy.enabled = true")
+        if p.secure_aggregation:
+            if p.site_level_noise:
+                raise ValueError(
+                    "privacy.site-level-noise: not with privacy.secure-aggregation (the aggregator sees only the sum)"
+                )
+            if s.name != "fedavg":
+                raise ValueError("strategy.name: secure aggregation averages the sites' updates; use fedavg")
+            if s.fraction_train != 1.0:
+                raise ValueError("strategy.fraction-train: secure aggregation needs the whole cohort, set it to 1")
+            if s.min_sites < 2 or p.max_colluding_sites >= s.min_sites:
+                raise ValueError(
+                    "privacy.max-colluding-sites must be below strategy.min-sites (at least 2) for secure aggregation"
+                )
         return self
 
     def optimizer_settings(self) -> tuple[str, float]:

@@ -16,6 +16,7 @@ from flwr.app import Message
 from fedpriv.common.ledger import verify_entry
 from fedpriv.common.protocol import EXHAUSTED, ProtocolError, TrainReply, sender
 from fedpriv.common.records import LedgerEntry, PrivacyRecord, state_sha256
+from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem, update_problem
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,18 @@ class Rejected:
 Verdict = Admitted | Exhausted | Failed | Rejected
 
 
-def admit(msg: Message, privacy_required: bool) -> Verdict:
-    """The verdict on one train reply; `privacy_required` is the federation's privacy.enabled."""
+def admit(
+    msg: Message,
+    privacy_required: bool,
+    context: RoundContext | None = None,
+    history: ReleaseHistory | None = None,
+) -> Verdict:
+    """The verdict on one train reply; `privacy_required` is the federation's privacy.enabled.
+
+    With the round's `context`, the update's content is checked too (shape,
+    type, finiteness, size, counts); with the run's `history`, its record must
+    be new, of this run and round, and claim what its mechanism costs.
+    """
     site = sender(msg)
     if msg.has_error():
         return Failed(site, msg.error.reason)
@@ -66,8 +77,14 @@ def admit(msg: Message, privacy_required: bool) -> Verdict:
     if reply.status == EXHAUSTED:
         return Exhausted(reply.site, reply)
     problem = release_problem(reply, privacy_required)
+    if problem is None and context is not None:
+        problem = update_problem(reply.update_state(), context) or metrics_problem(reply.metrics, context)
+        if problem is None and history is not None and reply.entry is not None:
+            problem = history.problem(reply.site, reply.entry, context)
     if problem:
         return Rejected(reply.site, problem)
+    if history is not None and reply.entry is not None:
+        history.accept(reply.site, reply.entry)
     return Admitted(reply.site, reply, reply.entry)
 
 

@@ -30,6 +30,7 @@ from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, admit
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.strategy import restore_strategy, strategy_state
+from fedpriv.server.update_checks import ReleaseHistory, RoundContext
 
 log = logging.getLogger(SERVER_LOG)
 
@@ -73,6 +74,7 @@ class Federation:
         self.config, self.grid, self.strategy, self.model, self.run = config, grid, strategy, model, run
         self.ledger = ledger
         self.run_id = run_id
+        self.history = ReleaseHistory()  # the releases sites sent in this run: a record is accepted once
         self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
         self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
@@ -109,7 +111,14 @@ class Federation:
                 log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
                 break
             replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-            accepted, exhausted = self._record_train(rnd, replies)
+            context = RoundContext(
+                run_id=self.run_id,
+                round=rnd,
+                sent=state,
+                max_update_norm=self.config.strategy.max_update_norm,
+                max_examples=self.config.strategy.max_site_examples,
+            )
+            accepted, exhausted = self._record_train(rnd, replies, context)
             if not accepted and exhausted:
                 self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
                 log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
@@ -149,11 +158,13 @@ class Federation:
         self.ledger.append(record)
         self.run.log("site-level-release", round=rnd, epsilon=spent.epsilon, delta=spent.delta)
 
-    def _record_train(self, rnd: int, replies: list[Message]) -> tuple[list[Message], int]:
+    def _record_train(
+        self, rnd: int, replies: list[Message], context: RoundContext | None = None
+    ) -> tuple[list[Message], int]:
         """The updates admitted to the aggregate, and how many sites said their budget is spent."""
         accepted, exhausted = [], 0
         for reply in replies:
-            verdict = admit(reply, self.config.privacy.enabled)
+            verdict = admit(reply, self.config.privacy.enabled, context, self.history)
             site = verdict.site
             if isinstance(verdict, Failed):
                 self.run.log("site-error", round=rnd, site=site, reason=verdict.reason)

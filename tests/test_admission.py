@@ -220,3 +220,33 @@ def test_entry_is_checked_over_the_bytes_written_not_a_redump(budget):
     assert isinstance(verdict, Admitted), verdict
     assert verdict.entry.record.mechanism.noise_multiplier == 2.0
     assert canonical_json(verdict.entry.written) == canonical_json(written)  # what a receipt will carry
+
+
+def test_with_the_rounds_context_a_poisoned_or_replayed_update_is_rejected(budget):
+    from fedpriv.server.update_checks import ReleaseHistory, RoundContext
+
+    context = RoundContext(run_id="run", round=1, sent=state(), max_update_norm=1e5, max_examples=10**6)
+    history = ReleaseHistory()
+    update = state(1.0)
+    entry = record(budget, update)
+    honest = reply(TrainReply.trained(SITE, update, METRICS, entry).to_content())
+    assert isinstance(admit(honest, True, context, history), Admitted)
+    replayed = admit(reply(TrainReply.trained(SITE, update, METRICS, entry).to_content()), True, context, history)
+    assert isinstance(replayed, Rejected) and "a replay" in replayed.reason and replayed.site == SITE
+
+    poisoned = state(1.0)
+    poisoned["w"][0, 0] = np.nan
+    bad = admit(
+        reply(TrainReply.trained(SITE, poisoned, METRICS, record(budget, poisoned)).to_content()), True, context
+    )
+    assert isinstance(bad, Rejected) and bad.reason == "array w: holds NaN or infinite values"
+    huge = admit(
+        reply(
+            TrainReply.trained(
+                SITE, update, {**METRICS, protocol.NUM_EXAMPLES: 10**12}, record(budget, update)
+            ).to_content()
+        ),
+        True,
+        context,
+    )
+    assert isinstance(huge, Rejected) and "strategy.max-site-examples" in huge.reason

@@ -1,0 +1,178 @@
+"""The wire format of a secure-aggregation round: one request and one reply shape for its five stages.
+
+    stage (message type)        aggregator sends                      site answers
+    setup (query.secagg_setup)  the round                             its name
+    advertise (query...)        the round's SecAggConfig              signed ephemeral keys
+    share (query...)            every advertisement                   its shares, sealed per peer
+    mask (train.secagg_mask)    the model + the shares sealed to it   its masked vector, metrics, ledger entry
+    unmask (query...)           survivors and dropped                 its shares of their secrets
+
+Bytes travel in a ConfigRecord "secagg" keyed by site name (or by
+"site/field" for forwarded advertisements), lists as JSON; the masked vector
+is a uint64 Array. Decoding raises `ProtocolError` naming the sender and
+what is wrong; the cryptographic checks are the secagg session's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedpriv.common.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    OK,
+    PRIVACY,
+    PRIVACY_ENTRY,
+    SERVER_ROUND,
+    SITE,
+    Metrics,
+    ProtocolError,
+    _entry,
+    _record,
+    _site,
+    _site_record,
+    sender,
+)
+from fedpriv.common.records import LedgerEntry
+
+SETUP: Final = "secagg_setup"
+ADVERTISE: Final = "secagg_advertise"
+SHARE: Final = "secagg_share"
+MASK: Final = "secagg_mask"
+UNMASK: Final = "secagg_unmask"
+STAGES: Final = (SETUP, ADVERTISE, SHARE, MASK, UNMASK)
+
+SECAGG: Final = "secagg"  # the record of a stage's bytes
+ROUND_CONFIG: Final = "round-config"  # the SecAggConfig, as JSON
+SURVIVORS: Final = "survivors"
+DROPPED: Final = "dropped"
+MASKED: Final = "masked"  # the reply's ArrayRecord holding the masked vector
+VECTOR: Final = "vector"
+
+
+def message_type(stage: str) -> str:
+    """Flower's message type of a stage: masking trains, the others only ask."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    return f"train.{stage}" if stage == MASK else f"query.{stage}"
+
+
+def _bytes_record(values: Mapping[str, bytes]) -> ConfigRecord:
+    return ConfigRecord({key: bytes(value) for key, value in values.items()})
+
+
+def _read_bytes(record: ConfigRecord | None, who: str) -> dict[str, bytes]:
+    values: dict[str, bytes] = {}
+    for key, value in (record or {}).items():
+        if not isinstance(value, bytes):
+            raise ProtocolError(f"{who}: '{SECAGG}' value {key!r} is a {type(value).__name__}, not bytes")
+        values[key] = value
+    return values
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """What the aggregator sends in one stage; `arrays` only with the mask stage."""
+
+    stage: str
+    server_round: int
+    round_config: str = ""
+    data: Mapping[str, bytes] = field(default_factory=dict)
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    arrays: ArrayRecord | None = None
+
+    def to_content(self) -> RecordDict:
+        config = ConfigRecord(
+            {
+                SERVER_ROUND: self.server_round,
+                ROUND_CONFIG: self.round_config,
+                SURVIVORS: json.dumps(list(self.survivors)),
+                DROPPED: json.dumps(list(self.dropped)),
+            }
+        )
+        content = RecordDict({CONFIG: config, SECAGG: _bytes_record(self.data)})
+        if self.arrays is not None:
+            content[ARRAYS] = self.arrays
+        return content
+
+    @classmethod
+    def from_message(cls, msg: Message) -> StageRequest:
+        who = f"secure-aggregation request from node {msg.metadata.src_node_id}"
+        stage = msg.metadata.message_type.partition(".")[2]
+        if stage not in STAGES:
+            raise ProtocolError(f"{who}: unknown stage in message type {msg.metadata.message_type!r}")
+        config = _record(msg, who, CONFIG, ConfigRecord, "the round")
+        try:
+            survivors = tuple(json.loads(str(config.get(SURVIVORS, "[]"))))
+            dropped = tuple(json.loads(str(config.get(DROPPED, "[]"))))
+            server_round = int(config[SERVER_ROUND])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProtocolError(f"{who}: the '{CONFIG}' record is malformed ({error})") from None
+        if not all(isinstance(s, str) for s in (*survivors, *dropped)):
+            raise ProtocolError(f"{who}: survivors and dropped must be lists of site names")
+        arrays = _record(msg, who, ARRAYS, ArrayRecord, "the global model", required=stage == MASK)
+        return cls(
+            stage=stage,
+            server_round=server_round,
+            round_config=str(config.get(ROUND_CONFIG, "")),
+            data=_read_bytes(_record(msg, who, SECAGG, ConfigRecord, "the stage's data", required=False), who),
+            survivors=survivors,
+            dropped=dropped,
+            arrays=arrays,
+        )
+
+
+@dataclass(frozen=True)
+class StageReply:
+    """A site's answer in one stage; `masked`, `metrics` and `entry` only with the mask stage."""
+
+    site: str
+    data: Mapping[str, bytes] = field(default_factory=dict)
+    masked: np.ndarray | None = None
+    metrics: Metrics = field(default_factory=dict)
+    entry: LedgerEntry | None = None
+
+    def to_content(self) -> RecordDict:
+        content = RecordDict({SITE: _site_record(self.site, OK), SECAGG: _bytes_record(self.data)})
+        if self.masked is not None:
+            content[MASKED] = ArrayRecord({VECTOR: Array(np.ascontiguousarray(self.masked, dtype=np.uint64))})
+            content[METRICS] = MetricRecord(dict(self.metrics))
+        if self.entry is not None:
+            content[PRIVACY] = ConfigRecord({PRIVACY_ENTRY: json.dumps(self.entry.written)})
+        return content
+
+    @classmethod
+    def from_message(cls, msg: Message, stage: str) -> StageReply:
+        who = f"secure-aggregation reply from {sender(msg)}"
+        site, _ = _site(msg, who)
+        data = _read_bytes(_record(msg, who, SECAGG, ConfigRecord, "the stage's data", required=False), who)
+        if stage != MASK:
+            return cls(site=site, data=data)
+        arrays = _record(msg, who, MASKED, ArrayRecord, "the masked vector")
+        if VECTOR not in arrays:
+            raise ProtocolError(f"{who}: the '{MASKED}' record has no '{VECTOR}'")
+        vector = arrays[VECTOR].numpy()
+        if vector.dtype != np.uint64 or vector.ndim != 1:
+            raise ProtocolError(f"{who}: the masked vector must be 1-D uint64, got {vector.dtype} {vector.shape}")
+        metrics = dict(_record(msg, who, METRICS, MetricRecord, "the site's metrics"))
+        return cls(site=site, data=data, masked=vector, metrics=metrics, entry=_entry(msg, who))
+
+
+def advertisements_to_data(advertisements: Mapping[str, Mapping[str, bytes]]) -> dict[str, bytes]:
+    return {f"{site}/{key}": value for site, ad in advertisements.items() for key, value in ad.items()}
+
+
+def advertisements_from_data(data: Mapping[str, bytes]) -> dict[str, dict[str, bytes]]:
+    advertisements: dict[str, dict[str, bytes]] = {}
+    for key, value in data.items():
+        site, _, name = key.rpartition("/")
+        advertisements.setdefault(site, {})[name] = value
+    return advertisements
