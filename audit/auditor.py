@@ -253,6 +253,21 @@ def _check_site(
             )
         if history[i][0] <= 0:
             continue  # reported once per site above
+        shared = record.mechanism.distributed
+        if shared is not None:
+            # A distributed release: the accounted sigma must follow from how its noise was shared.
+            expected = shared.accounted_noise_multiplier(record.mechanism.max_grad_norm)
+            per_site = shared.total_noise_multiplier / math.sqrt(shared.cohort - shared.max_colluding)
+            if not math.isclose(expected, history[i][0], rel_tol=1e-9) or not math.isclose(
+                per_site, shared.noise_share, rel_tol=1e-9
+            ):
+                problems.append(
+                    Problem(
+                        where,
+                        f"distributed noise (share {shared.noise_share:g} of {shared.cohort} sites, t={shared.max_colluding}) "
+                        f"does not give the accounted noise multiplier {history[i][0]:g} (expected {expected:g})",
+                    )
+                )
         reference = check.rdp if accounting.accountant == "rdp" else check.pld
         claimed = accounting.epsilon
         if claimed is None or not math.isfinite(reference):

@@ -9,6 +9,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedpriv.client import secure_aggregation
 from fedpriv.client.runtime import WORKER
 from fedpriv.client.site import noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
@@ -34,6 +35,7 @@ from fedpriv.common.protocol import (
     TrainReply,
 )
 from fedpriv.common.records import Mechanism, state_sha256
+from fedpriv.common.secure_protocol import ADVERTISE, MASK, SETUP, SHARE, UNMASK
 
 log = logging.getLogger(CLIENT_LOG)
 
@@ -146,6 +148,16 @@ def train(msg: Message, context: Context) -> Message:
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, result.loss, spent)
     content = TrainReply.trained(site.name, update, metrics, entry).to_content()
     return Message(content=content, reply_to=msg)
+
+
+def _secure_stage(msg: Message, context: Context) -> Message:
+    config, _, site = _setup(context)
+    return secure_aggregation.handle(msg, context, config, site)
+
+
+for _stage in (SETUP, ADVERTISE, SHARE, UNMASK):
+    app.query(_stage)(_secure_stage)
+app.train(MASK)(_secure_stage)
 
 
 @app.evaluate()

@@ -72,8 +72,13 @@ def private_training(
     dp: DpSettings,
     max_physical_batch: int,
     generator: torch.Generator,
+    normaliser: float | None = None,
 ) -> Iterator[tuple[Iterator, torch.optim.Optimizer, Callable]]:
-    """Yields (batches, DP optimizer, loss function); removes Opacus' hooks on exit."""
+    """Yields (batches, DP optimizer, loss function); removes Opacus' hooks on exit.
+
+    The noisy gradient sum is divided by `normaliser`: by default the plan's
+    expected batch (sample rate x rows); 1 leaves the sum itself.
+    """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -109,7 +114,7 @@ def private_training(
         hooks, dp_optimizer, dp_loader = prepared
         criterion = nn.CrossEntropyLoss()
     # Opacus derives the batch size from 1/len(loader); the plan's is exact.
-    dp_optimizer.expected_batch_size = sample_rate * len(dataset)
+    dp_optimizer.expected_batch_size = normaliser or sample_rate * len(dataset)
     try:
         if not tuning.physical_batching:
             yield iter(_cycle(dp_loader)), dp_optimizer, criterion

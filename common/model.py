@@ -63,6 +63,17 @@ class ModelBundle:
             self._names = names + [CENTER]
         return self._names
 
+    @property
+    def trainable_names(self) -> list[str]:
+        """The state entries training changes, in a fixed order: the layout of a securely aggregated vector."""
+        return [n for n in self.state_names if n != CENTER]
+
+    @property
+    def trainable_size(self) -> int:
+        """Numbers in the securely aggregated vector."""
+        params = dict(self.model.named_parameters())
+        return sum(params[n].numel() for n in self.trainable_names)
+
     def get_state(self) -> dict[str, np.ndarray]:
         tensors = dict(self.model.named_parameters())
         tensors[CENTER] = self.model.norm.center

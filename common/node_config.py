@@ -16,6 +16,8 @@ LEDGER_KEY = "ledger-key"
 EPSILON_CAP = "epsilon-cap"
 DELTA = "delta"
 ALLOW_NON_PRIVATE = "allow-non-private"
+# The federation's identity public keys (JSON: site -> Ed25519 key), pinned for secure aggregation.
+PEER_KEYS = "peer-keys"
 # Set by Flower's Simulation Engine for each virtual node.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

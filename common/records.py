@@ -42,6 +42,26 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class DistributedNoise(_Frozen):
+    """How a distributed release's noise was made: each site's share, summed under secure aggregation.
+
+    The accounted noise multiplier is total x C / (C + sqrt(dimension) x
+    quantization): the sum's noise relative to the sensitivity left after the
+    clipped sum is rounded to the encoding's grid. It holds while at most
+    `max_colluding` of the `cohort` sites collude with the aggregator or drop out.
+    """
+
+    total_noise_multiplier: float = Field(gt=0, description="sigma of the sum, in units of the clipping norm C.")
+    noise_share: float = Field(gt=0, description="Each site's noise std in units of C: sigma / sqrt(n - t).")
+    cohort: int = Field(ge=2, description="n: the sites the round began with.")
+    max_colluding: int = Field(ge=0, description="t: sites that may collude with the aggregator or drop out.")
+    quantization: float = Field(gt=0, description="Grid spacing of the encoding.")
+    dimension: int = Field(ge=1, description="Numbers in the vector.")
+
+    def accounted_noise_multiplier(self, max_grad_norm: float) -> float:
+        return self.total_noise_multiplier * max_grad_norm / (max_grad_norm + self.dimension**0.5 * self.quantization)
+
+
 class Mechanism(_Frozen):
     kind: Literal["poisson-sampled-gaussian"] = "poisson-sampled-gaussian"
     noise_multiplier: float = Field(ge=0)
@@ -49,6 +69,15 @@ class Mechanism(_Frozen):
     steps: int = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
     dataset_size: int = Field(ge=0)
+    # Absent in local releases (and in every record written before distributed noise existed).
+    distributed: DistributedNoise | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        data = handler(self)
+        if data.get("distributed") is None:
+            data.pop("distributed", None)  # a local record's JSON stays as it always was
+        return data
 
 
 class Accounting(_Frozen):

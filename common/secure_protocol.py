@@ -15,6 +15,7 @@ what is wrong; the cryptographic checks are the secagg session's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,6 +165,11 @@ class StageReply:
             raise ProtocolError(f"{who}: the masked vector must be 1-D uint64, got {vector.dtype} {vector.shape}")
         metrics = dict(_record(msg, who, METRICS, MetricRecord, "the site's metrics"))
         return cls(site=site, data=data, masked=vector, metrics=metrics, entry=_entry(msg, who))
+
+
+def masked_sha256(masked: np.ndarray) -> str:
+    """What a site's ledger entry names for a masked release: the hash of the very vector sent."""
+    return hashlib.sha256(np.ascontiguousarray(masked, dtype=np.uint64).tobytes()).hexdigest()
 
 
 def advertisements_to_data(advertisements: Mapping[str, Mapping[str, bytes]]) -> dict[str, bytes]:

@@ -28,7 +28,9 @@ from fedpriv.common.records import PrivacyRecord, SiteExhausted, SiteReleaseRece
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, admit
+from fedpriv.server.distributed_step import ServerOptimizer, normaliser
 from fedpriv.server.global_model import GlobalModel
+from fedpriv.server.secure_round import SecureRound, unflatten
 from fedpriv.server.strategy import restore_strategy, strategy_state
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext
 
@@ -75,6 +77,16 @@ class Federation:
         self.ledger = ledger
         self.run_id = run_id
         self.history = ReleaseHistory()  # the releases sites sent in this run: a record is accepted once
+        p = config.privacy
+        self.secure = (
+            SecureRound(grid, config, run_id, model.bundle.trainable_size, self.history, run.log)
+            if p.secure_aggregation
+            else None
+        )
+        self.server_optimizer = (
+            ServerOptimizer(config, model.bundle.trainable_names) if p.noise == "distributed" else None
+        )
+        self.normaliser = normaliser(config, model.training_rows()) if p.noise == "distributed" else 1.0
         self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
         self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
@@ -87,6 +99,8 @@ class Federation:
                 self._central(0, state)
             return 1, state
         restore_strategy(self.strategy, saved.strategy)
+        if self.server_optimizer is not None:
+            self.server_optimizer.restore(saved.strategy)
         self._site_level_releases = sum(
             1 for r in self.ledger.records() if isinstance(r, PrivacyRecord) and r.party == "aggregator"
         )
@@ -98,19 +112,11 @@ class Federation:
 
     def run_rounds(self) -> dict[str, np.ndarray]:
         first, state = self._resume_or_start()
-        timeout = self.config.strategy.round_timeout
         for rnd in range(first, self.config.rounds + 1):
             started = time.time()
             # The hash of the model sent out ties a resumed round to the checkpoint it continued from.
             self.run.log("round-start", round=rnd, rounds=self.config.rounds, **{"global-sha256": state_sha256(state)})
             arrays = to_record(state)
-            try:
-                messages = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
-            except PrivacyBudgetExhausted as error:
-                self.run.log("site-level-budget-exhausted", round=rnd, reason=str(error))
-                log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
-                break
-            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
             context = RoundContext(
                 run_id=self.run_id,
                 round=rnd,
@@ -118,18 +124,10 @@ class Federation:
                 max_update_norm=self.config.strategy.max_update_norm,
                 max_examples=self.config.strategy.max_site_examples,
             )
-            accepted, exhausted = self._record_train(rnd, replies, context)
-            if not accepted and exhausted:
-                self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
-                log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
+            train = self._secure_train if self.secure is not None else self._plain_train
+            state, stop = train(rnd, arrays, state, context)
+            if stop:
                 break
-            new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
-            if new_arrays is None:
-                log.warning("round %d: no usable site update; the global model is unchanged", rnd)
-            else:
-                state = from_record(new_arrays)
-                self._record_site_level_release(rnd, state)
-            self.run.log("train-aggregate", round=rnd, sites=len(accepted), **dict(aggregated or {}))
             self.average.update(rnd, state)
             self._federated_evaluation(rnd, to_record(state))
             every = self.config.central_eval_every
@@ -142,12 +140,68 @@ class Federation:
                     state=state,
                     average=self.average.mean,
                     averaged_rounds=self.average.count,
-                    strategy=strategy_state(self.strategy),
+                    strategy={
+                        **strategy_state(self.strategy),
+                        **(self.server_optimizer.state() if self.server_optimizer else {}),
+                    },
                 ),
                 keep=self.config.keep_checkpoints,
             )
             self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
         return self.average.release(state)
+
+    def _plain_train(
+        self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], context: RoundContext
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """One round of training with updates in the clear; (the new global model, whether the run must end)."""
+        try:
+            messages = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
+        except PrivacyBudgetExhausted as error:
+            self.run.log("site-level-budget-exhausted", round=rnd, reason=str(error))
+            log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
+            return state, True
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
+        accepted, exhausted = self._record_train(rnd, replies, context)
+        if not accepted and exhausted:
+            self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
+            log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
+            return state, True
+        new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
+        if new_arrays is None:
+            log.warning("round %d: no usable site update; the global model is unchanged", rnd)
+        else:
+            state = from_record(new_arrays)
+            self._record_site_level_release(rnd, state)
+        self.run.log("train-aggregate", round=rnd, sites=len(accepted), **dict(aggregated or {}))
+        return state, False
+
+    def _secure_train(
+        self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], context: RoundContext
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """One round under secure aggregation: only the sum of the survivors' vectors is ever seen here."""
+        assert self.secure is not None
+        outcome = self.secure.run(rnd, arrays, context)
+        for site, entry in sorted(outcome.entries.items()):
+            self.ledger.append(SiteReleaseReceipt(round=rnd, site=site, site_entry=entry))
+            self.run.log("site-train", round=rnd, site=site, **outcome.metrics.get(site, {}))
+        for site in outcome.exhausted:
+            self.ledger.append(SiteExhausted(round=rnd, site=site))
+        if outcome.total is None:
+            if outcome.exhausted and not outcome.entries:
+                self.run.log("all-budgets-exhausted", round=rnd, sites=len(outcome.exhausted))
+                return state, True
+            return state, False
+        names = self.model.bundle.trainable_names
+        summed = unflatten(outcome.total, names, state)
+        if self.server_optimizer is not None:
+            state = self.server_optimizer.step(state, summed, self.normaliser)
+        else:
+            count = len(outcome.survivors)
+            state = {k: (v + summed[k] / count).astype(v.dtype) if k in summed else v for k, v in state.items()}
+        self.run.log(
+            "train-aggregate", round=rnd, sites=len(outcome.survivors), dropped=len(outcome.dropped), secure=True
+        )
+        return state, False
 
     def _record_site_level_release(self, rnd: int, state: dict[str, np.ndarray]) -> None:
         spent = self.strategy.privacy_spent() if hasattr(self.strategy, "privacy_spent") else None

@@ -34,6 +34,13 @@ class GlobalModel:
             self.test = self.bundle.prepare(data)
             log.info("central test set: %d rows from %s", len(data), data.source)
 
+    def training_rows(self) -> int:
+        """Rows the sites train on, counted from the simulation's dataset (public there; a deployment sets
+        privacy.distributed-batch instead, since its sites' sizes are theirs)."""
+        data = self.config.data
+        rows = len(load_dataset(data.path, self.labels, data.text_column, data.label_column, 1, data.delimiter))
+        return round(rows * (1 - data.validation_fraction))
+
     def initial_state(self) -> dict[str, np.ndarray]:
         """Starting weights from public information only (label names), never site data."""
         state = label_name_state(self.bundle, self.labels)

@@ -1,0 +1,230 @@
+"""The aggregator's side of a secure-aggregation round: it routes the stages and learns only the sum.
+
+Each stage is one exchange of messages with the cohort (see
+`fedpriv.common.secure_protocol`). A site that does not answer a stage is
+left out of the later ones: before masking it simply drops out; after
+masking its masks are removed with the shares the others hold. Below the
+threshold the round is abandoned: nothing is applied, the run goes on.
+The masked vectors are admitted like plain updates (signed ledger entry, its
+hash of this very masked vector, DP noise in a private federation, a new
+record of this run and round), since they are all the aggregator can check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.ledger import verify_entry
+from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common.protocol import EXHAUSTED, ProtocolError, TrainReply, sender
+from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.secagg import AggregatorSession, RoundAbandoned, SecAggConfig, SecAggError, default_threshold
+from fedpriv.common.secure_protocol import (
+    ADVERTISE,
+    MASK,
+    SETUP,
+    SHARE,
+    UNMASK,
+    StageReply,
+    StageRequest,
+    advertisements_to_data,
+    masked_sha256,
+    message_type,
+)
+from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem
+
+log = logging.getLogger(SERVER_LOG)
+
+SCALE, BOUND = 2.0**20, 2**40  # the sites' encoding (client.secure_aggregation.encoding)
+SETUP_TIMEOUT = 300.0  # the key-exchange stages are small; only masking trains
+
+
+@dataclass
+class SecureOutcome:
+    """What one secure round gave: the sum of the survivors' vectors, or why there is none."""
+
+    total: np.ndarray | None
+    survivors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    exhausted: list[str] = field(default_factory=list)
+    abandoned: str = ""
+
+
+class SecureRound:
+    def __init__(
+        self,
+        grid: Grid,
+        config: FedprivConfig,
+        run_id: str,
+        length: int,
+        history: ReleaseHistory,
+        log_event: Callable[..., None],
+    ):
+        self.grid, self.config, self.run_id, self.length = grid, config, run_id, length
+        self.history, self.log_event = history, log_event
+        self.names: dict[int, str] = {}  # node -> site, learnt at setup and kept for the run
+
+    def _exchange(self, rnd: int, stage: str, requests: dict[int, StageRequest], timeout: float) -> dict[str, Message]:
+        """Sends a stage's requests; the replies by site (error replies and strangers are logged and left out)."""
+        messages = [
+            Message(content=r.to_content(), message_type=message_type(stage), dst_node_id=node)
+            for node, r in requests.items()
+        ]
+        replies: dict[str, Message] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            site = self.names.get(node) or sender(reply)
+            if reply.has_error():
+                self.log_event("site-error", round=rnd, site=site, reason=reply.error.reason, phase=stage)
+                log.warning("round %d: %s failed at %s: %s", rnd, site, stage, reply.error.reason)
+            elif stage == SETUP and site in replies:
+                self.log_event("site-rejected", round=rnd, site=site, reason="two nodes claim this site's name")
+            elif stage == SETUP or node in self.names:
+                replies[site] = reply
+        return replies
+
+    def _nodes(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.config.strategy.min_sites or time.monotonic() > deadline:
+                return nodes
+            time.sleep(1.0)
+
+    def run(self, rnd: int, arrays: ArrayRecord, context: RoundContext) -> SecureOutcome:
+        try:
+            return self._run(rnd, arrays, context)
+        except (RoundAbandoned, SecAggError) as error:
+            self.log_event("secure-round-abandoned", round=rnd, reason=str(error))
+            log.warning("round %d abandoned: %s", rnd, error)
+            return SecureOutcome(total=None, abandoned=str(error))
+
+    def _run(self, rnd: int, arrays: ArrayRecord, context: RoundContext) -> SecureOutcome:
+        timeout = self.config.strategy.round_timeout
+        quick = min(timeout, SETUP_TIMEOUT)
+        nodes = self._nodes(timeout)
+        unknown = [n for n in nodes if n not in self.names]
+        if unknown:
+            replies = self._exchange(rnd, SETUP, {n: StageRequest(SETUP, rnd) for n in unknown}, quick)
+            for site, reply in replies.items():
+                self.names[reply.metadata.src_node_id] = site
+        node_of = {self.names[n]: n for n in nodes if n in self.names}
+        sites = sorted(node_of)
+        t = self.config.privacy.max_colluding_sites
+        if len(sites) < max(2, t + 1):
+            raise RoundAbandoned(f"round {rnd}: only {len(sites)} site(s) answered; secure aggregation needs more")
+        secagg = SecAggConfig(
+            run_id=self.run_id,
+            round=rnd,
+            sites=tuple(sites),
+            threshold=default_threshold(len(sites), t),
+            max_colluding=t,
+            length=self.length,
+            scale=SCALE,
+            bound=BOUND,
+        )
+        session = AggregatorSession(secagg)
+        round_config = secagg.to_json()
+
+        def request(stage: str, site: str, **fields) -> StageRequest:
+            return StageRequest(stage, rnd, round_config, **fields)
+
+        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request(ADVERTISE, s) for s in sites}, quick)
+        ads = {s: dict(StageReply.from_message(m, ADVERTISE).data) for s, m in replies.items()}
+        broadcast = advertisements_to_data(session.collect_advertisements(ads))
+        replies = self._exchange(
+            rnd, SHARE, {node_of[s]: request(SHARE, s, data=broadcast) for s in sorted(ads)}, quick
+        )
+        routed = session.collect_shares({s: dict(StageReply.from_message(m, SHARE).data) for s, m in replies.items()})
+        replies = self._exchange(
+            rnd, MASK, {node_of[s]: request(MASK, s, data=routed[s], arrays=arrays) for s in sorted(routed)}, timeout
+        )
+        outcome = SecureOutcome(total=None)
+        masked: dict[str, np.ndarray] = {}
+        for site, reply in replies.items():
+            vector = self._admit(rnd, site, reply, context, outcome)
+            if vector is not None:
+                masked[site] = vector
+        outcome.survivors, outcome.dropped = session.collect_masked(masked)
+        replies = self._exchange(
+            rnd,
+            UNMASK,
+            {
+                node_of[s]: request(UNMASK, s, survivors=tuple(outcome.survivors), dropped=tuple(outcome.dropped))
+                for s in outcome.survivors
+            },
+            quick,
+        )
+        outcome.total = session.collect_unmask(
+            {s: dict(StageReply.from_message(m, UNMASK).data) for s, m in replies.items()}
+        )
+        return outcome
+
+    def _admit(
+        self, rnd: int, site: str, reply: Message, context: RoundContext, outcome: SecureOutcome
+    ) -> np.ndarray | None:
+        """The site's masked vector if it may enter the sum; else why not is logged and it counts as dropped."""
+        try:
+            status = reply.content.config_records["site"]["status"]
+            if status == EXHAUSTED:
+                metrics = dict(TrainReply.from_message(reply).metrics)
+                outcome.exhausted.append(site)
+                self.log_event("site-budget-exhausted", round=rnd, site=site, **metrics)
+                return None
+            decoded = StageReply.from_message(reply, MASK)
+        except (ProtocolError, KeyError) as error:
+            self.log_event("site-rejected", round=rnd, site=site, reason=str(error))
+            return None
+        problem = _release_problem(site, decoded, self.config.privacy.enabled, context, self.history)
+        if problem is None:
+            problem = metrics_problem(decoded.metrics, context)
+        if problem:
+            self.log_event("site-rejected", round=rnd, site=site, reason=problem)
+            log.warning("round %d: masked update of %s rejected: %s", rnd, site, problem)
+            return None
+        if decoded.entry is not None:
+            self.history.accept(site, decoded.entry)
+            outcome.entries[site] = decoded.entry
+        outcome.metrics[site] = dict(decoded.metrics)
+        return decoded.masked
+
+
+def _release_problem(
+    site: str, reply: StageReply, privacy_required: bool, context: RoundContext, history: ReleaseHistory
+) -> str | None:
+    entry = reply.entry
+    if entry is None:
+        return "no privacy record came with the masked update" if privacy_required else None
+    reason = verify_entry(entry)
+    if reason:
+        return f"privacy record rejected: {reason}"
+    record = entry.record
+    if not isinstance(record, PrivacyRecord):
+        return "the privacy record is not a release"
+    if record.update_sha256 != masked_sha256(reply.masked):
+        return "the masked update differs from the one its privacy record describes"
+    if privacy_required and not record.mechanism.noise_multiplier > 0:
+        return "update released without DP noise in a private federation"
+    return history.problem(site, entry, context)
+
+
+def unflatten(vector: np.ndarray, names: Iterable[str], like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A flat vector in `names` order, back into arrays shaped like `like`."""
+    out, start = {}, 0
+    for name in names:
+        size = like[name].size
+        out[name] = vector[start : start + size].reshape(like[name].shape)
+        start += size
+    if start != vector.size:
+        raise ValueError(f"vector of {vector.size} values does not fit the model's {start}")
+    return out
