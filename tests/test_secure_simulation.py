@@ -61,3 +61,31 @@ def test_distributed_dp_records_its_noise_share_audits_and_learns(tiny_config):
     assert shared.noise_share == pytest.approx(shared.total_noise_multiplier / 2**0.5)
     assert records[-1].accounting.epsilon <= 8.0
     assert audit([run.path]).ok
+
+
+@pytest.mark.slow
+def test_a_site_that_drops_after_sharing_keys_is_recovered_and_the_round_completes(tiny_config):
+    from fedpriv.client.site import noise_multiplier  # noqa: F401 (the local plan's noise)
+    from fedpriv.client.site import noise_multiplier as sigma_of
+    from fedpriv.common.accounting import Release, epsilon, steps_per_round
+
+    config = tiny_config.replace(
+        **{
+            "privacy.secure-aggregation": True,
+            "rounds": 2,
+            "privacy.target-epsilon": 30.0,
+            "simulation.sites": 4,
+            "strategy.min-sites": 4,
+        }
+    )
+    step = Release(
+        sigma_of(config), config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
+    )
+    one_round = epsilon([step], config.privacy.delta, config.privacy.accountant)
+    # site-003 can afford one round: in round 2 it refuses after the keys were shared, so its masks must be removed.
+    config = config.replace(**{"simulation.site-caps": f"site-003={one_round * 1.01:.6f}"})
+    run = RunDirectory(_run(config).path)
+    aggregates = {e["round"]: e for e in run.events("train-aggregate")}
+    assert aggregates[1]["sites"] == 4 and aggregates[1]["dropped"] == 0
+    assert aggregates[2]["sites"] == 3 and aggregates[2]["dropped"] == 1
+    assert summarize(run)["rounds-completed"] == 2 and summarize(run)["central-accuracy"] > 0.6
