@@ -23,7 +23,7 @@ from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, nois
 from fedpriv.client.runtime import SiteRuntime
 from fedpriv.client.site import noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import Release, calibrate_noise, steps_per_round
+from fedpriv.common.accounting import Release, calibrate_noise, prefetch, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.node_config import PEER_KEYS
@@ -225,6 +225,9 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
         update_sha256=masked_sha256(masked),
     )
     spent = entry.record.accounting.epsilon
+    if privacy.enabled and site.simulated:
+        # Next round's budget check, worked out while the aggregator unmasks (as the plain round does).
+        prefetch([*budget.releases(), release], budget.delta, budget.accountant)
     metrics = {
         TRAIN_LOSS: loss,
         STEPS: taken,

@@ -9,7 +9,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.common import signing
+from fedpriv.common import flower_compat, signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.ledger import Ledger
@@ -36,6 +36,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FedprivConfig.from_run_config(context.run_config)
+    flower_compat.quicken(grid)
     run = RunDirectory.create(config.run_dir)
     write_run_config(run, config)
     labels = LabelSet.load(config.data.labels)
