@@ -109,14 +109,14 @@ round-timeout = 120.0
     def log_size(self, name: str) -> int:
         return self.log(name).stat().st_size if self.log(name).exists() else 0
 
-    def _spawn(self, name: str, *args) -> subprocess.Popen:
+    def _spawn(self, name: str, *args, env: dict[str, str] = ENV) -> subprocess.Popen:
         with open(self.log(name), "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
-                env=ENV,
+                env=env,
                 start_new_session=True,
             )
         self.processes[name] = process
@@ -125,7 +125,16 @@ round-timeout = 120.0
     def start_aggregator(self) -> None:
         since = self.log_size("aggregator")
         process = self._spawn(
-            "aggregator", "aggregator", "start", "--kit", self.kits / "aggregator", "--state", self.state
+            "aggregator",
+            "aggregator",
+            "start",
+            "--kit",
+            self.kits / "aggregator",
+            "--state",
+            self.state,
+            # gRPC logs refused TLS handshakes at INFO; without this, whether
+            # they reach stderr depends on whether absl logging was set up yet.
+            env=dict(ENV, GRPC_VERBOSITY="INFO"),
         )
 
         def ready():
@@ -219,7 +228,7 @@ round-timeout = 120.0
         return fedpriv(
             "audit",
             run_dir,
-            *(self.ledger(s) for s in self.sites),
+            *(self.ledger(s) for s in self.sites if self.ledger(s).exists()),  # a site that never released has none
             "--keys",
             self.kits / "aggregator" / "public-keys.json",
             "--json",

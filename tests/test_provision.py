@@ -118,6 +118,7 @@ def test_private_keys_are_owner_only_and_kits_are_flat(kits):
         "ledger.key",
         "node.key",
         "node.pub",
+        "public-keys.json",
     ]
 
 
@@ -204,9 +205,12 @@ def test_add_site_is_one_command_and_leaves_the_others_alone(kits, federation_fi
     result = fedpriv("provision", "add-site", "east", "-f", federation_file, "--epsilon-cap", "3")
     assert result.returncode == 0, result.stderr
     after = _snapshot(kits)
-    assert {k: v for k, v in after.items() if k in before and not k.startswith("aggregator/")} == {
-        k: v for k, v in before.items() if not k.startswith("aggregator/")
-    }
+
+    def unchanged(snapshot):  # every kit's roster of peers' keys gains the new site; nothing else changes
+        return {k: v for k, v in snapshot.items() if not k.startswith("aggregator/") and "public-keys" not in k}
+
+    assert {k: v for k, v in unchanged(after).items() if k in before} == unchanged(before)
+    assert sorted(json.loads(after["sites/north/public-keys.json"])) == ["aggregator", "east", "north", "south"]
     for name in ("tls.key", "tls.crt", "ledger.key"):
         assert after[f"aggregator/{name}"] == before[f"aggregator/{name}"]
     assert sorted(json.loads(after["aggregator/public-keys.json"])) == ["aggregator", "east", "north", "south"]

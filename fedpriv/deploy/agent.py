@@ -28,6 +28,7 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.deploy import processes
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
+from fedpriv.deploy.kit import PUBLIC_KEYS as KIT_PUBLIC_KEYS
 
 FLWR_HOME = "flwr-home"
 DEFAULT_PORT = 9094
@@ -98,6 +99,8 @@ class Agent:
         }
         if self.kit.data.delimiter:
             values[keys.DELIMITER] = self.kit.data.delimiter
+        if (self.kit_dir / KIT_PUBLIC_KEYS).exists():
+            values[keys.PEER_KEYS] = str(self.kit_dir / KIT_PUBLIC_KEYS)
         if allow_non_private:
             values[keys.ALLOW_NON_PRIVATE] = "true"
         return values

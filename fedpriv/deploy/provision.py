@@ -323,7 +323,12 @@ def provision(federation_file: str | Path, out: str | Path) -> Report:
     for site in federation.sites:
         _site(out, federation, site, ca_cert, ledger_keys, node_keys, report)
 
-    _write_derived(agg / PUBLIC_KEYS, json.dumps(dict(sorted(ledger_keys.items())), indent=2) + "\n", report)
+    roster = json.dumps(dict(sorted(ledger_keys.items())), indent=2) + "\n"
+    _write_derived(agg / PUBLIC_KEYS, roster, report)
+    # Every site pins its peers' identity keys for secure aggregation: a new site means every kit's copy changes.
+    for site in federation.sites:
+        if (out / SITES_DIR / site.name).is_dir():  # a kit already handed over gets its copy from the operator
+            _write_derived(out / SITES_DIR / site.name / PUBLIC_KEYS, roster, report)
     _write_derived(agg / NODE_KEYS, json.dumps(dict(sorted(node_keys.items())), indent=2) + "\n", report)
     _, port = split_address(federation.aggregator.address, DEFAULT_FLEET_PORT)
     config = AggregatorKit(
