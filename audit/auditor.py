@@ -34,6 +34,7 @@ class ReleaseCheck:
     claimed: float | None
     pld: float
     rdp: float
+    kind: str = "update"  # what was released: a model update or evaluation counts
 
     @property
     def reference(self) -> float:
@@ -220,9 +221,9 @@ def _check_site(
         cap=first.epsilon_cap,
         signer=signing.fingerprint(entries[0].signer),
     )
-    history = [(r.mechanism.noise_multiplier, r.mechanism.sample_rate, r.mechanism.steps) for r in records]
-    recomputed = cumulative_epsilons(history, report.delta)
-    unprotected = [r.round for r, (sigma, _, _) in zip(records, history, strict=True) if sigma <= 0]
+    mechanisms = [r.mechanism for r in records]
+    recomputed = cumulative_epsilons(mechanisms, report.delta)
+    unprotected = [r.round for r in records if r.mechanism.noise_multiplier <= 0 and r.mechanism.steps > 0]
     if unprotected:
         problems.append(
             Problem(
@@ -236,9 +237,10 @@ def _check_site(
         check = ReleaseCheck(
             round=record.round,
             run_id=record.run_id,
-            noise_multiplier=history[i][0],
-            sample_rate=history[i][1],
-            steps=history[i][2],
+            noise_multiplier=mechanisms[i].noise_multiplier,
+            sample_rate=mechanisms[i].sample_rate,
+            steps=mechanisms[i].steps,
+            kind=mechanisms[i].query or "update",
             claimed=accounting.epsilon,
             pld=recomputed["pld"][i],
             rdp=recomputed["rdp"][i],
@@ -251,21 +253,21 @@ def _check_site(
                     f"delta changed from {report.delta} to {accounting.delta}; releases of one dataset must share delta",
                 )
             )
-        if history[i][0] <= 0:
+        if mechanisms[i].noise_multiplier <= 0:
             continue  # reported once per site above
         shared = record.mechanism.distributed
         if shared is not None:
             # A distributed release: the accounted sigma must follow from how its noise was shared.
             expected = shared.accounted_noise_multiplier(record.mechanism.max_grad_norm)
             per_site = shared.total_noise_multiplier / math.sqrt(shared.cohort - shared.max_colluding)
-            if not math.isclose(expected, history[i][0], rel_tol=1e-9) or not math.isclose(
+            if not math.isclose(expected, mechanisms[i].noise_multiplier, rel_tol=1e-9) or not math.isclose(
                 per_site, shared.noise_share, rel_tol=1e-9
             ):
                 problems.append(
                     Problem(
                         where,
                         f"distributed noise (share {shared.noise_share:g} of {shared.cohort} sites, t={shared.max_colluding}) "
-                        f"does not give the accounted noise multiplier {history[i][0]:g} (expected {expected:g})",
+                        f"does not give the accounted noise multiplier {mechanisms[i].noise_multiplier:g} (expected {expected:g})",
                     )
                 )
         reference = check.rdp if accounting.accountant == "rdp" else check.pld

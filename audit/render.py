@@ -20,6 +20,12 @@ def _eps(value) -> str:
     return f"{value:.4f}"
 
 
+AUTHORITY = (
+    "Authoritative: each site's own accountant (acct), the one its cap is checked with; PLD is tight. "
+    "RDP is an upper bound and may exceed the cap on a passing run."
+)
+
+
 def console_report(report: AuditReport, console: Console) -> None:
     table = Table(
         title="Privacy audit (epsilon: claimed by the site / recomputed with dp-accounting)", title_justify="left"
@@ -40,6 +46,7 @@ def console_report(report: AuditReport, console: Console) -> None:
             f"{site.delta:g}",
         )
     console.print(table)
+    console.print(AUTHORITY, style="dim", soft_wrap=True)
     for item in report.exhausted:
         console.print(
             f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})"
@@ -100,7 +107,8 @@ def html_report(report: AuditReport) -> str:
         or "<li>none</li>"
     )
     releases = "".join(
-        f"<tr><td>{html.escape(s.site)}</td><td>{r.round}</td><td>{r.noise_multiplier:.4f}</td><td>{r.sample_rate:g}</td>"
+        f"<tr><td>{html.escape(s.site)}</td><td>{r.round}</td><td>{html.escape(r.kind)}</td>"
+        f"<td>{r.noise_multiplier:.4f}</td><td>{r.sample_rate:g}</td>"
         f"<td>{r.steps}</td><td>{_eps(r.claimed)}</td><td>{_eps(r.pld)}</td><td>{_eps(r.rdp)}</td></tr>"
         for s in report.sites
         for r in s.releases
@@ -114,10 +122,12 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <body><h1>Privacy audit <span>{status}</span></h1>
 <p>Every ledger's hash chain and Ed25519 signatures were verified; every epsilon was recomputed
 from the recorded mechanisms with Google's dp-accounting (PLD and RDP) and compared with the claim.</p>
+<p>{html.escape(AUTHORITY)} "Remaining" is the cap minus the epsilon spent over every release of the site's
+data in these ledgers: a deployed site's ledger spans all its runs.</p>
 <h2>Sites</h2><table><tr><th>site</th><th>releases</th><th>epsilon (claimed)</th><th>PLD</th><th>RDP</th>
 <th>cap</th><th>remaining</th><th>accountant</th><th>delta</th><th>signer</th></tr>{rows}</table>
 <h2>Epsilon per round</h2><img alt="epsilon per site and round" src="data:image/png;base64,{plot}">
 <h2>Findings</h2><ul>{problems}</ul>
-<h2>Every release</h2><table><tr><th>site</th><th>round</th><th>noise</th><th>sample rate</th><th>steps</th>
+<h2>Every release</h2><table><tr><th>site</th><th>round</th><th>release</th><th>noise</th><th>sample rate</th><th>steps</th>
 <th>epsilon claimed</th><th>PLD</th><th>RDP</th></tr>{releases}</table>
 </body></html>"""

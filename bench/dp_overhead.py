@@ -53,7 +53,7 @@ def main() -> None:
         for repeat in range(args.repeats + 1):  # the first pair warms caches and is dropped
             for kind in ("plain", "dp"):
                 bundle.set_state(start)
-                dp = DpSettings(1.0, 1.0) if kind == "dp" else None
+                dp = DpSettings(1.0, 1.0, normaliser=args.batch) if kind == "dp" else None
                 began = time.perf_counter()
                 train_local(bundle, prepared, plan, dp=dp, seed=repeat)
                 if repeat:

@@ -66,7 +66,7 @@ def main() -> None:
         weights = sum(p.numel() for p in bundle.model.parameters() if id(p) not in embeddings)
         flops = (6 if mode == "full" else 4) * weights * args.tokens
         floor = flops / peak  # seconds per example if only the matmuls ran
-        for kind, dp in (("plain", None), ("dp", DpSettings(1.0, 1.0))):
+        for kind, dp in (("plain", None), ("dp", DpSettings(1.0, 1.0, normaliser=args.batch))):
             plan = LocalPlan(
                 steps=args.steps,
                 sample_rate=args.batch / n,

@@ -41,7 +41,7 @@ def centralized(config: FedprivConfig, rows: int, batch: int, steps: int) -> dic
     prepared = bundle.prepare(data)
     optimizer, lr = config.optimizer_settings()
     plan = LocalPlan(steps=steps, sample_rate=batch / rows, optimizer=optimizer, learning_rate=lr)
-    train_local(bundle, prepared, plan, dp=DpSettings(SIGMA, CLIP), seed=0)
+    train_local(bundle, prepared, plan, dp=DpSettings(SIGMA, CLIP, normaliser=batch), seed=0)
     done = time.perf_counter()
     return {"wall-seconds": done - began, "rounds-seconds": done - loaded}
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpriv.client import secure_aggregation
 from fedpriv.client.runtime import WORKER
-from fedpriv.client.site import noise_multiplier
+from fedpriv.client.site import evaluation_mechanism, noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import Release, prefetch, steps_per_round
+from fedpriv.common.accounting import steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
@@ -22,8 +24,11 @@ from fedpriv.common.protocol import (
     DELTA,
     EPSILON,
     EPSILON_CAP,
+    EXHAUSTED,
     LOSS,
     NOISE_MULTIPLIER,
+    NOISY_CORRECT,
+    NOISY_TOTAL,
     NUM_EXAMPLES,
     SAMPLE_RATE,
     SECONDS,
@@ -34,7 +39,7 @@ from fedpriv.common.protocol import (
     Instruction,
     TrainReply,
 )
-from fedpriv.common.records import Mechanism, state_sha256
+from fedpriv.common.records import canonical_json, state_sha256
 from fedpriv.common.secure_protocol import ADVERTISE, MASK, SETUP, SHARE, UNMASK
 
 log = logging.getLogger(CLIENT_LOG)
@@ -72,16 +77,16 @@ def train(msg: Message, context: Context) -> Message:
     budget = site.budget
 
     if privacy.enabled:
-        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm)
-        release = Release(dp.noise_multiplier, plan.sample_rate, plan.steps)
-        if not budget.allows(release):
+        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(plan.sample_rate))
+        planned = site.update_mechanism(dp, plan.sample_rate, plan.steps)
+        if not budget.allows(planned):
             spent = budget.spent()
             log.warning(
                 "%s round %d: budget exhausted (spent %.4f, this round would reach %.4f > cap %.4f); not training",
                 site.name,
                 server_round,
                 spent,
-                budget.after(release),
+                budget.after(planned),
                 budget.cap,
             )
             metrics = {NUM_EXAMPLES: 0, SITE_WEIGHT: 0, EPSILON: spent, EPSILON_CAP: budget.cap}
@@ -111,13 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         on_step=progress,
     )
     update = bundle.get_state()
-    mechanism = Mechanism(
-        noise_multiplier=dp.noise_multiplier if dp else 0.0,
-        sample_rate=plan.sample_rate,
-        steps=result.steps,
-        max_grad_norm=privacy.max_grad_norm,
-        dataset_size=len(site.train),
-    )
+    mechanism = site.update_mechanism(dp, plan.sample_rate, result.steps)
     # Recorded (signed, fsynced) before the update leaves the site.
     entry = budget.record(
         run_id=str(context.run_id),
@@ -132,9 +131,9 @@ def train(msg: Message, context: Context) -> Message:
         # PRV accounting takes about a second per new history; work out next
         # round's check now, while this (resident) worker waits for the
         # aggregator. A deployed site runs each round in a fresh process.
-        prefetch([*budget.releases(), release], budget.delta, budget.accountant)
+        budget.prefetch(planned)
     metrics = {
-        NUM_EXAMPLES: len(site.train),
+        NUM_EXAMPLES: site.public_rows() if dp else (site.declared_rows or len(site.train)),
         SITE_WEIGHT: 1,  # equal weights, for site-level DP at the aggregator
         TRAIN_LOSS: result.loss,
         STEPS: result.steps,
@@ -163,6 +162,16 @@ app.train(MASK)(_secure_stage)
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
+    privacy = config.privacy
+    if privacy.enabled and privacy.evaluation != "clear":
+        if privacy.evaluation == "off":
+            raise PermissionError(f"{site.name}: this private run releases no evaluation (privacy.evaluation=off)")
+        return _noised_evaluation(msg, context, config, site)
+    if privacy.enabled and not site.allows_non_private:
+        raise PermissionError(
+            f"{site.name} refuses to send evaluation metrics in the clear (privacy.evaluation=clear); "
+            "its operator can allow it with allow-non-private=true in the node config"
+        )
     bundle.set_state(Instruction.from_message(msg).state())
     result = bundle.evaluate(site.validation)
     metrics = {
@@ -175,3 +184,42 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics.update({LOSS: 0.0, ACCURACY: 0.0})  # no validation part (data.validation-fraction=0)
     content = EvaluateReply(site.name, metrics).to_content()
     return Message(content=content, reply_to=msg)
+
+
+def _noised_evaluation(msg: Message, context: Context, config: FedprivConfig, site) -> Message:
+    """Correct and total counts of the validation rows, each plus Gaussian noise; recorded before they leave."""
+    instruction = Instruction.from_message(msg)
+    budget = site.budget
+    mechanism = evaluation_mechanism(config, len(site.validation))
+    if not budget.allows(mechanism):
+        spent = budget.spent()
+        log.warning(
+            "%s round %d: budget exhausted (spent %.4f); not evaluating", site.name, instruction.server_round, spent
+        )
+        metrics = {NUM_EXAMPLES: 0, SITE_WEIGHT: 0, EPSILON: spent, EPSILON_CAP: budget.cap}
+        return Message(content=EvaluateReply(site.name, metrics, EXHAUSTED).to_content(), reply_to=msg)
+    site.model.set_state(instruction.state())
+    result = site.model.evaluate(site.validation)
+    total = int(result[NUM_EXAMPLES])
+    correct = round(result[ACCURACY] * total) if total else 0
+    std = config.privacy.evaluation_noise
+    rng = np.random.default_rng([site.training_seed(instruction.server_round), 1])  # secret when deployed
+    noisy_correct, noisy_total = (float(x + rng.normal(0.0, std)) for x in (correct, total))
+    entry = budget.record(
+        run_id=str(context.run_id),
+        server_round=instruction.server_round,
+        site=site.name,
+        mechanism=mechanism,
+        update_sha256=hashlib.sha256(canonical_json([noisy_correct, noisy_total])).hexdigest(),
+    )
+    # Only post-processing of the two noisy counts from here on.
+    shown_total = max(noisy_total, 1.0)
+    metrics = {
+        NUM_EXAMPLES: round(shown_total),
+        SITE_WEIGHT: 1,
+        ACCURACY: min(max(noisy_correct / shown_total, 0.0), 1.0),
+        NOISY_CORRECT: noisy_correct,
+        NOISY_TOTAL: noisy_total,
+        EPSILON: entry.record.accounting.epsilon,
+    }
+    return Message(content=EvaluateReply(site.name, metrics).to_content(), reply_to=msg)

@@ -73,10 +73,9 @@ def clipped_gradient_sum(
         optimizer,
         module,
         sample_rate=sample_rate,
-        dp=DpSettings(noise_multiplier=0.0, max_grad_norm=max_grad_norm),
+        dp=DpSettings(noise_multiplier=0.0, max_grad_norm=max_grad_norm, normaliser=1.0),
         max_physical_batch=max_physical_batch,
         generator=generator,
-        normaliser=1.0,
     ) as (batches, dp_optimizer, criterion):
         counter = StepCounter.attach(dp_optimizer)
         while not counter.steps:

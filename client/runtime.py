@@ -22,13 +22,15 @@ from flwr.app import Context
 
 from fedpriv.client.budget import SiteBudget
 from fedpriv.client.site import DeployedSource, allows_non_private, data_source, open_budget
+from fedpriv.client.training import DpSettings
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
+from fedpriv.common.node_config import DECLARED_ROWS
 from fedpriv.common.partition import split_for
-from fedpriv.common.records import data_sha256
+from fedpriv.common.records import DistributedNoise, Mechanism, data_sha256
 from fedpriv.common.resources import resolve_path
 
 log = logging.getLogger(CLIENT_LOG)
@@ -49,11 +51,48 @@ class SiteRuntime:
     config: FedprivConfig = field(repr=False)
     run_id: int = 0
     node_config: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Public: the simulation's partition size, or what a deployed site's operator declared.
+    declared_rows: int | None = None
 
     @cached_property
     def budget(self) -> SiteBudget:
         """Opened at the first train message: one ledger, its key read once."""
         return open_budget(self.node_config, self.config, self.run_id, self.name, self.simulated, self.data_id)
+
+    def normaliser(self, sample_rate: float) -> float:
+        """The public constant a noisy gradient sum is divided by: sample rate x declared rows.
+
+        Opacus would divide by sample rate x the true row count, which differs
+        between neighbouring datasets and so leaks (opacus#571, #819).
+        """
+        return sample_rate * self.public_rows()
+
+    def public_rows(self) -> int:
+        if self.declared_rows is None:
+            raise DataError(
+                "node config",
+                f"{self.name} declares no public size: set {DECLARED_ROWS} (fedpriv agent start --declared-rows N); "
+                "private updates are normalised by sample rate x this figure, never by the true row count",
+            )
+        return self.declared_rows
+
+    def update_mechanism(
+        self, dp: DpSettings | None, sample_rate: float, steps: int, distributed: DistributedNoise | None = None
+    ) -> Mechanism:
+        """What releasing a model update made with `dp` (None: no DP) does to this site's data."""
+        noise = dp.noise_multiplier if dp else 0.0
+        if distributed is not None:
+            noise = distributed.accounted_noise_multiplier(self.config.privacy.max_grad_norm)
+        return Mechanism(
+            noise_multiplier=noise,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_grad_norm=self.config.privacy.max_grad_norm,
+            dataset_size=len(self.train),
+            distributed=distributed,
+            normaliser=dp.normaliser if dp and distributed is None else None,
+            query="update",
+        )
 
     def training_seed(self, server_round: int) -> int:
         """Repeatable in simulation; secret at a real site.
@@ -149,6 +188,8 @@ class WorkerRuntime:
             config=config,
             run_id=run_id,
             node_config=node,
+            # A simulation's split is its operator's design, public to it.
+            declared_rows=len(train) if simulated else declared_rows(node),
         )
 
     def _partitioned(self, config: FedprivConfig, labels: LabelSet, sites: int):
@@ -177,3 +218,16 @@ class WorkerRuntime:
 
 # The one runtime of this worker process (a simulation worker, or a deployed site's ClientApp process).
 WORKER = WorkerRuntime()
+
+
+def declared_rows(node: Mapping[str, Any]) -> int | None:
+    value = node.get(DECLARED_ROWS)
+    if value is None:
+        return None
+    try:
+        number = float(str(value))
+    except ValueError:
+        number = 0.0
+    if number <= 0 or not number.is_integer():
+        raise DataError("node config", f"{DECLARED_ROWS} must be a positive whole number, not {value!r}")
+    return int(number)

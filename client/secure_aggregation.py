@@ -23,7 +23,7 @@ from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, nois
 from fedpriv.client.runtime import SiteRuntime
 from fedpriv.client.site import noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import Release, calibrate_noise, prefetch, steps_per_round
+from fedpriv.common.accounting import calibrate_noise, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.node_config import PEER_KEYS
@@ -41,7 +41,7 @@ from fedpriv.common.protocol import (
     TrainReply,
     from_record,
 )
-from fedpriv.common.records import DistributedNoise, Mechanism
+from fedpriv.common.records import DistributedNoise
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
 from fedpriv.common.secure_protocol import (
     ADVERTISE,
@@ -172,13 +172,20 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
             quantization=share.gamma,
             dimension=length,
         )
-        sigma, rate, steps = shared.accounted_noise_multiplier(share.max_grad_norm), config.train.sample_rate, 1
+        rate, steps = config.train.sample_rate, 1
+        # The site adds only its share; the recorded sigma is the sum's.
+        dp = DpSettings(share.noise_multiplier, privacy.max_grad_norm, normaliser=1.0)
     else:
         plan = _local_plan(config)
-        sigma = noise_multiplier(config) if privacy.enabled else 0.0
         rate, steps, shared = plan.sample_rate, plan.steps, None
-    release = Release(sigma, rate, steps)
-    if privacy.enabled and not budget.allows(release):
+        dp = (
+            DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(rate))
+            if privacy.enabled
+            else None
+        )
+    planned = site.update_mechanism(dp, rate, steps, shared)
+    sigma = planned.noise_multiplier
+    if privacy.enabled and not budget.allows(planned):
         spent = budget.spent()
         log.warning(
             "%s round %d: budget exhausted (spent %.4f); not taking part", site.name, request.server_round, spent
@@ -197,7 +204,6 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
         vector = noisy_share(vector, share, np.random.default_rng(seed))
         loss, taken = math.nan, 1
     else:
-        dp = DpSettings(sigma, privacy.max_grad_norm) if privacy.enabled else None
         result = train_local(bundle, site.train, plan, dp=dp, seed=seed, anchor=global_state)
         trained = bundle.get_state()
         vector = np.concatenate(
@@ -208,14 +214,7 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
         )
         loss, taken = result.loss, result.steps
     masked = session.mask(request.data, vector)
-    mechanism = Mechanism(
-        noise_multiplier=sigma,
-        sample_rate=rate,
-        steps=taken,
-        max_grad_norm=privacy.max_grad_norm,
-        dataset_size=len(site.train),
-        distributed=shared,
-    )
+    mechanism = site.update_mechanism(dp, rate, taken, shared)
     # Recorded (signed, fsynced) before the masked vector leaves; the aggregator can check this hash.
     entry = budget.record(
         run_id=str(context.run_id),
@@ -227,7 +226,7 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
     spent = entry.record.accounting.epsilon
     if privacy.enabled and site.simulated:
         # Next round's budget check, worked out while the aggregator unmasks (as the plain round does).
-        prefetch([*budget.releases(), release], budget.delta, budget.accountant)
+        budget.prefetch(planned)
     metrics = {
         TRAIN_LOSS: loss,
         STEPS: taken,

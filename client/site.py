@@ -9,6 +9,7 @@ a node is, is decided once, here, from its node config.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from fedpriv.client.budget import SiteBudget
 from fedpriv.common import signing
-from fedpriv.common.accounting import calibrate_noise, steps_per_round
+from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
 from fedpriv.common.ledger import Ledger
@@ -35,6 +36,7 @@ from fedpriv.common.node_config import (
     SITE_NAME,
     TEXT_COLUMN,
 )
+from fedpriv.common.records import Mechanism
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,41 @@ def data_source(node: Mapping[str, Any], node_id: int, config: FedprivConfig) ->
 
 
 def noise_multiplier(config: FedprivConfig) -> float:
-    """The plan's noise: given, or just enough for the target epsilon after all rounds."""
+    """The plan's noise: given, or just enough for the target epsilon after all rounds and planned evaluations."""
     p = config.privacy
     if p.noise_multiplier > 0:
         return p.noise_multiplier
     steps = steps_per_round(config.train.local_epochs, config.train.sample_rate) * config.rounds
-    return calibrate_noise(p.target_epsilon, p.delta, config.train.sample_rate, steps, p.accountant)
+    return calibrate_noise(
+        p.target_epsilon, p.delta, config.train.sample_rate, steps, p.accountant, planned_evaluations(config)
+    )
+
+
+def evaluation_mechanism(config: FedprivConfig, rows: int) -> Mechanism:
+    """One noised evaluation: Gaussian noise of std `evaluation-noise` on the correct and the total count.
+
+    Adding or removing one row moves each count by at most 1, so the pair's
+    L2 sensitivity is sqrt(2): the release is a Gaussian mechanism with
+    noise multiplier std / sqrt(2).
+    """
+    sensitivity = math.sqrt(2)
+    return Mechanism(
+        kind="gaussian",
+        noise_multiplier=config.privacy.evaluation_noise / sensitivity,
+        sample_rate=1.0,
+        steps=1,
+        max_grad_norm=sensitivity,
+        dataset_size=rows,
+        query="evaluation",
+    )
+
+
+def planned_evaluations(config: FedprivConfig) -> tuple:
+    """The evaluation releases a private run plans, as accounting events (none unless noised)."""
+    if not config.privacy.enabled or config.privacy.evaluation != "noised":
+        return ()
+    event = dp_event(evaluation_mechanism(config, 0))
+    return tuple(event for _ in config.federated_evaluation_rounds())
 
 
 def simulation_dir(config: FedprivConfig, run_id: int) -> Path:

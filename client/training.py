@@ -30,6 +30,9 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 class DpSettings:
     noise_multiplier: float
     max_grad_norm: float
+    # What the noisy gradient sum is divided by: a public constant (sample
+    # rate x declared rows), never derived from the private dataset's size.
+    normaliser: float
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,10 @@ def private_training(
     dp: DpSettings,
     max_physical_batch: int,
     generator: torch.Generator,
-    normaliser: float | None = None,
 ) -> Iterator[tuple[Iterator, torch.optim.Optimizer, Callable]]:
     """Yields (batches, DP optimizer, loss function); removes Opacus' hooks on exit.
 
-    The noisy gradient sum is divided by `normaliser`: by default the plan's
-    expected batch (sample rate x rows); 1 leaves the sum itself.
+    The noisy gradient sum is divided by `dp.normaliser` (1 leaves the sum itself).
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
@@ -113,8 +114,8 @@ def private_training(
     else:
         hooks, dp_optimizer, dp_loader = prepared
         criterion = nn.CrossEntropyLoss()
-    # Opacus derives the batch size from 1/len(loader); the plan's is exact.
-    dp_optimizer.expected_batch_size = normaliser or sample_rate * len(dataset)
+    # Opacus would divide by int(sample rate x len(dataset)): the private size.
+    dp_optimizer.expected_batch_size = dp.normaliser
     try:
         if not tuning.physical_batching:
             yield iter(_cycle(dp_loader)), dp_optimizer, criterion

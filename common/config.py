@@ -105,8 +105,9 @@ class PrivacyConfig(_Section):
         0.0, ge=0.0, description="0 derives it from target-epsilon over the planned rounds."
     )
     max_grad_norm: float = Field(0.5, gt=0.0, description="Per-example gradient clipping norm.")
-    accountant: Literal["prv", "rdp"] = Field(
-        "prv", description="Privacy accountant: prv (tight, Opacus PRV) or rdp (Renyi DP)."
+    accountant: Literal["pld", "prv", "rdp"] = Field(
+        "pld",
+        description="Accountant of the site's budget: pld (tight, dp-accounting), rdp (Renyi DP, an upper bound) or prv (Opacus PRV, training releases only).",
     )
     epsilon_cap: float = Field(
         0.0,
@@ -142,6 +143,14 @@ class PrivacyConfig(_Section):
         description="Distributed noise: the public expected batch of the whole federation per step; 0: sample-rate x rows (simulation only).",
     )
 
+    evaluation: Literal["off", "noised", "clear"] = Field(
+        "off",
+        description="Federated evaluation of a private run: off (nothing leaves the site), noised (Gaussian noise on each site's correct/total counts, recorded and counted in its budget) or clear (a deployed site refuses unless allow-non-private).",
+    )
+    evaluation_noise: float = Field(
+        20.0, gt=0.0, description="Noised evaluation: standard deviation of the Gaussian noise on each count."
+    )
+
     def cap(self) -> float:
         return self.epsilon_cap or self.target_epsilon
 
@@ -155,6 +164,9 @@ class StrategyConfig(_Section):
     )
     fraction_evaluate: float = Field(
         1.0, ge=0.0, le=1.0, description="Share asked to evaluate (0: no federated evaluation)."
+    )
+    evaluate_every: int = Field(
+        1, ge=1, description="Rounds between federated evaluations (the last round is always one)."
     )
     min_sites: int = Field(2, ge=1, description="Sites that must be connected before a round starts.")
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight.")
@@ -271,6 +283,13 @@ class FedprivConfig(_Section):
                     "privacy.max-colluding-sites must be below strategy.min-sites (at least 2) for secure aggregation"
                 )
         return self
+
+    def federated_evaluation_rounds(self) -> list[int]:
+        """The rounds with a federated evaluation: none in a private run unless privacy.evaluation allows it."""
+        if self.strategy.fraction_evaluate == 0 or (self.privacy.enabled and self.privacy.evaluation == "off"):
+            return []
+        every = self.strategy.evaluate_every
+        return [r for r in range(1, self.rounds + 1) if r % every == 0 or r == self.rounds]
 
     def optimizer_settings(self) -> tuple[str, float]:
         """The optimizer and learning rate to use, with 'auto'/0 resolved per mode."""

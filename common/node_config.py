@@ -16,6 +16,9 @@ LEDGER_KEY = "ledger-key"
 EPSILON_CAP = "epsilon-cap"
 DELTA = "delta"
 ALLOW_NON_PRIVATE = "allow-non-private"
+# The site's public size: DP updates are divided by sample rate x this, and it
+# weighs the site in FedAvg; the true row count never leaves the site.
+DECLARED_ROWS = "declared-rows"
 # The federation's identity public keys (JSON: site -> Ed25519 key), pinned for secure aggregation.
 PEER_KEYS = "peer-keys"
 # Set by Flower's Simulation Engine for each virtual node.

@@ -67,6 +67,9 @@ STEPS: Final = "steps"
 SECONDS: Final = "seconds"
 LOSS: Final = "loss"
 ACCURACY: Final = "accuracy"
+# A noised evaluation's two released counts (accuracy is their post-processed ratio).
+NOISY_CORRECT: Final = "noisy-correct"
+NOISY_TOTAL: Final = "noisy-total"
 
 Metrics = Mapping[str, int | float]
 

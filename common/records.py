@@ -63,7 +63,15 @@ class DistributedNoise(_Frozen):
 
 
 class Mechanism(_Frozen):
-    kind: Literal["poisson-sampled-gaussian"] = "poisson-sampled-gaussian"
+    """What one release did to one dataset; `accounting.dp_event` reads it as a dp-accounting event.
+
+    poisson-sampled-gaussian: `steps` DP-SGD steps, each a Poisson sample at
+    `sample_rate`, clipped to `max_grad_norm`, noised with `noise_multiplier`
+    x `max_grad_norm`. gaussian: `steps` Gaussian releases of a query whose
+    sensitivity is `max_grad_norm` (evaluation counts, a site-level round).
+    """
+
+    kind: Literal["poisson-sampled-gaussian", "gaussian"] = "poisson-sampled-gaussian"
     noise_multiplier: float = Field(ge=0)
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=0)
@@ -71,17 +79,29 @@ class Mechanism(_Frozen):
     dataset_size: int = Field(ge=0)
     # Absent in local releases (and in every record written before distributed noise existed).
     distributed: DistributedNoise | None = None
+    # The public constant the noisy sum was divided by (sample rate x declared rows);
+    # absent in records written before it was recorded.
+    normaliser: float | None = Field(None, gt=0)
+    # What was released, for a reader: a model update, or evaluation counts.
+    query: Literal["update", "evaluation"] | None = None
+
+    @model_validator(mode="after")
+    def _gaussian_is_unsampled(self):
+        if self.kind == "gaussian" and self.sample_rate != 1:
+            raise ValueError("a gaussian release has sample_rate 1 (no sampling is claimed)")
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler):
         data = handler(self)
-        if data.get("distributed") is None:
-            data.pop("distributed", None)  # a local record's JSON stays as it always was
+        for name in ("distributed", "normaliser", "query"):
+            if data.get(name) is None:
+                data.pop(name, None)  # a record's JSON stays as it was before these existed
         return data
 
 
 class Accounting(_Frozen):
-    accountant: Literal["prv", "rdp"]
+    accountant: Literal["pld", "prv", "rdp"]
     library: str
     library_version: str
     delta: float

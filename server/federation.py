@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.protocol import EPSILON, EvaluateReply, ProtocolError, from_record, sender, to_record
+from fedpriv.common.protocol import EPSILON, OK, EvaluateReply, ProtocolError, from_record, sender, to_record
 from fedpriv.common.records import PrivacyRecord, SiteExhausted, SiteReleaseReceipt, state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
@@ -87,6 +87,7 @@ class Federation:
             ServerOptimizer(config, model.bundle.trainable_names) if p.noise == "distributed" else None
         )
         self.normaliser = normaliser(config, model.training_rows()) if p.noise == "distributed" else 1.0
+        self.evaluation_rounds = set(config.federated_evaluation_rounds())
         self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
         self.average = TailAverage(start_round=config.rounds - tail_rounds + 1 if tail_rounds else config.rounds + 1)
@@ -129,7 +130,8 @@ class Federation:
             if stop:
                 break
             self.average.update(rnd, state)
-            self._federated_evaluation(rnd, to_record(state))
+            if rnd in self.evaluation_rounds:
+                self._federated_evaluation(rnd, to_record(state))
             every = self.config.central_eval_every
             if rnd == self.config.rounds or (every and rnd % every == 0):
                 self._central(rnd, self.average.release(state))
@@ -254,8 +256,9 @@ class Federation:
             except ProtocolError as error:
                 self.run.log("site-error", round=rnd, site=sender(reply), reason=str(error), phase="evaluate")
                 continue
-            self.run.log("site-evaluate", round=rnd, site=decoded.site, **dict(decoded.metrics))
-            answered.append(reply)
+            self.run.log("site-evaluate", round=rnd, site=decoded.site, status=decoded.status, **dict(decoded.metrics))
+            if decoded.status == OK:
+                answered.append(reply)
         aggregated = self.strategy.aggregate_evaluate(rnd, answered)
         if aggregated is not None:
             self.run.log("federated-evaluate", round=rnd, **dict(aggregated))

@@ -59,8 +59,9 @@ def release_record(
         site=SITE,
         data_id=DATA_ID,
         mechanism=Mechanism(
+            kind="gaussian",  # no amplification by sampling is claimed
             noise_multiplier=p.site_level_noise,
-            sample_rate=1.0,  # no amplification is claimed
+            sample_rate=1.0,
             steps=1,
             max_grad_norm=p.site_level_clip,
             dataset_size=config.strategy.min_sites,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpriv.common.accounting import Release, epsilon
+from fedpriv.common.accounting import dp_event, epsilon
 from fedpriv.common.protocol import NUM_EXAMPLES, SITE_WEIGHT, Metrics
 from fedpriv.common.records import LedgerEntry, PrivacyRecord
 
@@ -101,7 +101,7 @@ class ReleaseHistory:
         claimed = record.accounting.epsilon
         if claimed is not None:
             m, a = record.mechanism, record.accounting
-            floor = epsilon([Release(m.noise_multiplier, m.sample_rate, m.steps)], a.delta, a.accountant)
+            floor = epsilon([dp_event(m)], a.delta, a.accountant)
             if claimed < floor * (1 - EPSILON_SLACK):
                 return f"privacy record claims epsilon {claimed:.4g}, below the {floor:.4g} its own mechanism spends"
             previous = self.last_claim.get(site)

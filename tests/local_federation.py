@@ -76,6 +76,7 @@ control-listen = "127.0.0.1:{self.control}"
 labels = {json.dumps(LABELS)}
 [site-defaults]
 epsilon-cap = 1000.0
+declared-rows = 150
 [run]
 rounds = {rounds}
 [run.model]

@@ -10,7 +10,7 @@ from fedpriv.audit.auditor import audit
 from fedpriv.audit.recompute import cumulative_epsilons
 from fedpriv.client.budget import SiteBudget
 from fedpriv.common import signing
-from fedpriv.common.accounting import Release, epsilon
+from fedpriv.common.accounting import epsilon, poisson_gaussian
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.records import Mechanism
 
@@ -20,13 +20,12 @@ def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):
     budget = SiteBudget(Ledger(tmp_path / "site.jsonl", signing.generate()), "data", cap, 1e-5, accountant)
     trained, refused = [], []
     for rnd in range(1, rounds + 1):
-        release = Release(sigma, rate, steps)
-        if not budget.allows(release):
-            refused.append(rnd)
-            continue
         mechanism = Mechanism(
             noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1.0, dataset_size=100
         )
+        if not budget.allows(mechanism):
+            refused.append(rnd)
+            continue
         budget.record(run_id="r", server_round=rnd, site="s", mechanism=mechanism, update_sha256="0" * 64)
         trained.append(rnd)
     return budget, trained, refused
@@ -48,7 +47,8 @@ def test_no_site_ever_exceeds_its_cap(tmp_path_factory, cap, sigma, rate, steps,
     # Once the same release no longer fits, it never fits again: the site is skipped, not crashed.
     assert trained == list(range(1, len(trained) + 1))
     if refused:
-        assert budget.after(Release(sigma, rate, steps)) > cap
+        planned = Mechanism(noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1, dataset_size=0)
+        assert budget.after(planned) > cap
 
 
 def test_recording_past_the_cap_is_impossible(tmp_path):
@@ -59,14 +59,15 @@ def test_recording_past_the_cap_is_impossible(tmp_path):
     assert budget.ledger.records() == []
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("accountant", ["pld", "prv", "rdp"])
 @pytest.mark.parametrize(
     "sigma, rate, steps, rounds", [(3.2, 0.3, 10, 30), (1.1, 0.2, 50, 4), (0.9, 0.05, 100, 3), (5.0, 1.0, 3, 10)]
 )
 def test_recomputed_epsilon_agrees_within_one_percent(accountant, sigma, rate, steps, rounds):
-    history = [Release(sigma, rate, steps)] * rounds
+    mechanism = Mechanism(noise_multiplier=sigma, sample_rate=rate, steps=steps, max_grad_norm=1.0, dataset_size=0)
+    history = [poisson_gaussian(sigma, rate, steps)] * rounds
     claimed = [epsilon(history[: i + 1], 1e-5, accountant) for i in range(rounds)]
-    recomputed = cumulative_epsilons([r.as_tuple() for r in history], 1e-5)["pld" if accountant == "prv" else "rdp"]
+    recomputed = cumulative_epsilons([mechanism] * rounds, 1e-5)["rdp" if accountant == "rdp" else "pld"]
     for c, r in zip(claimed, recomputed, strict=True):
         assert math.isclose(c, r, rel_tol=0.01), (c, r)
 
@@ -91,7 +92,7 @@ def test_budget_keeps_its_releases_and_rereads_only_a_ledger_changed_behind_its_
     path, key = tmp_path / "site.jsonl", signing.generate()
     budget = SiteBudget(Ledger(path, key), "data", 50.0, 1e-5, "rdp")
     mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
-    release = Release(1.5, 0.2, 10)
+    release = poisson_gaussian(1.5, 0.2, 10)
 
     assert budget.spent() == 0.0 and len(reads) == 1
     entry = budget.record(run_id="r", server_round=1, site="s", mechanism=mechanism, update_sha256="0" * 64)

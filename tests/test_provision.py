@@ -48,6 +48,7 @@ name = "north"
 [[sites]]
 name = "south"
 epsilon-cap = 2.5
+declared-rows = 400
 """
 
 
@@ -331,6 +332,14 @@ def test_agent_with_bad_data_exits_with_the_named_error_before_connecting(kits, 
     assert result.returncode == 2 and "too few rows: 4" in result.stderr
 
 
+def test_agent_without_a_declared_size_refuses_to_join(kits, tmp_path):
+    data = write_csv(tmp_path / "site.csv", easy_rows(30))
+    result = fedpriv("agent", "start", "--kit", kits / "sites" / "north", "--data", data, "--state", tmp_path / "s")
+    assert result.returncode == 2
+    assert "north declares no public size: pass --declared-rows N" in result.stderr
+    assert "SuperNode" not in result.stdout + result.stderr
+
+
 def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
     rows = [(text, label) for text, label in easy_rows(30)]
     data = write_csv(tmp_path / "site.csv", rows, header=("body", "queue"))
@@ -356,6 +365,8 @@ def test_node_config_reaches_flower_unchanged(kits, tmp_path):
     assert parsed == config
     assert parsed["ledger-path"].endswith("/ledgers/south.jsonl")  # named for its owner: audit pins it
     assert parsed["epsilon-cap"] == 2.5 and parsed["site-name"] == "south"
+    assert parsed["declared-rows"] == 400  # from the federation file, through the kit
+    assert agent.node_config(data, declared_rows=900)["declared-rows"] == 900  # the operator's option wins
     assert "allow-non-private" not in parsed
 
 

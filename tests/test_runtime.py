@@ -112,3 +112,23 @@ def test_simulated_or_deployed_is_decided_once(private_config, tmp_path):
     assert not deployed.simulated and not deployed.allows_non_private
     assert deployed.training_seed(3) != deployed.training_seed(3)  # secret at a real site
     assert deployed.name == "node-8"
+
+
+def test_a_deployed_site_is_normalised_and_weighed_by_its_declared_size_never_its_row_count(tiny_config, tmp_path):
+    from fedpriv.common.data import DataError
+    from tests.helpers import easy_rows, write_csv
+
+    worker = WorkerRuntime()
+    normalisers = []
+    for rows in (60, 61):  # neighbouring datasets under add/remove
+        data = write_csv(tmp_path / f"site-{rows}.csv", easy_rows(rows, seed=3))
+        node = {"data-path": str(data), "site-name": "north", "declared-rows": 1000}
+        site = worker.site(context(tiny_config, node), tiny_config)
+        normalisers.append((site.normaliser(0.1), site.public_rows()))
+    assert normalisers == [(100.0, 1000), (100.0, 1000)]
+
+    undeclared = worker.site(context(tiny_config, {"data-path": str(data), "site-name": "north"}), tiny_config)
+    with pytest.raises(DataError, match="declared-rows"):
+        undeclared.normaliser(0.1)
+    with pytest.raises(DataError, match="declared-rows must be a positive whole number"):
+        worker.site(context(tiny_config, {"data-path": str(data), "declared-rows": "many"}), tiny_config)

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedpriv.common import signing
-from fedpriv.common.accounting import Release, epsilon
+from fedpriv.common.accounting import epsilon, poisson_gaussian
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
 from fedpriv.common.secure_protocol import (
     ADVERTISE,
@@ -115,12 +115,12 @@ def test_a_substituted_key_forwarded_by_the_aggregator_is_refused(federation):
         handle(_message(request), context, config, site)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "prv"])
 def test_the_distributed_mechanisms_epsilon_matches_dp_accounting(accountant):
     import dp_accounting
 
     sigma, rate, rounds, delta = 1.1, 0.05, 300, 1e-5
-    ours = epsilon([Release(sigma, rate, 1)] * rounds, delta, accountant)
+    ours = epsilon([poisson_gaussian(sigma, rate, 1)] * rounds, delta, accountant)
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), rounds
     )

@@ -67,7 +67,7 @@ def test_distributed_dp_records_its_noise_share_audits_and_learns(tiny_config):
 def test_a_site_that_drops_after_sharing_keys_is_recovered_and_the_round_completes(tiny_config):
     from fedpriv.client.site import noise_multiplier  # noqa: F401 (the local plan's noise)
     from fedpriv.client.site import noise_multiplier as sigma_of
-    from fedpriv.common.accounting import Release, epsilon, steps_per_round
+    from fedpriv.common.accounting import epsilon, poisson_gaussian, steps_per_round
 
     config = tiny_config.replace(
         **{
@@ -78,7 +78,7 @@ def test_a_site_that_drops_after_sharing_keys_is_recovered_and_the_round_complet
             "strategy.min-sites": 4,
         }
     )
-    step = Release(
+    step = poisson_gaussian(
         sigma_of(config), config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
     )
     one_round = epsilon([step], config.privacy.delta, config.privacy.accountant)

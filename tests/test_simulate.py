@@ -31,7 +31,8 @@ def write_config(tmp_path, config, **changes) -> Path:
 
 @pytest.mark.slow
 def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, tmp_path):
-    path = write_config(tmp_path, tiny_config, **{"privacy.target-epsilon": 8.0})
+    changes = {"privacy.target-epsilon": 8.0, "privacy.evaluation": "noised", "privacy.evaluation-noise": 3.0}
+    path = write_config(tmp_path, tiny_config, **changes)
     result = fedpriv("simulate", "--config", str(path), "--rounds", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -54,6 +55,21 @@ def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, t
     assert (run.plots / "accuracy.png").stat().st_size > 1000 and (run.plots / "epsilon.png").exists()
     kinds = {e["kind"] for e in run.events()}
     assert {"site-train", "site-evaluate", "federated-evaluate", "central-evaluate", "round-end"} <= kinds
+    # Noised evaluation: only two noisy counts leave a site, each release is in its ledger and its budget.
+    evaluations = list(run.events("site-evaluate"))
+    assert len(evaluations) == 6 and all("loss" not in e and "noisy-correct" in e for e in evaluations)
+    from fedpriv.common.ledger import Ledger
+
+    for name in summary["sites"]:
+        records = Ledger(run.path / "ledgers" / f"{name}.jsonl").records()
+        queries = [(r.round, r.mechanism.kind, r.mechanism.query) for r in records]
+        assert queries == [
+            (1, "poisson-sampled-gaussian", "update"),
+            (1, "gaussian", "evaluation"),
+            (2, "poisson-sampled-gaussian", "update"),
+            (2, "gaussian", "evaluation"),
+        ]
+        assert records[-1].accounting.epsilon <= 8.0 and records[-1].accounting.accountant == "pld"
     config_written = (run.path / "config.toml").read_text()
     assert "target-epsilon = 8.0" in config_written
 
@@ -102,11 +118,11 @@ def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_pa
 @pytest.mark.slow
 def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
     from fedpriv.client.site import noise_multiplier
-    from fedpriv.common.accounting import Release, epsilon, steps_per_round
+    from fedpriv.common.accounting import epsilon, poisson_gaussian, steps_per_round
 
     config = tiny_config.replace(**{"rounds": 4})
     sigma = noise_multiplier(config)
-    step = Release(
+    step = poisson_gaussian(
         sigma, config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
     )
     after = [epsilon([step] * n, config.privacy.delta, config.privacy.accountant) for n in (1, 2)]
@@ -123,6 +139,8 @@ def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_confi
     assert ("site-000", 2) in exhausted and {("site-000", 3), ("site-001", 3), ("site-002", 3)} <= exhausted
     assert [e["round"] for e in run.events("all-budgets-exhausted")] == [3]
     assert (run.model_dir / "config.json").exists()  # ended cleanly, model exported
+    # A private run evaluates centrally only: no site sends metrics in the clear (privacy.evaluation = off).
+    assert not list(run.events("site-evaluate")) and not list(run.events("federated-evaluate"))
 
     from fedpriv.audit.auditor import audit
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import RDP_ORDERS, Release, calibrate_noise, epsilon
+from fedpriv.common.accounting import RDP_ORDERS, calibrate_noise, epsilon, poisson_gaussian
 from fedpriv.common.data import LabelSet, TextDataset
 from fedpriv.common.model import build_model, label_name_state
 from tests.helpers import LABELS, easy_rows
@@ -56,9 +56,26 @@ def test_per_example_clipping_holds(tiny_config, mode):
     before = [p.detach().clone() for p in params]
     expected = per_example_clipped_sum(bundle, prepared, clip)
     plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0)
-    train_local(bundle, prepared, plan, dp=DpSettings(noise_multiplier=0.0, max_grad_norm=clip), seed=0)
+    train_local(bundle, prepared, plan, dp=DpSettings(0.0, clip, normaliser=len(prepared)), seed=0)
     for b, p, e in zip(before, params, expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e / len(prepared), atol=1e-6, rtol=1e-4)
+
+
+def test_neighbouring_datasets_are_normalised_by_the_same_public_constant(tiny_config):
+    # opacus#571/#819: Opacus divides the noisy sum by int(q x len(dataset)),
+    # which differs between neighbours. With q=1 and no noise, the step is
+    # exactly the clipped sum over the declared constant for both of them.
+    clip, declared = 0.05, 20
+    for rows in (12, 13):  # neighbours under add/remove
+        bundle = bundle_for(tiny_config, "head")
+        prepared = bundle.prepare(dataset(rows))
+        params = [p for p in bundle.trainable_module().parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        expected = per_example_clipped_sum(bundle, prepared, clip)
+        plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0)
+        train_local(bundle, prepared, plan, dp=DpSettings(0.0, clip, normaliser=declared), seed=0)
+        for b, p, e in zip(before, params, expected, strict=True):
+            torch.testing.assert_close(b - p.detach(), e / declared, atol=1e-6, rtol=1e-4)
 
 
 def test_dp_lora_update_is_nonzero_and_lowers_the_loss(tiny_config):
@@ -68,7 +85,7 @@ def test_dp_lora_update_is_nonzero_and_lowers_the_loss(tiny_config):
     state0 = bundle.get_state()
     loss0 = bundle.evaluate(prepared)["loss"]
     plan = LocalPlan(steps=40, sample_rate=0.25, optimizer="adamw", learning_rate=2e-2)
-    result = train_local(bundle, prepared, plan, dp=DpSettings(noise_multiplier=0.8, max_grad_norm=1.0), seed=1)
+    result = train_local(bundle, prepared, plan, dp=DpSettings(0.8, 1.0, normaliser=60), seed=1)
     state1 = bundle.get_state()
     lora_b = [n for n in state0 if "lora_B" in n]
     assert lora_b, "no LoRA adapters were made trainable"
@@ -86,7 +103,7 @@ def test_full_fine_tuning_with_ghost_clipping_learns(tiny_config):
     prepared = bundle.prepare(dataset(120))
     loss0 = bundle.evaluate(prepared)["loss"]
     plan = LocalPlan(steps=15, sample_rate=0.3, optimizer="adamw", learning_rate=5e-3, max_physical_batch=16)
-    result = train_local(bundle, prepared, plan, dp=DpSettings(noise_multiplier=0.5, max_grad_norm=1.0), seed=2)
+    result = train_local(bundle, prepared, plan, dp=DpSettings(0.5, 1.0, normaliser=36), seed=2)
     assert result.steps == 15
     assert bundle.evaluate(prepared)["loss"] < loss0
 
@@ -119,16 +136,33 @@ def test_epsilon_agrees_with_opacus_accountant(accountant):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     reference = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    releases = [Release(1.1, 0.3, 10)] * 4 + [Release(2.0, 0.2, 5)]
-    for r in releases:
-        for _ in range(r.steps):
-            reference.step(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate)
+    releases = [(1.1, 0.3, 10)] * 4 + [(2.0, 0.2, 5)]
+    for sigma, rate, steps in releases:
+        for _ in range(steps):
+            reference.step(noise_multiplier=sigma, sample_rate=rate)
     kwargs = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
-    assert epsilon(releases, 1e-5, accountant) == pytest.approx(reference.get_epsilon(delta=1e-5, **kwargs), rel=1e-3)
+    ours = epsilon([poisson_gaussian(*r) for r in releases], 1e-5, accountant)
+    assert ours == pytest.approx(reference.get_epsilon(delta=1e-5, **kwargs), rel=1e-3)
 
 
-def test_calibrated_noise_meets_the_target_without_overshooting():
-    sigma = calibrate_noise(8.0, 1e-5, 0.3, 100, "prv")
-    spent = epsilon([Release(sigma, 0.3, 100)], 1e-5, "prv")
+def test_pld_agrees_with_opacus_prv_within_one_percent():
+    releases = [poisson_gaussian(1.1, 0.3, 10)] * 4 + [poisson_gaussian(2.0, 0.2, 5)]
+    assert epsilon(releases, 1e-5, "pld") == pytest.approx(epsilon(releases, 1e-5, "prv"), rel=1e-2)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "prv", "rdp"])
+def test_calibrated_noise_meets_the_target_without_overshooting(accountant):
+    sigma = calibrate_noise(8.0, 1e-5, 0.3, 100, accountant)
+    spent = epsilon([poisson_gaussian(sigma, 0.3, 100)], 1e-5, accountant)
     assert 7.8 < spent <= 8.0
-    assert epsilon([Release(sigma, 0.3, 10)] * 10, 1e-5, "prv") == pytest.approx(spent)
+    assert epsilon([poisson_gaussian(sigma, 0.3, 10)] * 10, 1e-5, accountant) == pytest.approx(spent)
+
+
+def test_calibration_leaves_room_for_planned_evaluation_releases():
+    evaluations = (poisson_gaussian(20.0, 1.0, 4),)
+    alone = calibrate_noise(8.0, 1e-5, 0.3, 100)
+    sigma = calibrate_noise(8.0, 1e-5, 0.3, 100, "pld", evaluations)
+    assert sigma > alone
+    assert 7.8 < epsilon([poisson_gaussian(sigma, 0.3, 100), *evaluations], 1e-5) <= 8.0
+    with pytest.raises(ValueError, match="privacy.target-epsilon"):
+        calibrate_noise(0.5, 1e-5, 0.3, 100, "pld", (poisson_gaussian(1.0, 1.0, 4),))

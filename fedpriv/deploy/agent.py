@@ -86,7 +86,9 @@ class Agent:
             Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows, d.delimiter
         )
 
-    def node_config(self, data: str | Path, allow_non_private: bool = False) -> dict[str, str | float]:
+    def node_config(
+        self, data: str | Path, allow_non_private: bool = False, declared_rows: int | None = None
+    ) -> dict[str, str | float]:
         values: dict[str, str | float] = {
             keys.DATA_PATH: str(Path(data).expanduser().resolve()),
             keys.SITE_NAME: self.kit.site,
@@ -103,6 +105,8 @@ class Agent:
             values[keys.PEER_KEYS] = str(self.kit_dir / KIT_PUBLIC_KEYS)
         if allow_non_private:
             values[keys.ALLOW_NON_PRIVATE] = "true"
+        if declared_rows or self.kit.declared_rows:
+            values[keys.DECLARED_ROWS] = int(declared_rows or self.kit.declared_rows)
         return values
 
     def supernode_command(

@@ -37,6 +37,22 @@ AggStateOpt = Annotated[
 ]
 
 
+def _follow(run, idle: float) -> None:
+    """Waits for the run's end, as long as its run directory keeps being written within `idle` seconds."""
+    import time
+
+    seen, last, shown = None, time.monotonic(), None
+    while not run.events("run-end") and time.monotonic() - last < idle:
+        stamp = run.metrics_path.stat().st_mtime_ns if run.metrics_path.exists() else None
+        if stamp != seen:
+            seen, last = stamp, time.monotonic()
+            done = [e.get("round") for e in run.events("round-end")]
+            if done and done[-1] != shown:
+                shown = done[-1]
+                _log(f"round {shown} done")
+        time.sleep(1.0)
+
+
 def _log(message: str) -> None:
     console.print(f"[bold]fedpriv:[/] {message}")
 
@@ -102,11 +118,14 @@ def provision_add_site(
         float | None, typer.Option(help="The site's epsilon cap (default: the federation's).")
     ] = None,
     delta: Annotated[float | None, typer.Option(help="The site's delta (default: the federation's).")] = None,
+    declared_rows: Annotated[
+        int | None, typer.Option(help="The site's public size (default: the federation's), see agent start.")
+    ] = None,
 ) -> None:
     """Add a site to the federation file and make its kit; then run `fedpriv aggregator register`."""
     from fedpriv.deploy.provision import add_site
 
-    report = add_site(federation, _out(federation, out), name, epsilon_cap, delta)
+    report = add_site(federation, _out(federation, out), name, epsilon_cap, delta, declared_rows)
     _print_report(report, _out(federation, out))
     console.print(
         f"Next: give sites/{name}/ to the site; if the aggregator runs elsewhere, copy public-keys.json and "
@@ -190,6 +209,11 @@ def aggregator_run(
     _log(f"run directory {cfg.run_dir}")
     code = aggregator.submit(cfg, app_dir)
     run = RunDirectory(cfg.run_dir)
+    if code == 0 and not run.events("run-end"):
+        # Flower's log stream can end while the run goes on (seen under load):
+        # the run directory says when it is really over.
+        _log("the log stream ended before the run did; following its run directory")
+        _follow(run, idle=cfg.strategy.round_timeout + 120)
     if code == 0 and run.events("run-end"):
         print_summary(run, console)
         raise typer.Exit(0)
@@ -234,9 +258,19 @@ def agent_start(
     allow_non_private: Annotated[
         bool, typer.Option("--allow-non-private", help="Let this site train without DP if a run asks.")
     ] = False,
+    declared_rows: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="FEDPRIV_DECLARED_ROWS",
+            help="The site's public size, a round figure it may publish (default: the kit's). DP updates are "
+            "divided by sample rate x this and it weighs the site in FedAvg; the true row count never leaves.",
+        ),
+    ] = None,
 ) -> None:
     """Check the site's data, then join the federation (Flower SuperNode); stops cleanly on SIGTERM."""
     from fedpriv.deploy.agent import Agent
+    from fedpriv.deploy.kit import KitError
 
     agent = Agent.from_kit(kit, state)
     dataset = agent.validate(data, labels, text_column, label_column, min_rows)
@@ -244,8 +278,15 @@ def agent_start(
         f"{agent.kit.site}: {len(dataset)} rows in {data} checked against "
         f"{len(set(dataset.labels.tolist()))} of the federation's labels"
     )
+    declared = declared_rows or agent.kit.declared_rows
+    if declared is None:
+        raise KitError(
+            f"{agent.kit.site} declares no public size: pass --declared-rows N (a round figure near its "
+            f"{len(dataset)} rows that it may publish), or set declared-rows for it in the federation file. "
+            "Private updates are divided by sample rate x this figure; dividing by the true count would leak it."
+        )
     command = agent.supernode_command(
-        agent.node_config(data, allow_non_private),
+        agent.node_config(data, allow_non_private, declared),
         port=port,
         superlink=superlink,
         insecure=insecure,

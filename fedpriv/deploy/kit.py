@@ -66,6 +66,11 @@ class SiteKit(KebabModel):
     superlink: str = Field(description="The aggregator's Fleet API address, HOST:PORT.")
     epsilon_cap: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
+    declared_rows: int | None = Field(
+        None,
+        gt=0,
+        description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
+    )
     data: KitData
 
 

@@ -83,12 +83,18 @@ class DataSpec(KebabModel):
 class SiteDefaults(KebabModel):
     epsilon_cap: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    declared_rows: int | None = Field(
+        None,
+        gt=0,
+        description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
+    )
 
 
 class SiteSpec(KebabModel):
     name: str
     epsilon_cap: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
+    declared_rows: int | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -276,6 +282,7 @@ def _site(
         superlink=federation.aggregator.address,
         epsilon_cap=site.epsilon_cap or federation.site_defaults.epsilon_cap,
         delta=site.delta or federation.site_defaults.delta,
+        declared_rows=site.declared_rows or federation.site_defaults.declared_rows,
         data=KitData(
             labels=federation.data.labels,
             text_column=federation.data.text_column,
@@ -284,7 +291,9 @@ def _site(
             min_rows=federation.data.min_rows,
         ),
     )
-    _write_derived(kit / KIT_CONFIG, HEADER + tomli_w.dumps(config.model_dump(by_alias=True)), report)
+    _write_derived(
+        kit / KIT_CONFIG, HEADER + tomli_w.dumps(config.model_dump(by_alias=True, exclude_none=True)), report
+    )
 
 
 def _run_defaults(federation: FederationSpec) -> dict:
@@ -350,6 +359,7 @@ def add_site(
     name: str,
     epsilon_cap: float | None = None,
     delta: float | None = None,
+    declared_rows: int | None = None,
 ) -> Report:
     """Lists a new site in the federation file, then provisions what is missing (its kit)."""
     path = Path(federation_file)
@@ -362,6 +372,8 @@ def add_site(
         entry["epsilon-cap"] = epsilon_cap
     if delta is not None:
         entry["delta"] = delta
+    if declared_rows is not None:
+        entry["declared-rows"] = declared_rows
     SiteSpec.model_validate(entry)
     # Appended as text so the operator's comments and layout survive.
     block = "\n[[sites]]\n" + tomli_w.dumps(entry)
