@@ -61,6 +61,36 @@ class SiteReport:
             return None
         return max(self.cap - self.epsilon, 0.0)
 
+    def lifetime(self) -> list[RunSpend]:
+        """The site's budget run by run, in ledger order: what each run spent and what was left after it."""
+        runs: list[RunSpend] = []
+        before = 0.0
+        for release in self.releases:
+            if not runs or runs[-1].run_id != release.run_id:
+                runs.append(RunSpend(release.run_id, 0, before, before, self.cap))
+            current = runs[-1]
+            current.releases += 1
+            current.epsilon_after = release.claimed if release.claimed is not None else math.inf
+            before = current.epsilon_after
+        return runs
+
+
+@dataclass
+class RunSpend:
+    run_id: str
+    releases: int
+    epsilon_before: float
+    epsilon_after: float
+    cap: float | None
+
+    @property
+    def spent(self) -> float:
+        return self.epsilon_after - self.epsilon_before
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.cap is None else max(self.cap - self.epsilon_after, 0.0)
+
 
 @dataclass
 class AuditReport:
@@ -92,6 +122,16 @@ class AuditReport:
                     "epsilon": number(s.epsilon),
                     "remaining": number(s.remaining),
                     "signer": s.signer,
+                    "runs": [
+                        {
+                            "run-id": r.run_id,
+                            "releases": r.releases,
+                            "epsilon-spent": number(r.spent),
+                            "epsilon-after": number(r.epsilon_after),
+                            "remaining": number(r.remaining),
+                        }
+                        for r in s.lifetime()
+                    ],
                     "releases": [
                         {
                             "round": r.round,

@@ -30,12 +30,13 @@ def console_report(report: AuditReport, console: Console) -> None:
     table = Table(
         title="Privacy audit (epsilon: claimed by the site / recomputed with dp-accounting)", title_justify="left"
     )
-    for column in ("site", "releases", "ε claimed", "ε PLD", "ε RDP", "cap", "left", "acct", "δ"):
+    for column in ("site", "runs", "releases", "ε claimed", "ε PLD", "ε RDP", "cap", "left", "acct", "δ"):
         table.add_column(column, justify="left" if column in ("site", "acct") else "right", no_wrap=True)
     for site in report.sites:
         last = site.releases[-1] if site.releases else None
         table.add_row(
             site.site,
+            str(len(site.lifetime())),
             str(len(site.releases)),
             _eps(site.epsilon),
             _eps(last.pld if last else 0.0),
@@ -47,6 +48,8 @@ def console_report(report: AuditReport, console: Console) -> None:
         )
     console.print(table)
     console.print(AUTHORITY, style="dim", soft_wrap=True)
+    if any(len(site.lifetime()) > 1 for site in report.sites):
+        console.print(_lifetime_table(report))
     for item in report.exhausted:
         console.print(
             f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})"
@@ -63,6 +66,18 @@ def console_report(report: AuditReport, console: Console) -> None:
         console.print("[bold green]Audit passed[/]: every ledger intact, every epsilon reproduced, every cap kept.")
     else:
         console.print(f"[bold red]Audit failed[/]: {sum(p.fatal for p in report.problems)} violation(s).")
+
+
+def _lifetime_table(report: AuditReport) -> Table:
+    table = Table(title="Budget over each site's lifetime (its ledger spans all its runs)", title_justify="left")
+    for column in ("site", "run", "releases", "ε spent in run", "ε after run", "left after run"):
+        table.add_column(column, justify="left" if column in ("site", "run") else "right", no_wrap=True)
+    for site in report.sites:
+        for run in site.lifetime():
+            table.add_row(
+                site.site, run.run_id, str(run.releases), _eps(run.spent), _eps(run.epsilon_after), _eps(run.remaining)
+            )
+    return table
 
 
 def epsilon_plot_png(report: AuditReport) -> bytes:
@@ -93,6 +108,23 @@ def epsilon_plot_png(report: AuditReport) -> bytes:
     return buffer.getvalue()
 
 
+def _headline(report: AuditReport) -> str:
+    files = f"{len(report.ledgers)} ledger file{'s' if len(report.ledgers) != 1 else ''}"
+    if not report.sites:
+        return html.escape(f"{files} checked; no site released anything.")
+    worst = max(report.sites, key=lambda s: math.inf if s.epsilon is None else s.epsilon)
+    cap = f" of its cap {_eps(worst.cap)}" if worst.cap else ""
+    verdict = (
+        "every signature and hash chain verified, every epsilon reproduced, every cap kept"
+        if report.ok
+        else f"{sum(p.fatal for p in report.problems)} violation(s), listed under Findings"
+    )
+    return html.escape(
+        f"{len(report.sites)} site(s), {files}: {verdict}. The most any site spent is epsilon "
+        f"{_eps(worst.epsilon)} ({worst.site}, delta {worst.delta:g}){cap}."
+    )
+
+
 def html_report(report: AuditReport) -> str:
     status = "passed" if report.ok else "FAILED"
     rows = "".join(
@@ -113,6 +145,12 @@ def html_report(report: AuditReport) -> str:
         for s in report.sites
         for r in s.releases
     )
+    lifetime = "".join(
+        f"<tr><td>{html.escape(s.site)}</td><td>{html.escape(r.run_id)}</td><td>{r.releases}</td>"
+        f"<td>{_eps(r.spent)}</td><td>{_eps(r.epsilon_after)}</td><td>{_eps(r.remaining)}</td></tr>"
+        for s in report.sites
+        for r in s.lifetime()
+    )
     plot = base64.b64encode(epsilon_plot_png(report)).decode()
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fedpriv privacy audit: {status}</title>
@@ -120,12 +158,23 @@ def html_report(report: AuditReport) -> str:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
 .bad{{color:#b00}}.note{{color:#a60}}h1 span{{color:{"#080" if report.ok else "#b00"}}}</style></head>
 <body><h1>Privacy audit <span>{status}</span></h1>
+<p><b>In short:</b> {_headline(report)}</p>
+<p><b>How to read it.</b> <i>Epsilon</i> bounds how much everything a site released (model updates, noised
+evaluation counts) can reveal about any one record of its data: smaller is more private, and it adds up over
+releases. <i>Delta</i> is the small probability with which that bound may fail. The <i>cap</i> is the most
+epsilon the site's own agent allows over its data's lifetime; it refuses to train past it, whatever the
+aggregator asks. <i>Remaining</i> is what is left of the cap.</p>
 <p>Every ledger's hash chain and Ed25519 signatures were verified; every epsilon was recomputed
 from the recorded mechanisms with Google's dp-accounting (PLD and RDP) and compared with the claim.</p>
 <p>{html.escape(AUTHORITY)} "Remaining" is the cap minus the epsilon spent over every release of the site's
 data in these ledgers: a deployed site's ledger spans all its runs.</p>
 <h2>Sites</h2><table><tr><th>site</th><th>releases</th><th>epsilon (claimed)</th><th>PLD</th><th>RDP</th>
 <th>cap</th><th>remaining</th><th>accountant</th><th>delta</th><th>signer</th></tr>{rows}</table>
+<h2>Budget over each site's lifetime</h2>
+<p>Run by run, in the order of the site's ledger: what each run spent of the site's data and what was left of
+its cap afterwards. A deployed site keeps one ledger across all runs, so this is its whole history.</p>
+<table><tr><th>site</th><th>run</th><th>releases</th><th>epsilon spent in run</th><th>epsilon after run</th>
+<th>remaining after run</th></tr>{lifetime}</table>
 <h2>Epsilon per round</h2><img alt="epsilon per site and round" src="data:image/png;base64,{plot}">
 <h2>Findings</h2><ul>{problems}</ul>
 <h2>Every release</h2><table><tr><th>site</th><th>round</th><th>release</th><th>noise</th><th>sample rate</th><th>steps</th>

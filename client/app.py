@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -17,6 +18,7 @@ from fedpriv.client.site import evaluation_mechanism, noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.accounting import steps_per_round
 from fedpriv.common.config import FedprivConfig
+from fedpriv.common.environment import audit_fault_noise_divisor
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
 from fedpriv.common.protocol import (
@@ -110,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
         bundle,
         site.train,
         plan,
-        dp=dp,
+        dp=_audit_fault(dp, site),
         seed=site.training_seed(server_round),
         anchor=global_state,
         on_step=progress,
@@ -147,6 +149,17 @@ def train(msg: Message, context: Context) -> Message:
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, result.loss, spent)
     content = TrainReply.trained(site.name, update, metrics, entry).to_content()
     return Message(content=content, reply_to=msg)
+
+
+def _audit_fault(dp: DpSettings | None, site) -> DpSettings | None:
+    """The noise actually added: the planned one, unless an empirical audit deliberately broke this simulation."""
+    divisor = audit_fault_noise_divisor()
+    if dp is None or divisor == 1.0 or not site.simulated:
+        return dp
+    log.warning(
+        "%s: AUDIT FAULT: training with noise multiplier / %g; the ledger claims the planned one", site.name, divisor
+    )
+    return dataclasses.replace(dp, noise_multiplier=dp.noise_multiplier / divisor)
 
 
 def _secure_stage(msg: Message, context: Context) -> Message:

@@ -230,3 +230,11 @@ def label_name_state(bundle: ModelBundle, labels: LabelSet) -> dict[str, np.ndar
     bundle.model.classifier.weight.copy_(bundle.model.norm(pooled))
     bundle.model.classifier.bias.zero_()
     return bundle.get_state()
+
+
+def initial_state(bundle: ModelBundle, labels: LabelSet, head_init: str) -> dict[str, np.ndarray]:
+    """A run's starting weights, from public information only (label names), never site data."""
+    state = label_name_state(bundle, labels)
+    if head_init == "zeros":
+        state["classifier.weight"] = np.zeros_like(state["classifier.weight"])
+    return state

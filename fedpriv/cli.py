@@ -109,16 +109,69 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
 @app.command()
 def audit(
-    paths: Annotated[list[Path], typer.Argument(help="Run directories and/or ledger files.")],
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Run directories and/or ledger files (not with --empirical).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the audit as JSON.")] = False,
     html_out: Annotated[Path | None, typer.Option("--html", help="Also write an HTML report here.")] = None,
     keys: Annotated[Path | None, typer.Option(help="JSON map of owner -> Ed25519 public key (base64) to pin.")] = None,
     tolerance: Annotated[
         float, typer.Option(help="Allowed relative gap between claimed and recomputed epsilon.")
     ] = 0.01,
+    empirical: Annotated[
+        bool,
+        typer.Option(
+            "--empirical",
+            help="Instead: run the federation with canaries and test its epsilon claim (one-run audit).",
+            rich_help_panel="Empirical audit",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config of the run.", rich_help_panel="Empirical audit")
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a setting: section.key=value.", rich_help_panel="Empirical audit"),
+    ] = None,
+    canaries: Annotated[
+        int, typer.Option(help="Canaries, each included by a fair coin.", rich_help_panel="Empirical audit")
+    ] = 1000,
+    site: Annotated[
+        int, typer.Option(help="Index of the simulated site given the canaries.", rich_help_panel="Empirical audit")
+    ] = 0,
+    fault: Annotated[
+        str | None,
+        typer.Option(
+            help="Deliberately break the run to see the audit catch it: noise/N trains with the noise "
+            "multiplier divided by N while the ledgers claim the planned one.",
+            rich_help_panel="Empirical audit",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Empty folder for the audit's files.", rich_help_panel="Empirical audit"),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of canaries and coins (default: random).", rich_help_panel="Empirical audit"),
+    ] = None,
 ) -> None:
-    """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation."""
+    """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation.
+
+    With --empirical: run the configured simulation with canaries in one
+    site's data (Steinke, Nasr & Jagielski 2023), score them on the released
+    model and report the epsilon lower bound at 95% confidence beside the
+    ledger's claim; exit 1 when the bound exceeds the claim.
+    """
     import json
+
+    if empirical:
+        if paths:
+            raise FedprivError("--empirical runs its own federation; give no run directories or ledgers with it")
+        _empirical(config, settings or [], canaries, site, fault, output, seed, json_out)
+        return
+    if not paths:
+        raise FedprivError("audit: give run directories and/or ledger files (or --empirical)")
 
     from fedpriv.audit.auditor import audit as run_audit
     from fedpriv.audit.render import console_report, html_report
@@ -136,6 +189,45 @@ def audit(
         if not json_out:
             console.print(f"HTML report: {html_out}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _empirical(
+    config: Path | None,
+    settings: list[str],
+    canaries: int,
+    site: int,
+    fault: str | None,
+    output: Path | None,
+    seed: int | None,
+    json_out: bool,
+) -> None:
+    import json
+    import time
+
+    from fedpriv.audit.empirical import empirical_audit
+    from fedpriv.common.config import load_config
+
+    cfg = load_config(config, settings)
+    output = output or Path("runs") / f"empirical-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = empirical_audit(
+        cfg, output, canaries=canaries, site=site, fault=fault, seed=seed, console=err if json_out else console
+    )
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        verdict = (
+            "[bold red]REFUTED: the run leaks more than its ledger claims[/]"
+            if result.refuted
+            else "[green]consistent: no evidence against the claim[/]"
+        )
+        console.print(
+            f"Empirical audit of {result.site}: {result.correct} of {result.guesses} guesses right "
+            f"({result.canaries} canaries, {result.included} included)\n"
+            f"  epsilon lower bound {result.lower_bound:.3f} ({result.confidence:.0%} confidence) "
+            f"vs claimed {result.claimed:.3f} (delta {result.delta:g}): {verdict}\n"
+            f"  files: {output}"
+        )
+    raise typer.Exit(1 if result.refuted else 0)
 
 
 @app.command("app")

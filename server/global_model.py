@@ -11,7 +11,7 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_dataset
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.model import ModelBundle, Prepared, build_model, label_name_state
+from fedpriv.common.model import ModelBundle, Prepared, build_model, initial_state
 
 log = logging.getLogger(SERVER_LOG)
 
@@ -42,11 +42,7 @@ class GlobalModel:
         return round(rows * (1 - data.validation_fraction))
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        """Starting weights from public information only (label names), never site data."""
-        state = label_name_state(self.bundle, self.labels)
-        if self.config.model.head_init == "zeros":
-            state["classifier.weight"] = np.zeros_like(state["classifier.weight"])
-        return state
+        return initial_state(self.bundle, self.labels, self.config.model.head_init)
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float] | None:
         if self.test is None:

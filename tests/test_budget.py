@@ -115,3 +115,31 @@ def test_budget_keeps_its_releases_and_rereads_only_a_ledger_changed_behind_its_
     entry = budget.record(run_id="r", server_round=2, site="s", mechanism=mechanism, update_sha256="3" * 64)
     assert entry.seq == 3 and len(budget.releases()) == 3
     assert len(Ledger(path).records()) == 4
+
+
+def test_the_audit_shows_a_deployed_sites_budget_run_by_run(tmp_path):
+    from rich.console import Console
+
+    from fedpriv.audit.render import console_report, html_report
+
+    budget = SiteBudget(Ledger(tmp_path / "branch.jsonl", signing.generate()), "data", 6.0, 1e-5, "pld")
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=5, max_grad_norm=1.0, dataset_size=100)
+    for run_id, rounds in (("2026-q3", 3), ("2026-q4", 2)):
+        for rnd in range(1, rounds + 1):
+            budget.record(run_id=run_id, server_round=rnd, site="branch", mechanism=mechanism, update_sha256="0" * 64)
+    report = audit([tmp_path / "branch.jsonl"])
+    assert report.ok
+    (site,) = report.sites
+    first, second = site.lifetime()
+    assert (first.run_id, first.releases, second.run_id, second.releases) == ("2026-q3", 3, "2026-q4", 2)
+    assert first.epsilon_before == 0 and second.epsilon_before == first.epsilon_after
+    assert second.epsilon_after == pytest.approx(site.epsilon)
+    assert 0 < first.spent and second.remaining == pytest.approx(6.0 - site.epsilon)
+    assert [r["run-id"] for r in report.to_json()["sites"][0]["runs"]] == ["2026-q3", "2026-q4"]
+
+    console = Console(record=True, width=160)
+    console_report(report, console)
+    text = console.export_text()
+    assert "lifetime" in text and "2026-q3" in text and "2026-q4" in text
+    page = html_report(report)
+    assert "Budget over each site's lifetime" in page and page.count("<td>2026-q") == 2

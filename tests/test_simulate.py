@@ -199,10 +199,12 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "no round-2 checkpoint within 300 s"
             time.sleep(0.2)
-        # A second run into the same directory while the first holds it: refused, nothing interleaved.
+        # Frozen mid-run (SIGSTOP keeps its lock and its rounds from racing on); a second run into the
+        # same directory while the first holds it is refused, nothing interleaved.
+        os.killpg(process.pid, signal.SIGSTOP)
+        assert not run.finished(), "the run ended before it could be stopped"
         second = fedpriv("simulate", "--config", str(path))
         assert second.returncode == 2 and "in use by fedpriv process" in second.stderr, second.stderr
-        assert process.poll() is None, "the run ended before it could be killed"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -1,0 +1,323 @@
+"""`fedpriv audit --empirical`: test a simulated federation's privacy claim with canaries, in one run.
+
+The one-run audit of Steinke, Nasr & Jagielski (2023): m canaries (strings of
+random words, each with a random label) are made, and a fair coin per canary
+decides whether it joins one site's training data. The federation then trains
+exactly as configured. Every canary is scored on the released model: how much
+more likely its label became than under the public initial model. The
+highest scores are guessed "included", the lowest "excluded"; from the number
+of right guesses `empirical_bound` derives an epsilon that the run provably
+does not satisfy (at 95% confidence). An honest run keeps this lower bound
+below the epsilon its ledger claims; a bound above the claim proves the claim
+false, whatever the ledger says.
+
+A lower bound, not an estimate: a small one does not show that the claim is
+tight, and the method cannot certify more than about ln(m) (all m guesses
+right), so a claim of epsilon 8 can only be caught broken with a smaller
+claim or very many canaries. Everything needed to recompute the bound (the
+canaries, the coins' seed, the scores, the run) is written to the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from fedpriv.audit.auditor import audit
+from fedpriv.audit.empirical_bound import best_epsilon_lower_bound
+from fedpriv.common.config import FedprivConfig
+from fedpriv.common.data import LabelSet, load_dataset, read_column
+from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.files import write_atomic
+from fedpriv.common.partition import split_for
+
+CANARY_WORDS = 8
+CONFIDENCE = 0.95
+SITE_COLUMN = "fedpriv-audit-site"
+
+
+class EmpiricalAuditError(FedprivError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Canaries:
+    texts: list[str]
+    labels: np.ndarray  # label ids
+    included: np.ndarray  # bool: the coin flips
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def vocabulary(texts: list[str]) -> list[str]:
+    """The data's own words (letters only, 3+ long): canaries look like text to the tokenizer, not like noise."""
+    return sorted({w for t in texts for w in re.findall(r"[a-z]{3,}", t.lower())})
+
+
+def make_canaries(words: list[str], num_labels: int, m: int, seed: int) -> Canaries:
+    if m < 2:
+        raise EmpiricalAuditError("--canaries: need at least 2 canaries")
+    if len(words) < CANARY_WORDS:
+        raise EmpiricalAuditError(f"data.path: too few distinct words ({len(words)}) to make canaries")
+    rng = np.random.default_rng(seed)
+    texts: list[str] = []
+    seen: set[str] = set()
+    while len(texts) < m:
+        text = " ".join(words[i] for i in rng.choice(len(words), CANARY_WORDS, replace=False))
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    labels = rng.integers(0, num_labels, size=m)
+    included = rng.random(m) < 0.5
+    return Canaries(texts, labels, included, seed)
+
+
+def audit_dataset(
+    config: FedprivConfig, labels: LabelSet, canaries: Canaries, site: int
+) -> tuple[pd.DataFrame, str, int]:
+    """The run's rows, each tagged with its simulated site, plus the included canaries at `site`.
+
+    Returns the table, the canary site's name and the number of sites.
+    """
+    data = config.data
+    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    sites = config.simulation.sites
+    if config.simulation.partitioner == "column":
+        sites = len(set(read_column(data.path, config.simulation.column, data.delimiter)))
+    parts, names = split_for(config.replace(**{"simulation.sites": sites}), dataset, sites)
+    if not 0 <= site < len(names):
+        raise EmpiricalAuditError(f"--site: {site} is not a site index (0..{len(names) - 1})")
+    owner = np.empty(len(dataset), dtype=object)
+    for name, rows in zip(names, parts, strict=True):
+        owner[rows] = name
+    kept = np.flatnonzero(pd.notna(owner))  # rows no site got stay out, as in the run
+    frame = pd.DataFrame(
+        {
+            data.text_column: [dataset.texts[i] for i in kept],
+            data.label_column: [labels.names[dataset.labels[i]] for i in kept],
+            SITE_COLUMN: owner[kept],
+        }
+    )
+    chosen = np.flatnonzero(canaries.included)
+    extra = pd.DataFrame(
+        {
+            data.text_column: [canaries.texts[i] for i in chosen],
+            data.label_column: [labels.names[canaries.labels[i]] for i in chosen],
+            SITE_COLUMN: names[site],
+        }
+    )
+    return pd.concat([frame, extra], ignore_index=True), names[site], len(names)
+
+
+def label_log_probs(model_dir: Path, texts: list[str], label_ids: np.ndarray, max_length: int) -> np.ndarray:
+    """log p(label | text) under a released model directory, loaded as anyone would load it (plain transformers)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, trust_remote_code=True, local_files_only=True
+    ).eval()
+    out = np.empty(len(texts))
+    with torch.no_grad():
+        for start in range(0, len(texts), 64):
+            chunk = slice(start, start + 64)
+            batch = tokenizer(texts[chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            log_p = model(**batch).logits.float().log_softmax(-1)
+            ids = torch.as_tensor(label_ids[chunk])
+            out[chunk] = log_p[torch.arange(len(ids)), ids].numpy()
+    return out
+
+
+def export_initial_model(config: FedprivConfig, labels: LabelSet, directory: Path) -> Path:
+    """The run's public starting point, exported like the released model, to score canaries against."""
+    from fedpriv.common.model import build_model, initial_state
+
+    bundle = build_model(config, labels)
+    bundle.set_state(initial_state(bundle, labels, config.model.head_init))
+    return bundle.export(directory)
+
+
+@contextmanager
+def injected_fault(fault: str | None):
+    """Sets FEDPRIV_AUDIT_FAULT for the run (its workers inherit it); restores the old value after."""
+    if fault is None:
+        yield
+        return
+    audit_fault_noise_divisor({AUDIT_FAULT: fault})  # a bad value fails here, before anything runs
+    before = os.environ.get(AUDIT_FAULT)
+    os.environ[AUDIT_FAULT] = fault
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUDIT_FAULT, None)
+        else:
+            os.environ[AUDIT_FAULT] = before
+
+
+@dataclass(frozen=True)
+class EmpiricalResult:
+    site: str
+    canaries: int
+    included: int
+    guesses: int
+    correct: int
+    lower_bound: float
+    claimed: float
+    delta: float
+    confidence: float
+    fault: str | None
+    seed: int
+    run_dir: Path
+
+    @property
+    def refuted(self) -> bool:
+        """The run is shown not to give the privacy its ledger claims."""
+        return self.lower_bound > self.claimed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "canaries": self.canaries,
+            "included": self.included,
+            "guesses": self.guesses,
+            "correct": self.correct,
+            "epsilon-lower-bound": self.lower_bound,
+            "epsilon-claimed": self.claimed,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "refuted": self.refuted,
+            "fault": self.fault,
+            "seed": self.seed,
+            "run-dir": str(self.run_dir),
+        }
+
+
+def _claimed_epsilon(run_dir: Path, site: str) -> tuple[float, float]:
+    report = audit([run_dir])
+    if not report.ok:
+        problems = "; ".join(p.message for p in report.problems if p.fatal)
+        raise EmpiricalAuditError(f"{run_dir}: the run's ledgers do not verify ({problems})")
+    for entry in report.sites:
+        if entry.site == site:
+            if entry.epsilon is None:
+                raise EmpiricalAuditError(f"{site}: its ledger claims no finite epsilon; nothing to test")
+            return float(entry.epsilon), entry.delta
+    raise EmpiricalAuditError(f"{run_dir}: no ledger of {site}, the canary site; did it ever train?")
+
+
+def empirical_audit(
+    config: FedprivConfig,
+    output: Path,
+    *,
+    canaries: int = 1000,
+    site: int = 0,
+    fault: str | None = None,
+    seed: int | None = None,
+    console: Console | None = None,
+) -> EmpiricalResult:
+    """Runs the federation of `config` with canaries at simulated site `site`; returns the one-run audit."""
+    from fedpriv.simulation.harness import simulate
+
+    console = console or Console()
+    if not config.privacy.enabled:
+        raise EmpiricalAuditError("privacy.enabled: the run claims no epsilon; there is nothing to audit")
+    output = Path(output).expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise EmpiricalAuditError(f"--output: {output} is not empty; an audit never writes over an earlier one")
+    output.mkdir(parents=True, exist_ok=True)
+    seed = secrets.randbits(63) if seed is None else seed
+    labels = LabelSet.load(config.data.labels)
+    data = config.data
+    source = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    made = make_canaries(vocabulary(source.texts), len(labels), canaries, seed)
+    table, site_name, sites = audit_dataset(config, labels, made, site)
+    write_atomic(output / "data.csv", table.to_csv(index=False))
+    run_config = config.replace(
+        **{
+            "data.path": str(output / "data.csv"),
+            "data.delimiter": "",
+            "simulation.partitioner": "column",
+            "simulation.column": SITE_COLUMN,
+            "simulation.sites": sites,
+            "run-dir": str(output / "run"),
+        }
+    )
+    console.print(
+        f"Empirical audit: {len(made)} canaries, {int(made.included.sum())} of them (by coin) in {site_name}'s data"
+        + (f"; [red]deliberate fault {fault}[/]" if fault else "")
+    )
+    with injected_fault(fault):
+        run = simulate(run_config, console=console)
+    with tempfile.TemporaryDirectory(prefix="fedpriv-audit-") as tmp:
+        initial = export_initial_model(run_config, labels, Path(tmp) / "initial")
+        before = label_log_probs(initial, made.texts, made.labels, data.max_length)
+    after = label_log_probs(run.path / "model", made.texts, made.labels, data.max_length)
+    scores = after - before
+    claimed, delta = _claimed_epsilon(run.path, site_name)
+    bound, guesses = best_epsilon_lower_bound(scores, made.included, delta, CONFIDENCE)
+    write_atomic(
+        output / "canaries.csv",
+        pd.DataFrame(
+            {
+                "text": made.texts,
+                "label": [labels.names[i] for i in made.labels],
+                "included": made.included,
+                "score": scores,
+            }
+        ).to_csv(index=False),
+    )
+    result = EmpiricalResult(
+        site=site_name,
+        canaries=len(made),
+        included=int(made.included.sum()),
+        guesses=guesses.guesses,
+        correct=guesses.correct,
+        lower_bound=bound,
+        claimed=claimed,
+        delta=delta,
+        confidence=CONFIDENCE,
+        fault=fault,
+        seed=seed,
+        run_dir=run.path,
+    )
+    write_atomic(output / "empirical-audit.json", json.dumps(result.to_json(), indent=2))
+    return result
+
+
+def recompute(output: Path) -> EmpiricalResult:
+    """The bound again from what an audit wrote (canaries.csv and the run's ledgers)."""
+    output = Path(output)
+    saved = json.loads((output / "empirical-audit.json").read_text(encoding="utf-8"))
+    table = pd.read_csv(output / "canaries.csv")
+    claimed, delta = _claimed_epsilon(output / "run", saved["site"])
+    bound, guesses = best_epsilon_lower_bound(table["score"].to_numpy(), table["included"].to_numpy(), delta)
+    return EmpiricalResult(
+        site=saved["site"],
+        canaries=len(table),
+        included=int(table["included"].sum()),
+        guesses=guesses.guesses,
+        correct=guesses.correct,
+        lower_bound=bound,
+        claimed=claimed,
+        delta=delta,
+        confidence=CONFIDENCE,
+        fault=saved["fault"],
+        seed=int(saved["seed"]),
+        run_dir=output / "run",
+    )

@@ -1,0 +1,129 @@
+"""`fedpriv audit --empirical`: canaries, their placement, the deliberate fault, and one real run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedpriv.audit import empirical
+from fedpriv.client.app import _audit_fault
+from fedpriv.client.training import DpSettings
+from fedpriv.common.data import LabelSet, load_dataset
+from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
+from fedpriv.common.partition import split_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_canaries_are_distinct_repeatable_and_each_coin_is_fair():
+    words = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(20) for j in range(20)]
+    a = empirical.make_canaries(words, num_labels=7, m=2000, seed=3)
+    b = empirical.make_canaries(words, num_labels=7, m=2000, seed=3)
+    c = empirical.make_canaries(words, num_labels=7, m=2000, seed=4)
+    assert a.texts == b.texts and np.array_equal(a.included, b.included)
+    assert a.texts != c.texts
+    assert len(set(a.texts)) == 2000
+    assert all(len(t.split()) == empirical.CANARY_WORDS for t in a.texts)
+    assert set(np.unique(a.labels)) == set(range(7))
+    assert 0.45 < a.included.mean() < 0.55
+    with pytest.raises(empirical.EmpiricalAuditError, match="canaries"):
+        empirical.make_canaries(words, 7, 1, seed=0)
+
+
+def test_only_included_canaries_join_and_only_the_chosen_site(tiny_config):
+    labels = LabelSet.load(tiny_config.data.labels)
+    data = tiny_config.data
+    dataset = load_dataset(data.path, labels, data.text_column, data.label_column)
+    canaries = empirical.make_canaries(empirical.vocabulary(dataset.texts), len(labels), 50, seed=0)
+    table, name, sites = empirical.audit_dataset(tiny_config, labels, canaries, site=1)
+
+    parts, names = split_for(tiny_config, dataset, tiny_config.simulation.sites)
+    assert (name, sites) == (names[1], 3)
+    assert len(table) == len(dataset) + canaries.included.sum()
+    # every real row keeps the site the configured partitioner gives it
+    for site_name, rows in zip(names, parts, strict=True):
+        real = table.iloc[: len(dataset)]
+        assert set(real[real[empirical.SITE_COLUMN] == site_name][data.text_column]) == {dataset.texts[i] for i in rows}
+    added = table.iloc[len(dataset) :]
+    assert set(added[empirical.SITE_COLUMN]) == {names[1]}
+    expected = {t for t, keep in zip(canaries.texts, canaries.included, strict=True) if keep}
+    assert set(added[data.text_column]) == expected
+    assert not {t for t, keep in zip(canaries.texts, canaries.included, strict=True) if not keep} & set(
+        table[data.text_column]
+    )
+    with pytest.raises(empirical.EmpiricalAuditError, match="--site"):
+        empirical.audit_dataset(tiny_config, labels, canaries, site=3)
+
+
+def test_the_fault_setting_is_parsed_strictly():
+    assert audit_fault_noise_divisor({}) == 1.0
+    assert audit_fault_noise_divisor({AUDIT_FAULT: "noise/10"}) == 10.0
+    for bad in ("noise/0.5", "noise/x", "clip/10", "10"):
+        with pytest.raises(ValueError, match=AUDIT_FAULT):
+            audit_fault_noise_divisor({AUDIT_FAULT: bad})
+
+
+def test_injected_fault_is_scoped_to_the_audit_and_checked_first():
+    assert AUDIT_FAULT not in os.environ
+    with empirical.injected_fault("noise/10"):
+        assert os.environ[AUDIT_FAULT] == "noise/10"
+    assert AUDIT_FAULT not in os.environ
+    with pytest.raises(ValueError), empirical.injected_fault("noise/zero"):
+        pass
+    assert AUDIT_FAULT not in os.environ
+
+
+def test_the_fault_weakens_only_simulated_sites(monkeypatch):
+    dp = DpSettings(1.2, 1.0, normaliser=30)
+    simulated = SimpleNamespace(name="site-000", simulated=True)
+    deployed = SimpleNamespace(name="branch", simulated=False)
+    assert _audit_fault(dp, simulated) is dp
+    monkeypatch.setenv(AUDIT_FAULT, "noise/10")
+    assert _audit_fault(dp, simulated).noise_multiplier == pytest.approx(0.12)
+    assert _audit_fault(dp, deployed) is dp
+    assert _audit_fault(None, simulated) is None
+
+
+def test_an_empirical_audit_refuses_what_it_cannot_test(tiny_config, tmp_path):
+    with pytest.raises(empirical.EmpiricalAuditError, match="privacy.enabled"):
+        empirical.empirical_audit(tiny_config.replace(**{"privacy.enabled": False}), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "earlier.json").write_text("{}")
+    with pytest.raises(empirical.EmpiricalAuditError, match="not empty"):
+        empirical.empirical_audit(tiny_config, tmp_path / "b")
+    assert os.listdir(tmp_path / "b") == ["earlier.json"]
+
+
+def test_audit_command_arguments_are_checked(tmp_path):
+    run = [sys.executable, "-m", "fedpriv.cli", "audit"]
+    none = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert none.returncode == 2 and "give run directories" in none.stderr
+    both = subprocess.run([*run, "--empirical", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert both.returncode == 2 and "--empirical runs its own federation" in both.stderr
+
+
+@pytest.mark.slow
+def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(tiny_config, tmp_path):
+    config = tiny_config.replace(**{"rounds": 1, "privacy.target-epsilon": 4.0})
+    result = empirical.empirical_audit(config, tmp_path / "audit", canaries=40, seed=7)
+
+    assert result.site == "site-000" and result.canaries == 40
+    assert result.claimed == pytest.approx(4.0, rel=0.02)  # the ledger's own claim
+    assert 0 <= result.lower_bound <= result.claimed and not result.refuted
+    table = pd.read_csv(tmp_path / "audit" / "canaries.csv")
+    assert len(table) == 40 and table["score"].notna().all()
+    assert result.included == int(table["included"].sum())
+    assert np.ptp(table["score"]) > 0  # the released model moved: scores are not all equal
+    again = empirical.recompute(tmp_path / "audit")
+    assert (again.lower_bound, again.guesses, again.correct) == (
+        result.lower_bound,
+        result.guesses,
+        result.correct,
+    )
