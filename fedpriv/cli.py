@@ -204,8 +204,8 @@ def _empirical(
     import json
     import time
 
-    from fedpriv.audit.empirical import empirical_audit
     from fedpriv.common.config import load_config
+    from fedpriv.simulation.canary_audit import empirical_audit
 
     cfg = load_config(config, settings)
     output = output or Path("runs") / f"empirical-{time.strftime('%Y%m%d-%H%M%S')}"

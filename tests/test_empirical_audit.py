@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpriv.audit import empirical
 from fedpriv.client.app import _audit_fault
 from fedpriv.client.training import DpSettings
 from fedpriv.common.data import LabelSet, load_dataset
 from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
 from fedpriv.common.partition import split_for
+from fedpriv.simulation import canary_audit as empirical
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +121,11 @@ def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(ti
     assert len(table) == 40 and table["score"].notna().all()
     assert result.included == int(table["included"].sum())
     assert np.ptp(table["score"]) > 0  # the released model moved: scores are not all equal
+    # the auditor's reference trained on the same rows without a single canary
+    reference = pd.read_csv(tmp_path / "audit" / "reference.csv")
+    assert not set(reference["text"]) & set(table["text"])
+    assert len(reference) + result.included == len(pd.read_csv(tmp_path / "audit" / "data.csv"))
+    assert (tmp_path / "audit" / "reference" / "model").is_dir()
     again = empirical.recompute(tmp_path / "audit")
     assert (again.lower_bound, again.guesses, again.correct) == (
         result.lower_bound,

@@ -4,7 +4,10 @@ The one-run audit of Steinke, Nasr & Jagielski (2023): m canaries (strings of
 random words, each with a random label) are made, and a fair coin per canary
 decides whether it joins one site's training data. The federation then trains
 exactly as configured. Every canary is scored on the released model: how much
-more likely its label became than under the public initial model. The
+more likely it finds the canary's label than the auditor's reference model
+does (the same federation trained without canaries and without noise, with
+its own randomness, so it predicts how training moves a canary that was not
+included without knowing anything of the audited run's coins or noise). The
 highest scores are guessed "included", the lowest "excluded"; from the number
 of right guesses `empirical_bound` derives an epsilon that the run provably
 does not satisfy (at 95% confidence). An honest run keeps this lower bound
@@ -24,7 +27,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +44,12 @@ from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import write_atomic
 from fedpriv.common.partition import split_for
+from fedpriv.simulation.harness import simulate
 
 CANARY_WORDS = 8
 CONFIDENCE = 0.95
 SITE_COLUMN = "fedpriv-audit-site"
+NOISE_FREE = "noise/1e9"  # the reference model: clipped training without noise
 
 
 class EmpiricalAuditError(FedprivError, ValueError):
@@ -143,15 +147,6 @@ def label_log_probs(model_dir: Path, texts: list[str], label_ids: np.ndarray, ma
     return out
 
 
-def export_initial_model(config: FedprivConfig, labels: LabelSet, directory: Path) -> Path:
-    """The run's public starting point, exported like the released model, to score canaries against."""
-    from fedpriv.common.model import build_model, initial_state
-
-    bundle = build_model(config, labels)
-    bundle.set_state(initial_state(bundle, labels, config.model.head_init))
-    return bundle.export(directory)
-
-
 @contextmanager
 def injected_fault(fault: str | None):
     """Sets FEDPRIV_AUDIT_FAULT for the run (its workers inherit it); restores the old value after."""
@@ -232,8 +227,6 @@ def empirical_audit(
     console: Console | None = None,
 ) -> EmpiricalResult:
     """Runs the federation of `config` with canaries at simulated site `site`; returns the one-run audit."""
-    from fedpriv.simulation.harness import simulate
-
     console = console or Console()
     if not config.privacy.enabled:
         raise EmpiricalAuditError("privacy.enabled: the run claims no epsilon; there is nothing to audit")
@@ -248,15 +241,24 @@ def empirical_audit(
     made = make_canaries(vocabulary(source.texts), len(labels), canaries, seed)
     table, site_name, sites = audit_dataset(config, labels, made, site)
     write_atomic(output / "data.csv", table.to_csv(index=False))
-    run_config = config.replace(
+    # The auditor's shadow: the same rows without any canary, trained the same way but without noise and with
+    # other sampling. Scoring against it cancels how the federation moves every canary (inclusion aside); its
+    # randomness is independent of the audited run's, so the bound stays valid.
+    write_atomic(output / "reference.csv", table.iloc[: len(table) - int(made.included.sum())].to_csv(index=False))
+    settings = {
+        "data.delimiter": "",
+        "simulation.partitioner": "column",
+        "simulation.column": SITE_COLUMN,
+        "simulation.sites": sites,
+    }
+    run_config = config.replace(**settings, **{"data.path": str(output / "data.csv"), "run-dir": str(output / "run")})
+    reference_config = config.replace(
+        **settings,
         **{
-            "data.path": str(output / "data.csv"),
-            "data.delimiter": "",
-            "simulation.partitioner": "column",
-            "simulation.column": SITE_COLUMN,
-            "simulation.sites": sites,
-            "run-dir": str(output / "run"),
-        }
+            "data.path": str(output / "reference.csv"),
+            "run-dir": str(output / "reference"),
+            "seed": config.seed + 1,
+        },
     )
     console.print(
         f"Empirical audit: {len(made)} canaries, {int(made.included.sum())} of them (by coin) in {site_name}'s data"
@@ -264,13 +266,12 @@ def empirical_audit(
     )
     with injected_fault(fault):
         run = simulate(run_config, console=console)
-    with tempfile.TemporaryDirectory(prefix="fedpriv-audit-") as tmp:
-        initial = export_initial_model(run_config, labels, Path(tmp) / "initial")
-        before = label_log_probs(initial, made.texts, made.labels, data.max_length)
+    console.print("Training the auditor's reference (no canaries, no noise, other sampling)")
+    with injected_fault(NOISE_FREE):
+        reference = simulate(reference_config, console=console)
+    before = label_log_probs(reference.path / "model", made.texts, made.labels, data.max_length)
     after = label_log_probs(run.path / "model", made.texts, made.labels, data.max_length)
     scores = after - before
-    claimed, delta = _claimed_epsilon(run.path, site_name)
-    bound, guesses = best_epsilon_lower_bound(scores, made.included, delta, CONFIDENCE)
     write_atomic(
         output / "canaries.csv",
         pd.DataFrame(
@@ -282,10 +283,21 @@ def empirical_audit(
             }
         ).to_csv(index=False),
     )
-    result = EmpiricalResult(
-        site=site_name,
-        canaries=len(made),
-        included=int(made.included.sum()),
+    result = _judge(run.path, site_name, scores, made.included, fault, seed)
+    write_atomic(output / "empirical-audit.json", json.dumps(result.to_json(), indent=2))
+    return result
+
+
+def _judge(
+    run_dir: Path, site: str, scores: np.ndarray, included: np.ndarray, fault: str | None, seed: int
+) -> EmpiricalResult:
+    """The bound from the scores, beside the claim the site's verified ledger makes."""
+    claimed, delta = _claimed_epsilon(run_dir, site)
+    bound, guesses = best_epsilon_lower_bound(scores, included, delta, CONFIDENCE)
+    return EmpiricalResult(
+        site=site,
+        canaries=len(scores),
+        included=int(np.sum(included)),
         guesses=guesses.guesses,
         correct=guesses.correct,
         lower_bound=bound,
@@ -294,10 +306,8 @@ def empirical_audit(
         confidence=CONFIDENCE,
         fault=fault,
         seed=seed,
-        run_dir=run.path,
+        run_dir=run_dir,
     )
-    write_atomic(output / "empirical-audit.json", json.dumps(result.to_json(), indent=2))
-    return result
 
 
 def recompute(output: Path) -> EmpiricalResult:
@@ -305,19 +315,11 @@ def recompute(output: Path) -> EmpiricalResult:
     output = Path(output)
     saved = json.loads((output / "empirical-audit.json").read_text(encoding="utf-8"))
     table = pd.read_csv(output / "canaries.csv")
-    claimed, delta = _claimed_epsilon(output / "run", saved["site"])
-    bound, guesses = best_epsilon_lower_bound(table["score"].to_numpy(), table["included"].to_numpy(), delta)
-    return EmpiricalResult(
-        site=saved["site"],
-        canaries=len(table),
-        included=int(table["included"].sum()),
-        guesses=guesses.guesses,
-        correct=guesses.correct,
-        lower_bound=bound,
-        claimed=claimed,
-        delta=delta,
-        confidence=CONFIDENCE,
-        fault=saved["fault"],
-        seed=int(saved["seed"]),
-        run_dir=output / "run",
+    return _judge(
+        output / "run",
+        saved["site"],
+        table["score"].to_numpy(),
+        table["included"].to_numpy(dtype=bool),
+        saved["fault"],
+        int(saved["seed"]),
     )
