@@ -33,7 +33,11 @@ class StorageError(FedprivError, OSError):
         return str(self.strerror)
 
 
-_STORAGE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EROFS: "read-only"}
+_STORAGE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 @contextlib.contextmanager

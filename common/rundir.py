@@ -89,8 +89,9 @@ class RunDirectory:
         if not path:
             path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run = cls(Path(path).expanduser().resolve())
-        run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / CHECKPOINTS).mkdir(exist_ok=True)
+        with storage(run.path, "run directory"):
+            run.path.mkdir(parents=True, exist_ok=True)
+            (run.path / CHECKPOINTS).mkdir(exist_ok=True)
         return run
 
     @property
@@ -138,8 +139,9 @@ class RunDirectory:
         Taking it also drops a metrics line a killed holder left half-written,
         so the next event does not fuse with it.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        with storage(self.path / LOCK, "run lock"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a+", encoding="utf-8")
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -278,6 +278,9 @@ def main() -> None:
     except FedprivError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
+    except OSError as error:  # a file or folder the OS refused (permissions, read-only, missing): it is named
+        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted")
         sys.exit(130)

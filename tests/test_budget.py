@@ -1,6 +1,7 @@
 """A site's hard cap, and agreement of claimed and recomputed epsilon."""
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -143,3 +144,21 @@ def test_the_audit_shows_a_deployed_sites_budget_run_by_run(tmp_path):
     assert "lifetime" in text and "2026-q3" in text and "2026-q4" in text
     page = html_report(report)
     assert "Budget over each site's lifetime" in page and page.count("<td>2026-q") == 2
+
+
+def test_ledgers_written_before_the_event_vocabulary_still_audit():
+    """Written by fedpriv at commit 838104d (Opacus PRV and RDP claims, no normaliser or query fields)."""
+    folder = Path(__file__).parent / "data" / "ledgers-838104d"
+    report = audit([folder])
+    assert report.ok, [str(p) for p in report.problems]
+    assert not report.problems  # keys pinned, every claim reproduced
+    by_site = {s.site: s for s in report.sites}
+    assert set(by_site) == {"branch-prv", "branch-rdp"}
+    for name, site in by_site.items():
+        assert site.accountant == name.removeprefix("branch-")
+        assert len(site.releases) == 6 and [r.run_id for r in site.lifetime()] == ["run-q3", "run-q4"]
+        last = site.releases[-1]
+        assert last.claimed == pytest.approx(last.pld if site.accountant == "prv" else last.rdp, rel=0.01)
+    # the same history costs what dp-accounting's PLD says under the new vocabulary
+    event = poisson_gaussian(1.3, 0.2, 5)
+    assert by_site["branch-prv"].releases[-1].pld == pytest.approx(epsilon([event] * 6, 1e-5, "pld"), rel=1e-6)

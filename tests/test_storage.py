@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,3 +90,55 @@ def test_a_simulation_whose_disk_fills_stops_clearly_audits_clean_and_resumes(ti
 
     run = simulate(resume_config(config.run_dir), console=console, resume=True)
     assert RunDirectory(run.path).finished() and audit([run.path]).ok
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """A small tmpfs of our own (root in a container may mount one); `read_only()` remounts it read-only."""
+    import subprocess
+
+    path = tmp_path / "mnt"
+    path.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+
+    def read_only() -> Path:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return path
+
+    try:
+        yield SimpleNamespace(path=path, read_only=read_only)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_ledger_on_a_file_system_gone_read_only_refuses_clearly_and_still_verifies(mount):
+    ledger = Ledger(mount.path / "site.jsonl", signing.generate())
+    ledger.append(_exhausted(1))
+    before = ledger.path.read_bytes()
+    mount.read_only()
+    with pytest.raises(
+        StorageError, match=r"site\.jsonl: cannot write the privacy ledger entry: .*read-only \(EROFS\)"
+    ):
+        ledger.append(_exhausted(2))
+    assert ledger.path.read_bytes() == before
+    entries, problems = verify_ledger(ledger.path)
+    assert len(entries) == 1 and not problems
+
+
+def test_a_simulation_into_a_read_only_folder_is_refused_by_name_without_a_traceback(mount):
+    import subprocess
+    import sys
+
+    folder = mount.read_only()
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--set", "model.name=builtin:tiny-random-bert"]
+        + ["--rounds", "1", "--output", str(folder / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert f"{folder / 'run'}: cannot write the run directory: the file system is read-only (EROFS)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
