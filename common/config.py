@@ -155,10 +155,21 @@ class PrivacyConfig(_Section):
         return self.epsilon_cap or self.target_epsilon
 
 
+# Aggregations that resist poisoned updates: each needs every site's own update.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+
+
 class StrategyConfig(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam"] = Field(
-        "fedavg", description="Aggregation: fedavg, fedprox or fedadam."
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"] = Field(
+        "fedavg",
+        description="Aggregation: fedavg, fedprox or fedadam; robust to poisoned updates: fedmedian (coordinate "
+        "median), fedtrimmedavg (mean without the top and bottom trim-fraction) or krum (the update closest to "
+        "its neighbours).",
     )
+    trim_fraction: float = Field(
+        0.2, gt=0.0, lt=0.5, description="fedtrimmedavg: share of sites cut at each end of every coordinate."
+    )
+    malicious_sites: int = Field(1, ge=0, description="krum: sites that may send poisoned updates.")
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of connected sites asked to train each round."
     )
@@ -269,6 +280,21 @@ class FedprivConfig(_Section):
             raise ValueError("privacy.noise = 'distributed' needs privacy.secure-aggregation = true")
         if p.noise == "distributed" and not p.enabled:
             raise ValueError("privacy.noise = 'distributed' needs privacy.enabled = true")
+        if s.name in ROBUST_STRATEGIES:
+            if p.secure_aggregation:
+                raise ValueError(
+                    f"strategy.name: {s.name} needs each site's update, and secure aggregation shows only their sum"
+                )
+            if p.site_level_noise:
+                raise ValueError(
+                    f"strategy.name: {s.name} is not an average, so site-level DP's noise would not cover it; "
+                    "use fedavg with privacy.site-level-noise"
+                )
+            if s.name == "krum" and s.min_sites < 2 * s.malicious_sites + 3:
+                raise ValueError(
+                    f"strategy.malicious-sites: krum with {s.malicious_sites} needs strategy.min-sites >= "
+                    f"{2 * s.malicious_sites + 3}"
+                )
         if p.secure_aggregation:
             if p.site_level_noise:
                 raise ValueError(

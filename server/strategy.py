@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fedpriv.common import flower_compat
 from fedpriv.common.config import FedprivConfig
@@ -63,6 +63,12 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
         return FedProx(proximal_mu=s.proximal_mu, **common)
     if s.name == "fedadam":
         return FedAdam(eta=s.server_learning_rate, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **common)
+    if s.name == "fedmedian":
+        return FedMedian(**common)
+    if s.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=s.trim_fraction, **common)
+    if s.name == "krum":
+        return Krum(num_malicious_nodes=s.malicious_sites, **common)
     raise ValueError(f"strategy.name: unknown strategy '{s.name}'")
 
 
