@@ -380,17 +380,39 @@ def parse_config(tree: Mapping[str, Any], source: str = "configuration") -> Fedp
         raise _describe(error, source) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedprivConfig:
-    """Read a TOML config file (optional) and apply `section.key=value` overrides."""
+def presets() -> dict[str, Path]:
+    """The settings files shipped with fedpriv (`--preset NAME`), by name."""
+    from fedpriv.common.resources import BUILTIN_DIR
+
+    return {p.stem: p for p in sorted((BUILTIN_DIR / "presets").glob("*.toml"))}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), preset: str | None = None
+) -> FedprivConfig:
+    """Read a preset and/or a TOML config file (both optional; the file wins) and apply `section.key=value` overrides."""
     tree: dict[str, Any] = {}
-    source = "defaults"
+    sources = []
+    if preset is not None:
+        known = presets()
+        if preset not in known:
+            raise ConfigError(f"--preset: no preset '{preset}' (available: {', '.join(known) or 'none'})")
+        tree = read_toml(known[preset], "preset")
+        sources.append(f"preset {preset}")
     if path is not None:
-        source = str(path)
+        sources.append(str(path))
         # A fedpriv file may keep its settings under [fedpriv] next to other tools' tables.
-        tree = read_toml(path, "config file")
-        tree = tree.get("fedpriv", tree)
-    config = parse_config(tree, source)
+        given = read_toml(path, "config file")
+        tree = _merged(tree, given.get("fedpriv", given))
+    config = parse_config(tree, " + ".join(sources) or "defaults")
     return apply_overrides(config, parse_overrides(overrides))
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def read_toml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:

@@ -37,6 +37,12 @@ def simulate(
     settings: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value (repeatable).")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from settings shipped with fedpriv: distributed (secure aggregation, distributed DP noise)."
+        ),
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated sites.")] = None,
     mode: Annotated[str | None, typer.Option(help="Fine-tuning mode: head, lora or full.")] = None,
@@ -72,7 +78,7 @@ def simulate(
     from fedpriv.simulation.harness import simulate as run_simulation
 
     if resume:
-        given = [config, settings, rounds, sites, mode, epsilon, data, output, seed]
+        given = [config, settings, preset, rounds, sites, mode, epsilon, data, output, seed]
         if no_dp or any(v for v in given):
             raise FedprivError("--resume continues a run with its saved settings; give no other settings with it")
         run_simulation(resume_config(resume), console=console, verbose=verbose, resume=True)
@@ -90,7 +96,7 @@ def simulate(
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     if no_dp:
         overrides["privacy.enabled"] = False
-    cfg = apply_overrides(load_config(config, settings or []), overrides)
+    cfg = apply_overrides(load_config(config, settings or [], preset), overrides)
     run_simulation(cfg, console=console, verbose=verbose)
 
 

@@ -88,3 +88,32 @@ def test_mode_picks_tuned_optimizer_unless_set():
     assert lora.optimizer_settings()[0] == "adamw"
     custom = lora.replace(**{"train.optimizer": "sgd", "train.learning-rate": 0.5})
     assert custom.optimizer_settings() == ("sgd", 0.5)
+
+
+def test_a_preset_is_a_starting_point_that_a_file_and_overrides_refine(tmp_path):
+    from fedpriv.common.config import ConfigError, load_config, presets
+
+    assert "distributed" in presets()
+    preset = load_config(preset="distributed")
+    assert (preset.rounds, preset.privacy.secure_aggregation, preset.privacy.noise) == (240, True, "distributed")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[privacy]\ntarget-epsilon = 3.0\n[model]\nmode = "head"\n')
+    refined = load_config(mine, ["rounds=100"], preset="distributed")
+    assert refined.privacy.noise == "distributed" and refined.privacy.target_epsilon == 3.0  # merged per section
+    assert refined.rounds == 100
+    with pytest.raises(ConfigError, match="--preset: no preset 'gpu' \\(available: distributed"):
+        load_config(preset="gpu")
+
+
+def test_simulate_names_an_unknown_preset_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--preset", "fastest", "--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "--preset: no preset 'fastest' (available: distributed)" in result.stderr
+    assert not (tmp_path / "run").exists()
