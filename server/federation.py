@@ -107,6 +107,9 @@ class Federation:
         )
         site_level_dp.replay(self.strategy, self._site_level_releases, self.config)
         self.average.mean, self.average.count = saved.average, saved.averaged_rounds
+        if saved.round not in {e["round"] for e in self.run.events("round-end")}:
+            # Stopped between writing the round's checkpoint and logging its end: the round is complete.
+            self.run.log("round-end", round=saved.round, seconds=None, recovered=True)
         self.run.log("resumed", round=saved.round)
         log.info("resuming after round %d from %s", saved.round, self.run.checkpoints)
         return saved.round + 1, saved.state

@@ -247,6 +247,12 @@ def test_a_site_never_reveals_both_secrets_of_a_peer():
 
 def test_config_enforces_the_threshold_rule():
     assert default_threshold(10, 1) == 9
+    # a cohort down to two sites (one dropped before the round) still gets a valid round, without dropout tolerance
+    for n, t in [(2, 1), (3, 1), (4, 2), (5, 2), (10, 4), (2, 0)]:
+        k = default_threshold(n, t)
+        assert t < k <= n and 2 * k > n, (n, t, k)
+        make_config(n, t=t)
+    assert default_threshold(2, 1) == 2
     assert make_config(10, t=1).actively_secure
     assert not make_config(3, t=1).actively_secure  # threshold 2 of 3: fine passively, not against lies
     with pytest.raises(SecAggError, match="threshold > max-colluding-sites"):

@@ -35,7 +35,9 @@ from fedpriv.common.secagg.errors import SecAggError
 
 
 def default_threshold(sites: int, max_colluding: int) -> int:
-    return sites - max_colluding
+    """Shares needed to unmask: tolerate `max_colluding` dropouts where the cohort allows it, but always more
+    than the colluders and more than half the cohort (else two disjoint halves could each unmask)."""
+    return min(sites, max(sites - max_colluding, max_colluding + 1, sites // 2 + 1))
 
 
 @dataclass(frozen=True)
