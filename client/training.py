@@ -76,11 +76,10 @@ def private_training(
     max_physical_batch: int,
     generator: torch.Generator,
 ) -> Iterator[tuple[Iterator, torch.optim.Optimizer, Callable]]:
-    """Yields (batches, DP optimizer, loss function); removes Opacus' hooks on exit.
+    """Yields (batches, DP optimizer, loss function); removes the per-example hooks on exit.
 
     The noisy gradient sum is divided by `dp.normaliser` (1 leaves the sum itself).
     """
-    from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -92,7 +91,26 @@ def private_training(
         generator=generator,
         rand_on_empty=tuning.rand_on_empty,
     )
-    mode = tuning.grad_sample_mode
+    wrap = _bookkeeping if tuning.grad_sample_mode == "bookkeeping" else _opacus_hooks
+    with wrap(module, optimizer, loader, dp, generator, tuning.grad_sample_mode) as (
+        dp_optimizer,
+        criterion,
+        dp_loader,
+    ):
+        if not tuning.physical_batching:
+            yield iter(_cycle(dp_loader)), dp_optimizer, criterion
+        else:
+            with BatchMemoryManager(
+                data_loader=dp_loader, max_physical_batch_size=max_physical_batch, optimizer=dp_optimizer
+            ) as physical:
+                yield iter(_cycle(physical)), dp_optimizer, criterion
+
+
+@contextlib.contextmanager
+def _opacus_hooks(module: nn.Module, optimizer, loader, dp: DpSettings, generator: torch.Generator, mode: str):
+    """Opacus' per-example machinery (hooks or ghost clipping), attached for one call and removed after."""
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         # We pass our own generator; Opacus warns that it is not its secure RNG.
         warnings.simplefilter("ignore", UserWarning)
@@ -117,15 +135,32 @@ def private_training(
     # Opacus would divide by int(sample rate x len(dataset)): the private size.
     dp_optimizer.expected_batch_size = dp.normaliser
     try:
-        if not tuning.physical_batching:
-            yield iter(_cycle(dp_loader)), dp_optimizer, criterion
-        else:
-            with BatchMemoryManager(
-                data_loader=dp_loader, max_physical_batch_size=max_physical_batch, optimizer=dp_optimizer
-            ) as physical:
-                yield iter(_cycle(physical)), dp_optimizer, criterion
+        yield dp_optimizer, criterion, dp_loader
     finally:
         hooks.cleanup()
+        opacus_compat.clear_per_sample_state(module)
+
+
+@contextlib.contextmanager
+def _bookkeeping(module: nn.Module, optimizer, loader, dp: DpSettings, generator: torch.Generator, mode: str):
+    """Book-keeping clipping: the clipped sum from one backward pass; Opacus' optimizer adds the noise."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from fedpriv.client.bookkeeping import BookKeeping
+
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=dp.normaliser,  # public; see DpSettings
+        loss_reduction="mean",
+        generator=generator,
+    )
+    engine = BookKeeping(module, dp.max_grad_norm)
+    try:
+        yield dp_optimizer, engine.criterion, loader
+    finally:
+        engine.remove()
         opacus_compat.clear_per_sample_state(module)
 
 

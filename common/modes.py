@@ -184,6 +184,8 @@ class LoraMode(FineTuningMode):
 
 class FullMode(FineTuningMode):
     name = "full"
+    # One backward pass per step (client/bookkeeping.py) instead of ghost clipping's two.
+    grad_sample_mode = "bookkeeping"
 
     def configure(self, model, config, tokenizer, device) -> None:
         """Freeze weights the classifier never uses (e.g. BERT's pooler).

@@ -40,7 +40,9 @@ def simulate(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Start from settings shipped with fedpriv: distributed (secure aggregation, distributed DP noise)."
+            help="Start from settings shipped with fedpriv: distributed (the default: secure aggregation, "
+            "each site adds a share of the DP noise) or local (each site adds all its noise; the default "
+            "with --no-dp, a strategy other than fedavg or site-level DP)."
         ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
@@ -62,7 +64,9 @@ def simulate(
     """Run a federation of simulated sites on this machine (Flower Simulation Engine).
 
     With no options: the built-in demo, Banking77 split over 10 sites, MiniLM,
-    DP-SGD at epsilon 8 per site.
+    DP-SGD at epsilon 8 per site, distributed over the sites under secure
+    aggregation (--preset distributed; --preset local for each site's own
+    noise).
 
     Data files: .csv, .tsv/.tab/.txt (tab-separated), .jsonl/.json (one object
     per line) or .parquet; text files may be compressed (.gz, .zst), e.g.
@@ -72,7 +76,7 @@ def simulate(
     A run cut short (killed, crashed, machine restarted) continues from its
     last complete round with --resume RUN_DIR; budgets already spent count.
     """
-    from fedpriv.common.config import apply_overrides, load_config
+    from fedpriv.common.config import apply_overrides, load_config, simulation_preset, user_settings
     from fedpriv.common.errors import FedprivError
     from fedpriv.simulation.harness import resume_config
     from fedpriv.simulation.harness import simulate as run_simulation
@@ -96,6 +100,9 @@ def simulate(
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     if no_dp:
         overrides["privacy.enabled"] = False
+    if preset is None:
+        preset, why = simulation_preset({**user_settings(config, settings or []), **overrides})
+        console.print(f"Settings: preset {preset} ({why}; --preset to choose)", highlight=False)
     cfg = apply_overrides(load_config(config, settings or [], preset), overrides)
     run_simulation(cfg, console=console, verbose=verbose)
 
@@ -262,13 +269,16 @@ def flower_app(
 def config_show(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (default: built-in defaults).")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", "-s")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Start from a preset (distributed, local), as `fedpriv simulate` does.")
+    ] = None,
 ) -> None:
     """Every setting with its value and meaning."""
     from rich.table import Table
 
     from fedpriv.common.config import load_config, settings_table
 
-    cfg = load_config(config, settings or [])
+    cfg = load_config(config, settings or [], preset)
     table = Table("setting", "value", "meaning")
     for key, value, description in settings_table(cfg):
         table.add_row(key, repr(value), description)

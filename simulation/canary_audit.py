@@ -264,9 +264,11 @@ def empirical_audit(
         f"Empirical audit: {len(made)} canaries, {int(made.included.sum())} of them (by coin) in {site_name}'s data"
         + (f"; [red]deliberate fault {fault}[/]" if fault else "")
     )
+    # Each run prints its own summary ("Final test accuracy" ...): a rule says whose it is.
+    console.rule("The audited run (with canaries)")
     with injected_fault(fault):
         run = simulate(run_config, console=console)
-    console.print("Training the auditor's reference (no canaries, no noise, other sampling)")
+    console.rule("The auditor's reference run (no canaries, no noise, other sampling)")
     with injected_fault(NOISE_FREE):
         reference = simulate(reference_config, console=console)
     before = label_log_probs(reference.path / "model", made.texts, made.labels, data.max_length)

@@ -117,6 +117,14 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
             else f"target epsilon {privacy.target_epsilon:g} per site"
         )
         console.print(f"DP-SGD at every site: {target}, delta {privacy.delta:g}, clip {privacy.max_grad_norm:g}")
+        if privacy.noise == "distributed":
+            console.print(
+                "Distributed noise under secure aggregation: each site adds a share of the noise and the "
+                f"aggregator sees only the sum (private while at most {privacy.max_colluding_sites} site(s) "
+                "collude with it)"
+            )
+        elif privacy.secure_aggregation:
+            console.print("Secure aggregation: the aggregator sees only the sum of the updates")
     else:
         console.print("[yellow]DP is off: a non-private baseline; no privacy guarantee.[/]")
     console.print(
@@ -125,7 +133,9 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
     )
     provision_simulated_keys(run, site_names)
     app_dir = write_app_dir(run.path / "flower-app", config)
-    steps = steps_per_round(config.train.local_epochs, config.train.sample_rate)
+    # Distributed noise: each round is one step of DP-SGD over the pooled data.
+    distributed = privacy.enabled and privacy.noise == "distributed"
+    steps = 1 if distributed else steps_per_round(config.train.local_epochs, config.train.sample_rate)
     started = time.time()
     try:
         with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):

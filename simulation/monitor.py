@@ -82,8 +82,9 @@ class Monitor:
             return
         current = self._round
         trained = self._trained.get(current, 0)
-        # Per-step progress files: one per site, read only for small federations.
-        steps = read_progress(self.run.path, current)[0] if self.sites <= 200 else trained * self.steps
+        # Per-step progress files: one per site, read only for small federations with several steps a round.
+        small = self.sites <= 200 and self.steps > 1
+        steps = read_progress(self.run.path, current)[0] if small else trained * self.steps
         self.progress.update(
             self.local_task,
             total=self.sites * self.steps,

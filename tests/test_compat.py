@@ -22,6 +22,7 @@ PUBLIC = {
     "opacus": {
         "opacus",
         "opacus.data_loader",
+        "opacus.optimizers",  # documented (opacus.ai/api/optimizers): DPOptimizer and its fast-clipping form
         "opacus.utils.batch_memory_manager",
         "opacus.accountants",
         "opacus.accountants.utils",

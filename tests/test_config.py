@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.common.config import ConfigError, FedprivConfig, load_config, parse_overrides
+from fedpriv.common.schema import kebab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +102,37 @@ def test_a_preset_is_a_starting_point_that_a_file_and_overrides_refine(tmp_path)
     refined = load_config(mine, ["rounds=100"], preset="distributed")
     assert refined.privacy.noise == "distributed" and refined.privacy.target_epsilon == 3.0  # merged per section
     assert refined.rounds == 100
-    with pytest.raises(ConfigError, match="--preset: no preset 'gpu' \\(available: distributed"):
+    with pytest.raises(ConfigError, match="--preset: no preset 'gpu' \\(available: distributed, local"):
         load_config(preset="gpu")
+    local = load_config(preset="local")
+    assert (local.rounds, local.privacy.secure_aggregation, local.privacy.noise) == (40, False, "local")
+    assert local == FedprivConfig().replace(rounds=40)  # the base settings, spelled out
+
+
+def test_simulate_starts_from_distributed_dp_unless_the_settings_ask_for_what_it_excludes(tmp_path):
+    from fedpriv.common.config import load_config, simulation_preset, user_settings
+
+    assert simulation_preset({}) == ("distributed", "the default")
+    assert simulation_preset({"privacy.target-epsilon": 3, "rounds": 100})[0] == "distributed"
+    for settings in (
+        {"privacy.enabled": False},
+        {"privacy.noise": "local"},
+        {"privacy.secure_aggregation": False},
+        {"privacy.site-level-noise": 1.0},
+        {"strategy.name": "fedmedian"},
+        {"strategy.fraction-train": 0.5},
+        {"simulation.sites": 1},
+    ):
+        preset, why = simulation_preset(settings)
+        assert preset == "local" and kebab(next(iter(settings))) in why, settings
+    # Each choice yields a valid configuration with the user's settings on top.
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[fedpriv.strategy]\nname = "krum"\nmin-sites = 5\n')
+    given = user_settings(mine, ["simulation.sites=5"])
+    assert given == {"strategy.name": "krum", "strategy.min-sites": 5, "simulation.sites": 5}
+    preset, _ = simulation_preset(given)
+    assert load_config(mine, ["simulation.sites=5"], preset).strategy.name == "krum"
+    assert load_config(preset=simulation_preset({})[0]).privacy.noise == "distributed"
 
 
 def test_simulate_names_an_unknown_preset_before_anything_runs(tmp_path):
@@ -115,5 +145,5 @@ def test_simulate_names_an_unknown_preset_before_anything_runs(tmp_path):
         text=True,
         cwd=ROOT,
     )
-    assert result.returncode == 2 and "--preset: no preset 'fastest' (available: distributed)" in result.stderr
+    assert result.returncode == 2 and "--preset: no preset 'fastest' (available: distributed, local)" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -101,7 +101,7 @@ def test_unknown_model_is_a_named_error(tiny_config, tmp_path):
 
 def test_each_mode_is_one_class_chosen_by_name(tiny_config, tmp_path):
     head, lora, full = (fine_tuning_mode(name) for name in ("head", "lora", "full"))
-    assert (head.grad_sample_mode, lora.grad_sample_mode, full.grad_sample_mode) == ("ghost", "hooks", "ghost")
+    assert (head.grad_sample_mode, lora.grad_sample_mode, full.grad_sample_mode) == ("ghost", "hooks", "bookkeeping")
     assert not head.rand_on_empty and lora.rand_on_empty and full.rand_on_empty
     with pytest.raises(ModelError, match="model.mode: unknown mode 'prefix'"):
         fine_tuning_mode("prefix")

@@ -109,6 +109,10 @@ def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_pa
         result.stderr
     )
     assert "Traceback" not in result.stderr and not run.exists()
+    # The settings it would have run with: the default starting point, and the one without DP.
+    assert "Settings: preset distributed (the default; --preset to choose)" in result.stdout
+    no_dp = fedpriv("simulate", "--no-dp", "--set", "model.name=no/such-model", "-o", str(run))
+    assert no_dp.returncode == 2 and "Settings: preset local (DP is off (privacy.enabled = False)" in no_dp.stdout
     empty = tmp_path / "empty-model"
     empty.mkdir()
     result = fedpriv("simulate", "--set", f"model.name={empty}", "-o", str(run))

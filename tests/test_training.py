@@ -43,8 +43,9 @@ def per_example_clipped_sum(bundle, prepared, clip):
     return total
 
 
-@pytest.mark.parametrize("mode", ["head", "lora"])
-def test_per_example_clipping_holds(tiny_config, mode):
+# full, 5: a logical batch of 12 split into physical batches of 5, 5 and 2, accumulated before the step.
+@pytest.mark.parametrize(("mode", "physical"), [("head", 64), ("lora", 64), ("full", 64), ("full", 5)])
+def test_per_example_clipping_holds(tiny_config, mode, physical):
     # With zero noise and q=1, one DP step must move the weights by exactly the
     # mean of the per-example gradients, each clipped to the norm: Opacus' hooks
     # against gradients computed one example at a time.
@@ -55,7 +56,7 @@ def test_per_example_clipping_holds(tiny_config, mode):
     params = [p for p in module.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     expected = per_example_clipped_sum(bundle, prepared, clip)
-    plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0)
+    plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0, max_physical_batch=physical)
     train_local(bundle, prepared, plan, dp=DpSettings(0.0, clip, normaliser=len(prepared)), seed=0)
     for b, p, e in zip(before, params, expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e / len(prepared), atol=1e-6, rtol=1e-4)
@@ -97,7 +98,7 @@ def test_dp_lora_update_is_nonzero_and_lowers_the_loss(tiny_config):
     assert after["accuracy"] > 0.6  # chance is 1/3
 
 
-def test_full_fine_tuning_with_ghost_clipping_learns(tiny_config):
+def test_full_fine_tuning_with_bookkeeping_clipping_learns(tiny_config):
     bundle = bundle_for(tiny_config, "full")
     assert not any("pooler" in n for n in bundle.state_names)  # unused weights stay home
     prepared = bundle.prepare(dataset(120))
@@ -106,6 +107,23 @@ def test_full_fine_tuning_with_ghost_clipping_learns(tiny_config):
     result = train_local(bundle, prepared, plan, dp=DpSettings(0.5, 1.0, normaliser=36), seed=2)
     assert result.steps == 15
     assert bundle.evaluate(prepared)["loss"] < loss0
+
+
+def test_full_fine_tuning_adds_the_planned_noise(tiny_config):
+    # Book-keeping computes the clipped sum; Opacus' optimizer must still add N(0, (sigma C)^2) to every weight.
+    sigma, clip, normaliser = 2.0, 0.5, 10.0
+    steps = {}
+    for noise in (0.0, sigma):
+        bundle = bundle_for(tiny_config, "full")
+        prepared = bundle.prepare(dataset(12))
+        before = bundle.get_state()
+        plan = LocalPlan(steps=1, sample_rate=1.0, optimizer="sgd", learning_rate=1.0)
+        train_local(bundle, prepared, plan, dp=DpSettings(noise, clip, normaliser=normaliser), seed=0)
+        after = bundle.get_state()
+        steps[noise] = np.concatenate([(before[n] - after[n]).ravel() for n in bundle.trainable_names])
+    noise = steps[sigma] - steps[0.0]
+    assert len(noise) > 100_000
+    assert abs(noise.std() / (sigma * clip / normaliser) - 1) < 0.01 and abs(noise.mean()) < 1e-3
 
 
 def test_non_private_baseline_trains(tiny_config):
