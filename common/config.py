@@ -92,7 +92,9 @@ class TrainConfig(_Section):
     optimizer: Literal["auto", "sgd", "adam", "adamw"] = Field(
         "auto", description="auto: SGD for head, AdamW for lora and full."
     )
-    learning_rate: float = Field(0.0, ge=0.0, description="0 picks the mode's tuned default.")
+    learning_rate: float = Field(
+        0.0, ge=0.0, description="0 picks the tuned default of the mode (head: 20, 40 with distributed noise)."
+    )
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the local optimizer.")
 
@@ -240,6 +242,9 @@ def _parse_caps(text: str) -> dict[str, float]:
 # Tuned per mode (bench/README.md): plain SGD suits the DP linear head on
 # normalised features; adapters and full fine-tuning need Adam's per-weight scale.
 _MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("adamw", 5e-5)}
+# Distributed noise: the aggregator steps along the federation's average over a batch ten times a
+# site's, so each step is less noisy and takes a larger rate (Banking77: 91.3% at 40 vs 89.7% at 20).
+_DISTRIBUTED_RATES = {"head": 40.0}
 
 
 class FedprivConfig(_Section):
@@ -318,8 +323,10 @@ class FedprivConfig(_Section):
         return [r for r in range(1, self.rounds + 1) if r % every == 0 or r == self.rounds]
 
     def optimizer_settings(self) -> tuple[str, float]:
-        """The optimizer and learning rate to use, with 'auto'/0 resolved per mode."""
+        """The optimizer and learning rate to use, with 'auto'/0 resolved per mode (and noise)."""
         name, rate = _MODE_OPTIMIZERS[self.model.mode]
+        if self.privacy.enabled and self.privacy.noise == "distributed":
+            rate = _DISTRIBUTED_RATES.get(self.model.mode, rate)
         if self.train.optimizer != "auto":
             name = self.train.optimizer
         return name, self.train.learning_rate or rate
