@@ -16,6 +16,16 @@ import pytest
 
 from tests.helpers import LABELS, easy_rows, write_csv
 
+# Deployed federations (real SuperLink, SuperNodes, TLS) spend most of their time waiting on Flower's
+# timers and sessions; they run in a lane of their own beside the rest (pytest-xdist, two workers).
+DEPLOY_LANE = {"test_deploy.py", "test_secure_deploy.py", "test_load.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        lane = "deploy" if item.path.name in DEPLOY_LANE else "main"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:

@@ -383,6 +383,12 @@ def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):
     assert Path(config.run_dir).is_absolute()
     with pytest.raises(AggregatorError, match="label set"):
         aggregator.run_config(None, ['data.labels=\'["a", "b"]\''])
+    distributed = ["privacy.secure-aggregation=true", 'privacy.noise="distributed"']
+    with pytest.raises(AggregatorError, match="privacy.distributed-batch: distributed noise in a deployment"):
+        aggregator.run_config(None, distributed)
+    assert (
+        aggregator.run_config(None, [*distributed, "privacy.distributed-batch=2000"]).privacy.distributed_batch == 2000
+    )
 
     # Resuming keeps the saved plan; only waiting-related settings may change.
     run = tmp_path / "run"

@@ -253,6 +253,14 @@ class Aggregator:
         return self._finish(config, run.path)
 
     def _finish(self, config: FedprivConfig, run_dir: str | Path | None) -> FedprivConfig:
+        p = config.privacy
+        if p.enabled and p.noise == "distributed" and not p.distributed_batch:
+            # In simulation the normaliser is counted from the shared dataset; here the rows are the sites'.
+            raise AggregatorError(
+                "privacy.distributed-batch: distributed noise in a deployment needs the federation's public "
+                "expected batch per step (e.g. train.sample-rate x the sum of the sites' declared-rows); "
+                "the aggregator cannot count the sites' rows"
+            )
         labels = LabelSet.load(config.data.labels)
         kit_labels = self.kit.run.get("data", {}).get("labels")
         if kit_labels and LabelSet.load(kit_labels) != labels:
