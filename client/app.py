@@ -13,12 +13,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpriv.client import secure_aggregation
+from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.runtime import WORKER
 from fedpriv.client.site import evaluation_mechanism, noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.accounting import steps_per_round
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.environment import audit_fault_noise_divisor
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.progress import ProgressWriter
 from fedpriv.common.protocol import (
@@ -152,14 +152,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _audit_fault(dp: DpSettings | None, site) -> DpSettings | None:
-    """The noise actually added: the planned one, unless an empirical audit deliberately broke this simulation."""
-    divisor = audit_fault_noise_divisor()
-    if dp is None or divisor == 1.0 or not site.simulated:
+    if dp is None:
         return dp
-    log.warning(
-        "%s: AUDIT FAULT: training with noise multiplier / %g; the ledger claims the planned one", site.name, divisor
-    )
-    return dataclasses.replace(dp, noise_multiplier=dp.noise_multiplier / divisor)
+    added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
+    return dp if added == dp.noise_multiplier else dataclasses.replace(dp, noise_multiplier=added)
 
 
 def _secure_stage(msg: Message, context: Context) -> Message:

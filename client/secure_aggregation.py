@@ -10,6 +10,7 @@ vector leaves only after the release is in its signed ledger.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 
+from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, noisy_share
 from fedpriv.client.runtime import SiteRuntime
 from fedpriv.client.site import noise_multiplier
@@ -201,9 +203,13 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
             seed=seed,
             max_physical_batch=config.train.max_physical_batch,
         )
-        vector = noisy_share(vector, share, np.random.default_rng(seed))
+        added = noise_actually_added(share.noise_multiplier, site.name, site.simulated)
+        vector = noisy_share(vector, dataclasses.replace(share, noise_multiplier=added), np.random.default_rng(seed))
         loss, taken = math.nan, 1
     else:
+        if dp is not None:
+            added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
+            dp = dataclasses.replace(dp, noise_multiplier=added)
         result = train_local(bundle, site.train, plan, dp=dp, seed=seed, anchor=global_state)
         trained = bundle.get_state()
         vector = np.concatenate(

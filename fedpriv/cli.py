@@ -146,6 +146,13 @@ def audit(
         list[str] | None,
         typer.Option("--set", "-s", help="Override a setting: section.key=value.", rich_help_panel="Empirical audit"),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a preset, e.g. distributed (default: the base settings, local noise).",
+            rich_help_panel="Empirical audit",
+        ),
+    ] = None,
     canaries: Annotated[
         int, typer.Option(help="Canaries, each included by a fair coin.", rich_help_panel="Empirical audit")
     ] = 1000,
@@ -181,7 +188,7 @@ def audit(
     if empirical:
         if paths:
             raise FedprivError("--empirical runs its own federation; give no run directories or ledgers with it")
-        _empirical(config, settings or [], canaries, site, fault, output, seed, json_out)
+        _empirical(config, settings or [], preset, canaries, site, fault, output, seed, json_out)
         return
     if not paths:
         raise FedprivError("audit: give run directories and/or ledger files (or --empirical)")
@@ -207,6 +214,7 @@ def audit(
 def _empirical(
     config: Path | None,
     settings: list[str],
+    preset: str | None,
     canaries: int,
     site: int,
     fault: str | None,
@@ -220,7 +228,7 @@ def _empirical(
     from fedpriv.common.config import load_config
     from fedpriv.simulation.canary_audit import empirical_audit
 
-    cfg = load_config(config, settings)
+    cfg = load_config(config, settings, preset)
     output = output or Path("runs") / f"empirical-{time.strftime('%Y%m%d-%H%M%S')}"
     result = empirical_audit(
         cfg, output, canaries=canaries, site=site, fault=fault, seed=seed, console=err if json_out else console

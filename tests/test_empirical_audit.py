@@ -80,6 +80,18 @@ def test_injected_fault_is_scoped_to_the_audit_and_checked_first():
     assert AUDIT_FAULT not in os.environ
 
 
+def test_the_fault_divides_the_noise_of_simulated_sites_only(monkeypatch):
+    from fedpriv.client.audit_fault import noise_actually_added
+
+    assert noise_actually_added(4.0, "site-000", simulated=True) == 4.0
+    monkeypatch.setenv(AUDIT_FAULT, "noise/100")
+    assert noise_actually_added(4.0, "site-000", simulated=True) == pytest.approx(0.04)
+    assert noise_actually_added(4.0, "branch", simulated=False) == 4.0
+    # Both paths of a secure round (local noise, distributed share) ask it; so does the plain round.
+    for module in ("client/secure_aggregation.py", "client/app.py"):
+        assert "noise_actually_added(" in (ROOT / module).read_text()
+
+
 def test_the_fault_weakens_only_simulated_sites(monkeypatch):
     dp = DpSettings(1.2, 1.0, normaliser=30)
     simulated = SimpleNamespace(name="site-000", simulated=True)
@@ -109,9 +121,15 @@ def test_audit_command_arguments_are_checked(tmp_path):
     assert both.returncode == 2 and "--empirical runs its own federation" in both.stderr
 
 
+DISTRIBUTED = {"privacy.secure-aggregation": True, "privacy.noise": "distributed", "rounds": 3}
+
+
 @pytest.mark.slow
-def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(tiny_config, tmp_path):
+@pytest.mark.parametrize("noise", ["local", "distributed"])
+def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(tiny_config, tmp_path, noise):
     config = tiny_config.replace(**{"rounds": 1, "privacy.target-epsilon": 4.0})
+    if noise == "distributed":  # secure aggregation: the canary site's update is only ever seen in the sum
+        config = config.replace(**DISTRIBUTED)
     result = empirical.empirical_audit(config, tmp_path / "audit", canaries=40, seed=7)
 
     assert result.site == "site-000" and result.canaries == 40
