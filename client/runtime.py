@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Context
 
 from fedpriv.client.budget import SiteBudget
-from fedpriv.client.site import DeployedSource, allows_non_private, data_source, open_budget
+from fedpriv.client.site import DeployedSource, data_source, open_budget, site_policy
 from fedpriv.client.training import DpSettings
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
@@ -32,6 +32,7 @@ from fedpriv.common.node_config import DECLARED_ROWS
 from fedpriv.common.partition import split_for
 from fedpriv.common.records import DistributedNoise, Mechanism, data_sha256
 from fedpriv.common.resources import resolve_path
+from fedpriv.common.site_policy import SitePolicy
 
 log = logging.getLogger(CLIENT_LOG)
 
@@ -46,13 +47,18 @@ class SiteRuntime:
     train: Prepared
     validation: Prepared
     data_id: str
-    allows_non_private: bool
+    # The site's own privacy policy: its operator's (node config) when deployed.
+    policy: SitePolicy
     model: ModelBundle = field(repr=False)
     config: FedprivConfig = field(repr=False)
     run_id: int = 0
     node_config: Mapping[str, Any] = field(default_factory=dict, repr=False)
     # Public: the simulation's partition size, or what a deployed site's operator declared.
     declared_rows: int | None = None
+
+    @property
+    def allows_non_private(self) -> bool:
+        return self.policy.allow_non_private
 
     @cached_property
     def budget(self) -> SiteBudget:
@@ -183,7 +189,7 @@ class WorkerRuntime:
             train=model.prepare(train),
             validation=model.prepare(validation),
             data_id=data_sha256(train.texts, train.labels),
-            allows_non_private=allows_non_private(node, simulated),
+            policy=site_policy(node, config, simulated),
             model=model,
             config=config,
             run_id=run_id,

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, noisy_share
+from fedpriv.client.release import Made, Proposal, Withheld, check, release
 from fedpriv.client.runtime import SiteRuntime
-from fedpriv.client.site import noise_multiplier
+from fedpriv.client.site import local_plan, noise_multiplier
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import calibrate_noise, steps_per_round
+from fedpriv.common.accounting import calibrate_noise
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.node_config import PEER_KEYS
@@ -34,14 +36,13 @@ from fedpriv.common.protocol import (
     EPSILON,
     EPSILON_CAP,
     NOISE_MULTIPLIER,
-    NUM_EXAMPLES,
+    REFUSED,
     SAMPLE_RATE,
     SECONDS,
-    SITE_WEIGHT,
     STEPS,
     TRAIN_LOSS,
-    TrainReply,
     from_record,
+    withheld_content,
 )
 from fedpriv.common.records import DistributedNoise
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
@@ -85,14 +86,12 @@ def pinned_keys(site: SiteRuntime, config: FedprivConfig) -> dict[str, str]:
     return {str(k): str(v) for k, v in keys.items()}
 
 
-def _check_policy(secagg: SecAggConfig, request: StageRequest, site: SiteRuntime, config: FedprivConfig, run_id: str):
-    """The site's own rules for taking part; the aggregator's word is not enough."""
-    t = config.privacy.max_colluding_sites
+def _check_round(secagg: SecAggConfig, request: StageRequest, site: SiteRuntime, config: FedprivConfig, run_id: str):
+    """The round must be the one asked about and fit this site; its privacy is `release.refusal`'s to judge."""
     wanted = default_threshold(len(secagg.sites), secagg.max_colluding)
     length = site.model.trainable_size
     problems = [
         (site.name not in secagg.sites, "it is not in the cohort"),
-        (secagg.max_colluding < t, f"max-colluding {secagg.max_colluding} is below its own {t}"),
         (secagg.threshold < wanted, f"threshold {secagg.threshold} is below n - t = {wanted}"),
         (secagg.length != length, f"vector length {secagg.length}, its model has {length}"),
         (secagg.run_id != run_id, f"run {secagg.run_id} is not this run ({run_id})"),
@@ -127,8 +126,13 @@ def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRunt
         return Message(StageReply(site.name).to_content(), reply_to=msg)
     if request.stage == ADVERTISE:
         secagg = SecAggConfig.from_json(request.round_config)
-        _check_policy(secagg, request, site, config, run_id)
-        session = SiteSession(secagg, site.name, site.budget.ledger.key, pinned_keys(site, config))
+        _check_round(secagg, request, site, config, run_id)
+        roster = pinned_keys(site, config)
+        # Refused before any key is shared: a site that will not release leaves the round at once.
+        withheld = check(site, _release_plan(config, site, secagg, roster).proposal, request.server_round)
+        if withheld is not None:
+            return Message(_withheld(site, withheld), reply_to=msg)
+        session = SiteSession(secagg, site.name, site.budget.ledger.key, roster)
         advertisement = session.advertise()
         _save(context, session)
         return Message(StageReply(site.name, advertisement).to_content(), reply_to=msg)
@@ -138,27 +142,58 @@ def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRunt
         _save(context, session)
         return Message(StageReply(site.name, sealed).to_content(), reply_to=msg)
     if request.stage == MASK:
-        content = _mask(msg, request, session, context, config, site)
+        content = _mask(request, session, context, config, site)
         _save(context, session)
         return Message(content, reply_to=msg)
     if request.stage == UNMASK:
+        secagg = session.config
+        survivors, cohort, t = len(set(request.survivors)), len(secagg.sites), secagg.max_colluding
+        if survivors < cohort - t:
+            # More than t of the cohort are gone after the noise shares were fixed: the sum of the survivors
+            # would carry less noise than every site accounted for. Revealing nothing abandons the round.
+            reason = (
+                f"{site.name} refuses to unmask: only {survivors} of the {cohort} sites survived, more than "
+                f"t = {t} dropped, so the sum would carry less noise than accounted"
+            )
+            log.warning("%s round %d: %s", site.name, request.server_round, reason)
+            context.state.config_records.pop(STATE, None)
+            return Message(withheld_content(site.name, REFUSED, reason, {}), reply_to=msg)
         revealed = session.unmask(request.survivors, request.dropped)
         context.state.config_records.pop(STATE, None)
         return Message(StageReply(site.name, revealed).to_content(), reply_to=msg)
     raise SecAggError(f"{site.name}: unknown stage {request.stage!r}")
 
 
-def _mask(msg, request: StageRequest, session: SiteSession, context: Context, config: FedprivConfig, site):
-    """Trains (local noise) or computes its noisy share (distributed), records the release, masks."""
-    privacy, bundle, budget = config.privacy, site.model, site.budget
-    secagg = session.config
-    global_state = from_record(request.arrays)
-    bundle.set_state(global_state)
-    started = time.time()
-    seed = site.training_seed(request.server_round)
-    distributed = privacy.noise == "distributed"
-    length = secagg.length
+def _withheld(site: SiteRuntime, withheld: Withheld):
+    return withheld_content(site.name, withheld.status, withheld.reason, withheld.metrics)
+
+
+@dataclass(frozen=True)
+class _ReleasePlan:
+    """What a secure round asks this site to release, as its settings plan it."""
+
+    proposal: Proposal
+    rate: float
+    steps: int
+    dp: DpSettings | None
+    share: NoiseShare | None = None  # distributed noise: this site's share
+    shared: DistributedNoise | None = None  # ... as recorded
+    plan: LocalPlan | None = None  # local noise: the local training
+
+
+def _release_plan(config: FedprivConfig, site: SiteRuntime, secagg: SecAggConfig, roster) -> _ReleasePlan:
+    privacy = config.privacy
+    distributed = privacy.enabled and privacy.noise == "distributed"
+    common = {
+        "mode": config.model.mode,
+        "noise": privacy.noise if privacy.enabled else None,
+        "max_colluding": secagg.max_colluding,
+        "cohort": secagg.sites,
+        "roster": frozenset(roster),
+    }
     if distributed:
+        length = secagg.length
+        # The share is sized by the round's t, which the policy check holds to at least the site's own.
         share = NoiseShare(
             noise_multiplier=distributed_noise_multiplier(config, length),
             max_grad_norm=privacy.max_grad_norm,
@@ -174,89 +209,83 @@ def _mask(msg, request: StageRequest, session: SiteSession, context: Context, co
             quantization=share.gamma,
             dimension=length,
         )
-        rate, steps = config.train.sample_rate, 1
+        rate = config.train.sample_rate
         # The site adds only its share; the recorded sigma is the sum's.
         dp = DpSettings(share.noise_multiplier, privacy.max_grad_norm, normaliser=1.0)
-    else:
-        plan = _local_plan(config)
-        rate, steps, shared = plan.sample_rate, plan.steps, None
-        dp = (
-            DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(rate))
-            if privacy.enabled
-            else None
-        )
-    planned = site.update_mechanism(dp, rate, steps, shared)
-    sigma = planned.noise_multiplier
-    if privacy.enabled and not budget.allows(planned):
-        spent = budget.spent()
-        log.warning(
-            "%s round %d: budget exhausted (spent %.4f); not taking part", site.name, request.server_round, spent
-        )
-        metrics = {NUM_EXAMPLES: 0, SITE_WEIGHT: 0, EPSILON: spent, EPSILON_CAP: budget.cap}
-        return TrainReply.exhausted(site.name, metrics).to_content()
-    if distributed:
-        vector, _ = clipped_gradient_sum(
-            bundle,
-            site.train,
-            sample_rate=rate,
-            max_grad_norm=privacy.max_grad_norm,
-            seed=seed,
-            max_physical_batch=config.train.max_physical_batch,
-        )
-        added = noise_actually_added(share.noise_multiplier, site.name, site.simulated)
-        vector = noisy_share(vector, dataclasses.replace(share, noise_multiplier=added), np.random.default_rng(seed))
-        loss, taken = math.nan, 1
-    else:
-        if dp is not None:
-            added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
-            dp = dataclasses.replace(dp, noise_multiplier=added)
-        result = train_local(bundle, site.train, plan, dp=dp, seed=seed, anchor=global_state)
-        trained = bundle.get_state()
-        vector = np.concatenate(
-            [
-                (trained[n].astype(np.float64) - global_state[n].astype(np.float64)).ravel()
-                for n in bundle.trainable_names
-            ]
-        )
-        loss, taken = result.loss, result.steps
-    masked = session.mask(request.data, vector)
-    mechanism = site.update_mechanism(dp, rate, taken, shared)
-    # Recorded (signed, fsynced) before the masked vector leaves; the aggregator can check this hash.
-    entry = budget.record(
-        run_id=str(context.run_id),
-        server_round=request.server_round,
-        site=site.name,
-        mechanism=mechanism,
-        update_sha256=masked_sha256(masked),
+        planned = site.update_mechanism(dp, rate, 1, shared)
+        return _ReleasePlan(Proposal("update", planned, **common), rate, 1, dp, share=share, shared=shared)
+    plan = local_plan(config)
+    dp = None
+    if privacy.enabled:
+        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(plan.sample_rate))
+    planned = site.update_mechanism(dp, plan.sample_rate, plan.steps) if dp else None
+    return _ReleasePlan(Proposal("update", planned, **common), plan.sample_rate, plan.steps, dp, plan=plan)
+
+
+def _mask(request: StageRequest, session: SiteSession, context: Context, config: FedprivConfig, site: SiteRuntime):
+    """Trains (local noise) or computes its noisy share (distributed), records the release, masks."""
+    privacy, bundle, budget = config.privacy, site.model, site.budget
+    secagg = session.config
+    release_plan = _release_plan(config, site, secagg, pinned_keys(site, config))
+    seed = site.training_seed(request.server_round)
+
+    def compute() -> Made:
+        global_state = from_record(request.arrays)
+        bundle.set_state(global_state)
+        started = time.time()
+        share, dp = release_plan.share, release_plan.dp
+        if share is not None:
+            vector, _ = clipped_gradient_sum(
+                bundle,
+                site.train,
+                sample_rate=release_plan.rate,
+                max_grad_norm=privacy.max_grad_norm,
+                seed=seed,
+                max_physical_batch=config.train.max_physical_batch,
+            )
+            added = noise_actually_added(share.noise_multiplier, site.name, site.simulated)
+            vector = noisy_share(
+                vector, dataclasses.replace(share, noise_multiplier=added), np.random.default_rng(seed)
+            )
+            loss, taken = math.nan, 1
+        else:
+            assert release_plan.plan is not None
+            noised = dp
+            if dp is not None:
+                added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
+                noised = dataclasses.replace(dp, noise_multiplier=added)
+            result = train_local(bundle, site.train, release_plan.plan, dp=noised, seed=seed, anchor=global_state)
+            trained = bundle.get_state()
+            vector = np.concatenate(
+                [
+                    (trained[n].astype(np.float64) - global_state[n].astype(np.float64)).ravel()
+                    for n in bundle.trainable_names
+                ]
+            )
+            loss, taken = result.loss, result.steps
+        masked = session.mask(request.data, vector)
+        mechanism = site.update_mechanism(dp, release_plan.rate, taken, release_plan.shared)
+        metrics = {
+            TRAIN_LOSS: loss,
+            STEPS: taken,
+            NOISE_MULTIPLIER: mechanism.noise_multiplier,
+            SAMPLE_RATE: release_plan.rate,
+            SECONDS: time.time() - started,
+        }
+        # The record names the very masked vector sent; the aggregator checks it.
+        return Made(masked, mechanism, masked_sha256(masked), metrics)
+
+    outcome = release(
+        site, release_plan.proposal, compute, run_id=str(context.run_id), server_round=request.server_round
     )
-    spent = entry.record.accounting.epsilon
-    if privacy.enabled and site.simulated:
+    if isinstance(outcome, Withheld):
+        return _withheld(site, outcome)
+    planned = release_plan.proposal.planned
+    if planned is not None and site.simulated:
         # Next round's budget check, worked out while the aggregator unmasks (as the plain round does).
         budget.prefetch(planned)
-    metrics = {
-        TRAIN_LOSS: loss,
-        STEPS: taken,
-        EPSILON: math.inf if spent is None else spent,
-        EPSILON_CAP: budget.cap,
-        DELTA: budget.delta,
-        NOISE_MULTIPLIER: sigma,
-        SAMPLE_RATE: rate,
-        SECONDS: time.time() - started,
-    }
-    return StageReply(site.name, masked=masked, metrics=metrics, entry=entry).to_content()
-
-
-def _local_plan(config: FedprivConfig) -> LocalPlan:
-    optimizer, learning_rate = config.optimizer_settings()
-    return LocalPlan(
-        steps=steps_per_round(config.train.local_epochs, config.train.sample_rate),
-        sample_rate=config.train.sample_rate,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        momentum=config.train.momentum,
-        weight_decay=config.train.weight_decay,
-        max_physical_batch=config.train.max_physical_batch,
-    )
+    metrics = {**outcome.metrics, EPSILON: outcome.epsilon, EPSILON_CAP: budget.cap, DELTA: budget.delta}
+    return StageReply(site.name, masked=outcome.payload, metrics=metrics, entry=outcome.entry).to_content()
 
 
 def distributed_noise_multiplier(config: FedprivConfig, length: int) -> float:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.client.budget import SiteBudget
+from fedpriv.client.training import LocalPlan
 from fedpriv.common import signing
 from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.node_config import (
-    ALLOW_NON_PRIVATE,
     DATA_PATH,
     DELIMITER,
     DELTA,
@@ -37,6 +37,7 @@ from fedpriv.common.node_config import (
     TEXT_COLUMN,
 )
 from fedpriv.common.records import Mechanism
+from fedpriv.common.site_policy import SitePolicy
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,21 @@ def noise_multiplier(config: FedprivConfig) -> float:
     )
 
 
+def local_plan(config: FedprivConfig, proximal_mu: float = 0.0) -> LocalPlan:
+    """The local training a round's settings ask for."""
+    optimizer, learning_rate = config.optimizer_settings()
+    return LocalPlan(
+        steps=steps_per_round(config.train.local_epochs, config.train.sample_rate),
+        sample_rate=config.train.sample_rate,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        momentum=config.train.momentum,
+        weight_decay=config.train.weight_decay,
+        max_physical_batch=config.train.max_physical_batch,
+        proximal_mu=proximal_mu,
+    )
+
+
 def evaluation_mechanism(config: FedprivConfig, rows: int) -> Mechanism:
     """One noised evaluation: Gaussian noise of std `evaluation-noise` on the correct and the total count.
 
@@ -98,6 +114,19 @@ def evaluation_mechanism(config: FedprivConfig, rows: int) -> Mechanism:
         sample_rate=1.0,
         steps=1,
         max_grad_norm=sensitivity,
+        dataset_size=rows,
+        query="evaluation",
+    )
+
+
+def clear_evaluation_mechanism(rows: int) -> Mechanism:
+    """Evaluation metrics sent without noise: a release with no DP at all (infinite epsilon)."""
+    return Mechanism(
+        kind="gaussian",
+        noise_multiplier=0.0,
+        sample_rate=1.0,
+        steps=1,
+        max_grad_norm=math.sqrt(2),
         dataset_size=rows,
         query="evaluation",
     )
@@ -142,6 +171,8 @@ def open_budget(
     )
 
 
-def allows_non_private(node: Mapping[str, Any], simulated: bool) -> bool:
-    """A real site trains without DP only if its own operator said so."""
-    return simulated or str(node.get(ALLOW_NON_PRIVATE, "false")).lower() == "true"
+def site_policy(node: Mapping[str, Any], config: FedprivConfig, simulated: bool) -> SitePolicy:
+    """A real site's policy is its operator's alone (node config); a simulated site's operator is the harness's."""
+    if simulated:
+        return SitePolicy.simulated(config.privacy.max_colluding_sites)
+    return SitePolicy.from_node_config(node)

@@ -8,8 +8,9 @@ Replies are fedpriv's own. A train reply holds the updated model ("arrays"),
 its metrics ("metrics": exactly one MetricRecord, whose keys Flower
 aggregates), who answered and how ("site": name and status) and the site's
 signed ledger entry for this release ("privacy": the entry as JSON). A site
-whose budget is spent answers with its status and metrics only. An evaluate
-reply holds "metrics" and "site".
+whose budget is spent, or whose own privacy policy refuses the round, answers
+with its status (and the reason) and metrics only. An evaluate reply holds
+"metrics" and "site".
 
 `TrainReply` and `EvaluateReply` are the typed form of a reply: sites build
 their content with `to_content()`, the aggregator reads them back with
@@ -46,9 +47,12 @@ PROXIMAL_MU: Final = "proximal-mu"
 # The reply's site record, and its statuses.
 SITE_NAME: Final = "name"
 SITE_STATUS: Final = "status"
+SITE_REASON: Final = "reason"  # why nothing was released (withheld replies)
 OK: Final = "ok"
 EXHAUSTED: Final = "budget-exhausted"
-Status = Literal["ok", "budget-exhausted"]
+REFUSED: Final = "policy-refused"  # the site's own policy forbids what the round asks
+Status = Literal["ok", "budget-exhausted", "policy-refused"]
+WITHHELD: Final = (EXHAUSTED, REFUSED)
 
 # The reply's privacy record: the site's ledger entry of this release, as JSON.
 PRIVACY_ENTRY: Final = "entry"
@@ -145,13 +149,34 @@ def _site(msg: Message, who: str) -> tuple[str, str]:
         if not isinstance(record.get(key), str):
             raise ProtocolError(f"{who}: the '{SITE}' record has no '{key}' text")
     status = record[SITE_STATUS]
-    if status not in (OK, EXHAUSTED):
-        raise ProtocolError(f"{who}: unknown status '{status}' (expected '{OK}' or '{EXHAUSTED}')")
+    if status not in (OK, *WITHHELD):
+        raise ProtocolError(f"{who}: unknown status '{status}' (expected one of {', '.join((OK, *WITHHELD))})")
     return record[SITE_NAME], status
 
 
-def _site_record(name: str, status: str) -> ConfigRecord:
-    return ConfigRecord({SITE_NAME: name, SITE_STATUS: status})
+def _site_record(name: str, status: str, reason: str = "") -> ConfigRecord:
+    record = ConfigRecord({SITE_NAME: name, SITE_STATUS: status})
+    if reason:
+        record[SITE_REASON] = reason
+    return record
+
+
+def withheld_content(site: str, status: str, reason: str, metrics: Metrics) -> RecordDict:
+    """A reply of any kind (train, evaluate, a secure stage) saying that the site released nothing, and why."""
+    if status not in WITHHELD:
+        raise ValueError(f"{status!r} is not a withheld status")
+    return RecordDict({METRICS: MetricRecord(dict(metrics)), SITE: _site_record(site, status, reason)})
+
+
+def withheld(msg: Message) -> tuple[str, str] | None:
+    """(status, reason) when a reply says its site released nothing; None for any other reply."""
+    if msg.has_error():
+        return None
+    record = msg.content.config_records.get(SITE)
+    status = None if record is None else record.get(SITE_STATUS)
+    if status not in WITHHELD:
+        return None
+    return str(status), str(record.get(SITE_REASON, ""))
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,7 @@ class TrainReply:
     metrics: Metrics
     update: ArrayRecord | None = None
     entry: LedgerEntry | None = None
+    reason: str = ""
 
     @classmethod
     def trained(cls, site: str, update: Mapping[str, np.ndarray], metrics: Metrics, entry: LedgerEntry) -> TrainReply:
@@ -173,7 +199,9 @@ class TrainReply:
         return cls(site=site, status=EXHAUSTED, metrics=metrics)
 
     def to_content(self) -> RecordDict:
-        content = RecordDict({METRICS: MetricRecord(dict(self.metrics)), SITE: _site_record(self.site, self.status)})
+        content = RecordDict(
+            {METRICS: MetricRecord(dict(self.metrics)), SITE: _site_record(self.site, self.status, self.reason)}
+        )
         if self.update is not None:
             content[ARRAYS] = self.update
         if self.entry is not None:
@@ -185,8 +213,8 @@ class TrainReply:
         who = f"train reply from {sender(msg)}"
         site, status = _site(msg, who)
         metrics = dict(_record(msg, who, METRICS, MetricRecord, "the site's metrics"))
-        if status == EXHAUSTED:
-            return cls(site=site, status=status, metrics=metrics)
+        if status in WITHHELD:
+            return cls(site=site, status=status, metrics=metrics, reason=str(msg.content[SITE].get(SITE_REASON, "")))
         update = _record(msg, who, ARRAYS, ArrayRecord, "the site's update")
         return cls(site=site, status=status, metrics=metrics, update=update, entry=_entry(msg, who))
 
@@ -222,13 +250,16 @@ class EvaluateReply:
     site: str
     metrics: Metrics
     status: Status = OK
+    reason: str = ""
 
     def to_content(self) -> RecordDict:
-        return RecordDict({METRICS: MetricRecord(dict(self.metrics)), SITE: _site_record(self.site, self.status)})
+        return RecordDict(
+            {METRICS: MetricRecord(dict(self.metrics)), SITE: _site_record(self.site, self.status, self.reason)}
+        )
 
     @classmethod
     def from_message(cls, msg: Message) -> EvaluateReply:
         who = f"evaluate reply from {sender(msg)}"
         site, status = _site(msg, who)
         metrics = _record(msg, who, METRICS, MetricRecord, "the site's metrics")
-        return cls(site=site, metrics=dict(metrics), status=status)
+        return cls(site=site, metrics=dict(metrics), status=status, reason=str(msg.content[SITE].get(SITE_REASON, "")))

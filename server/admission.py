@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from fedpriv.common.ledger import verify_entry
-from fedpriv.common.protocol import EXHAUSTED, ProtocolError, TrainReply, sender
+from fedpriv.common.protocol import EXHAUSTED, REFUSED, ProtocolError, TrainReply, sender
 from fedpriv.common.records import LedgerEntry, PrivacyRecord, state_sha256
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem, update_problem
 
@@ -37,6 +37,14 @@ class Exhausted:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """The site's own privacy policy forbids what the round asked: it did not train; `reason` is its word."""
+
+    site: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Failed:
     """The site answered with an error instead of an update."""
 
@@ -52,7 +60,7 @@ class Rejected:
     reason: str
 
 
-Verdict = Admitted | Exhausted | Failed | Rejected
+Verdict = Admitted | Exhausted | Refused | Failed | Rejected
 
 
 def admit(
@@ -76,6 +84,8 @@ def admit(
         return Rejected(site, str(error))
     if reply.status == EXHAUSTED:
         return Exhausted(reply.site, reply)
+    if reply.status == REFUSED:
+        return Refused(reply.site, reply.reason or "no reason given")
     problem = release_problem(reply, privacy_required)
     if problem is None and context is not None:
         problem = update_problem(reply.update_state(), context) or metrics_problem(reply.metrics, context)

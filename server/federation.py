@@ -23,11 +23,11 @@ from flwr.serverapp.strategy import Strategy
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.protocol import EPSILON, OK, EvaluateReply, ProtocolError, from_record, sender, to_record
+from fedpriv.common.protocol import EPSILON, OK, REFUSED, EvaluateReply, ProtocolError, from_record, sender, to_record
 from fedpriv.common.records import PrivacyRecord, SiteExhausted, SiteReleaseReceipt, state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
-from fedpriv.server.admission import Admitted, Exhausted, Failed, admit
+from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
 from fedpriv.server.distributed_step import ServerOptimizer, normaliser
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.secure_round import SecureRound, unflatten
@@ -166,10 +166,8 @@ class Federation:
             log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
             return state, True
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
-        accepted, exhausted = self._record_train(rnd, replies, context)
-        if not accepted and exhausted:
-            self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
-            log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
+        accepted, exhausted, refused = self._record_train(rnd, replies, context)
+        if self._nobody_trains(rnd, bool(accepted), exhausted, refused):
             return state, True
         new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
         if new_arrays is None:
@@ -192,10 +190,8 @@ class Federation:
         for site in outcome.exhausted:
             self.ledger.append(SiteExhausted(round=rnd, site=site))
         if outcome.total is None:
-            if outcome.exhausted and not outcome.entries:
-                self.run.log("all-budgets-exhausted", round=rnd, sites=len(outcome.exhausted))
-                return state, True
-            return state, False
+            exhausted, refused = len(outcome.exhausted), len(outcome.refused)
+            return state, self._nobody_trains(rnd, bool(outcome.entries), exhausted, refused)
         names = self.model.bundle.trainable_names
         summed = unflatten(outcome.total, names, state)
         if self.server_optimizer is not None:
@@ -217,11 +213,24 @@ class Federation:
         self.ledger.append(record)
         self.run.log("site-level-release", round=rnd, epsilon=spent.epsilon, delta=spent.delta)
 
+    def _nobody_trains(self, rnd: int, accepted: bool, exhausted: int, refused: int) -> bool:
+        """Whether the run must end: no update came, and every site that answered will say the same next round."""
+        if accepted or not (exhausted or refused):
+            return False
+        if refused:
+            # The same settings meet the same policies next round: say so once and stop.
+            self.run.log("all-sites-refused", round=rnd, sites=refused, exhausted=exhausted)
+            log.warning("round %d: no site accepts this run's settings (see the site-refused events); ending", rnd)
+        else:
+            self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
+            log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
+        return True
+
     def _record_train(
         self, rnd: int, replies: list[Message], context: RoundContext | None = None
-    ) -> tuple[list[Message], int]:
-        """The updates admitted to the aggregate, and how many sites said their budget is spent."""
-        accepted, exhausted = [], 0
+    ) -> tuple[list[Message], int, int]:
+        """The updates admitted to the aggregate, and how many sites said their budget is spent or refused."""
+        accepted, exhausted, refused = [], 0, 0
         for reply in replies:
             verdict = admit(reply, self.config.privacy.enabled, context, self.history)
             site = verdict.site
@@ -234,6 +243,10 @@ class Federation:
                 self.run.log("site-budget-exhausted", round=rnd, site=site, **metrics)
                 self.ledger.append(SiteExhausted(round=rnd, site=site, epsilon=metrics.get(EPSILON)))
                 log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
+            elif isinstance(verdict, Refused):
+                refused += 1
+                self.run.log("site-refused", round=rnd, site=site, reason=verdict.reason, phase="train")
+                log.warning("round %d: %s refused the round: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Admitted):
                 if verdict.entry is not None:
                     self.ledger.append(SiteReleaseReceipt(round=rnd, site=site, site_entry=verdict.entry))
@@ -242,7 +255,7 @@ class Federation:
             else:
                 self.run.log("site-rejected", round=rnd, site=site, reason=verdict.reason)
                 log.warning("round %d: update of %s rejected: %s", rnd, site, verdict.reason)
-        return accepted, exhausted
+        return accepted, exhausted, refused
 
     def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> None:
         messages = list(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
@@ -258,6 +271,10 @@ class Federation:
                 decoded = EvaluateReply.from_message(reply)
             except ProtocolError as error:
                 self.run.log("site-error", round=rnd, site=sender(reply), reason=str(error), phase="evaluate")
+                continue
+            if decoded.status == REFUSED:
+                self.run.log("site-refused", round=rnd, site=decoded.site, reason=decoded.reason, phase="evaluate")
+                log.warning("round %d: %s refused to evaluate: %s", rnd, decoded.site, decoded.reason)
                 continue
             self.run.log("site-evaluate", round=rnd, site=decoded.site, status=decoded.status, **dict(decoded.metrics))
             if decoded.status == OK:

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import verify_entry
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.protocol import EXHAUSTED, ProtocolError, TrainReply, sender
+from fedpriv.common.protocol import METRICS, REFUSED, ProtocolError, sender, withheld
 from fedpriv.common.records import LedgerEntry, PrivacyRecord
 from fedpriv.common.secagg import AggregatorSession, RoundAbandoned, SecAggConfig, SecAggError, default_threshold
 from fedpriv.common.secure_protocol import (
@@ -57,6 +57,7 @@ class SecureOutcome:
     entries: dict[str, LedgerEntry] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
     exhausted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # sites whose own policy refused the round
     abandoned: str = ""
 
 
@@ -74,8 +75,11 @@ class SecureRound:
         self.history, self.log_event = history, log_event
         self.names: dict[int, str] = {}  # node -> site, learnt at setup and kept for the run
 
-    def _exchange(self, rnd: int, stage: str, requests: dict[int, StageRequest], timeout: float) -> dict[str, Message]:
-        """Sends a stage's requests; the replies by site (error replies and strangers are logged and left out)."""
+    def _exchange(
+        self, rnd: int, stage: str, requests: dict[int, StageRequest], timeout: float, outcome: SecureOutcome
+    ) -> dict[str, Message]:
+        """Sends a stage's requests; the replies by site (error replies, refusals and strangers are logged and
+        left out)."""
         messages = [
             Message(content=r.to_content(), message_type=message_type(stage), dst_node_id=node)
             for node, r in requests.items()
@@ -84,9 +88,18 @@ class SecureRound:
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             site = self.names.get(node) or sender(reply)
+            held = withheld(reply)
             if reply.has_error():
                 self.log_event("site-error", round=rnd, site=site, reason=reply.error.reason, phase=stage)
                 log.warning("round %d: %s failed at %s: %s", rnd, site, stage, reply.error.reason)
+            elif held is not None and held[0] == REFUSED:
+                outcome.refused.append(site)
+                self.log_event("site-refused", round=rnd, site=site, reason=held[1], phase=stage)
+                log.warning("round %d: %s refused the round at %s: %s", rnd, site, stage, held[1])
+            elif held is not None:
+                outcome.exhausted.append(site)
+                metrics = reply.content.metric_records.get(METRICS, {})
+                self.log_event("site-budget-exhausted", round=rnd, site=site, **dict(metrics))
             elif stage == SETUP and site in replies:
                 self.log_event("site-rejected", round=rnd, site=site, reason="two nodes claim this site's name")
             elif stage == SETUP or node in self.names:
@@ -102,20 +115,22 @@ class SecureRound:
             time.sleep(1.0)
 
     def run(self, rnd: int, arrays: ArrayRecord, context: RoundContext) -> SecureOutcome:
+        outcome = SecureOutcome(total=None)
         try:
-            return self._run(rnd, arrays, context)
+            return self._run(rnd, arrays, context, outcome)
         except (RoundAbandoned, SecAggError) as error:
             self.log_event("secure-round-abandoned", round=rnd, reason=str(error))
             log.warning("round %d abandoned: %s", rnd, error)
-            return SecureOutcome(total=None, abandoned=str(error))
+            outcome.total, outcome.abandoned = None, str(error)
+            return outcome
 
-    def _run(self, rnd: int, arrays: ArrayRecord, context: RoundContext) -> SecureOutcome:
+    def _run(self, rnd: int, arrays: ArrayRecord, context: RoundContext, outcome: SecureOutcome) -> SecureOutcome:
         timeout = self.config.strategy.round_timeout
         quick = min(timeout, SETUP_TIMEOUT)
         nodes = self._nodes(timeout)
         unknown = [n for n in nodes if n not in self.names]
         if unknown:
-            replies = self._exchange(rnd, SETUP, {n: StageRequest(SETUP, rnd) for n in unknown}, quick)
+            replies = self._exchange(rnd, SETUP, {n: StageRequest(SETUP, rnd) for n in unknown}, quick, outcome)
             for site, reply in replies.items():
                 self.names[reply.metadata.src_node_id] = site
         node_of = {self.names[n]: n for n in nodes if n in self.names}
@@ -139,17 +154,20 @@ class SecureRound:
         def request(stage: str, site: str, **fields) -> StageRequest:
             return StageRequest(stage, rnd, round_config, **fields)
 
-        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request(ADVERTISE, s) for s in sites}, quick)
+        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request(ADVERTISE, s) for s in sites}, quick, outcome)
         ads = {s: dict(StageReply.from_message(m, ADVERTISE).data) for s, m in replies.items()}
         broadcast = advertisements_to_data(session.collect_advertisements(ads))
         replies = self._exchange(
-            rnd, SHARE, {node_of[s]: request(SHARE, s, data=broadcast) for s in sorted(ads)}, quick
+            rnd, SHARE, {node_of[s]: request(SHARE, s, data=broadcast) for s in sorted(ads)}, quick, outcome
         )
         routed = session.collect_shares({s: dict(StageReply.from_message(m, SHARE).data) for s, m in replies.items()})
         replies = self._exchange(
-            rnd, MASK, {node_of[s]: request(MASK, s, data=routed[s], arrays=arrays) for s in sorted(routed)}, timeout
+            rnd,
+            MASK,
+            {node_of[s]: request(MASK, s, data=routed[s], arrays=arrays) for s in sorted(routed)},
+            timeout,
+            outcome,
         )
-        outcome = SecureOutcome(total=None)
         masked: dict[str, np.ndarray] = {}
         for site, reply in replies.items():
             vector = self._admit(rnd, site, reply, context, outcome)
@@ -164,6 +182,7 @@ class SecureRound:
                 for s in outcome.survivors
             },
             quick,
+            outcome,
         )
         outcome.total = session.collect_unmask(
             {s: dict(StageReply.from_message(m, UNMASK).data) for s, m in replies.items()}
@@ -175,12 +194,6 @@ class SecureRound:
     ) -> np.ndarray | None:
         """The site's masked vector if it may enter the sum; else why not is logged and it counts as dropped."""
         try:
-            status = reply.content.config_records["site"]["status"]
-            if status == EXHAUSTED:
-                metrics = dict(TrainReply.from_message(reply).metrics)
-                outcome.exhausted.append(site)
-                self.log_event("site-budget-exhausted", round=rnd, site=site, **metrics)
-                return None
             decoded = StageReply.from_message(reply, MASK)
         except (ProtocolError, KeyError) as error:
             self.log_event("site-rejected", round=rnd, site=site, reason=str(error))

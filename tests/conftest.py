@@ -18,7 +18,7 @@ from tests.helpers import LABELS, easy_rows, write_csv
 
 # Deployed federations (real SuperLink, SuperNodes, TLS) spend most of their time waiting on Flower's
 # timers and sessions; they run in a lane of their own beside the rest (pytest-xdist, two workers).
-DEPLOY_LANE = {"test_deploy.py", "test_secure_deploy.py", "test_load.py"}
+DEPLOY_LANE = {"test_deploy.py", "test_secure_deploy.py", "test_load.py", "test_hostile_deploy.py"}
 
 
 def pytest_collection_modifyitems(config, items):

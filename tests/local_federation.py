@@ -15,11 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import tomli_w
+
 from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")  # the default federation
 ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200")
+# The sites' own policy in most tests: runs of a few rounds at a large epsilon must not be refused.
+PERMISSIVE = {"max-release-epsilon": 1000.0, "min-noise-multiplier": 0.01}
 
 
 def free_ports(n: int) -> list[int]:
@@ -57,7 +61,15 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
 class LocalFederation:
     """Provisioned kits, data, and the processes of one aggregator and its sites."""
 
-    def __init__(self, root: Path, model_dir: str, sites: tuple[str, ...] = SITES, rounds: int = 2, min_sites: int = 2):
+    def __init__(
+        self,
+        root: Path,
+        model_dir: str,
+        sites: tuple[str, ...] = SITES,
+        rounds: int = 2,
+        min_sites: int = 2,
+        policy: dict | None = None,
+    ):
         self.root = root
         self.sites = sites
         self.fleet, self.control, *agent_ports = free_ports(2 + len(sites) + 6)
@@ -77,6 +89,8 @@ labels = {json.dumps(LABELS)}
 [site-defaults]
 epsilon-cap = 1000.0
 declared-rows = 150
+[site-defaults.policy]
+{tomli_w.dumps(PERMISSIVE if policy is None else policy)}
 [run]
 rounds = {rounds}
 [run.model]
@@ -123,7 +137,7 @@ round-timeout = 120.0
         self.processes[name] = process
         return process
 
-    def start_aggregator(self) -> None:
+    def start_aggregator(self, **extra_env: str) -> None:
         since = self.log_size("aggregator")
         process = self._spawn(
             "aggregator",
@@ -135,7 +149,7 @@ round-timeout = 120.0
             self.state,
             # gRPC logs refused TLS handshakes at INFO; without this, whether
             # they reach stderr depends on whether absl logging was set up yet.
-            env=dict(ENV, GRPC_VERBOSITY="INFO"),
+            env=dict(ENV, GRPC_VERBOSITY="INFO", **extra_env),
         )
 
         def ready():
@@ -203,7 +217,7 @@ round-timeout = 120.0
     def ledger(self, site: str) -> Path:
         return self.root / f"{site}-state" / "ledgers" / f"{site}.jsonl"
 
-    def submit(self, *args) -> subprocess.Popen:
+    def submit(self, *args, **extra_env: str) -> subprocess.Popen:
         return subprocess.Popen(
             [
                 sys.executable,
@@ -221,7 +235,7 @@ round-timeout = 120.0
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
-            env=ENV,
+            env=dict(ENV, **extra_env),
             start_new_session=True,
         )
 

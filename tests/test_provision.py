@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedpriv.common import files, signing
+from fedpriv.common.site_policy import SitePolicy
 from fedpriv.deploy import pki
 from tests.helpers import LABELS, easy_rows, write_csv
 
@@ -367,7 +368,28 @@ def test_node_config_reaches_flower_unchanged(kits, tmp_path):
     assert parsed["epsilon-cap"] == 2.5 and parsed["site-name"] == "south"
     assert parsed["declared-rows"] == 400  # from the federation file, through the kit
     assert agent.node_config(data, declared_rows=900)["declared-rows"] == 900  # the operator's option wins
-    assert "allow-non-private" not in parsed
+    assert parsed["allow-non-private"] == "false"  # the site's policy travels whole, its defaults spelled out
+    assert SitePolicy.from_node_config(parsed) == SitePolicy()
+    assert agent.node_config(data, allow_non_private=True)["allow-non-private"] == "true"
+
+
+def test_a_sites_policy_comes_from_the_federation_file(tmp_path):
+    from fedpriv.deploy.kit import load_site_kit
+    from fedpriv.deploy.provision import ProvisionError, provision
+
+    federation = tmp_path / "federation.toml"
+    base = (
+        'name = "f"\n[aggregator]\naddress = "127.0.0.1:9092"\n[data]\nlabels = ["a", "b"]\n'
+        "[site-defaults.policy]\nmin-noise-multiplier = 0.8\n"
+    )
+    federation.write_text(base + '[[sites]]\nname = "north"\npolicy = {modes = ["head"]}\n[[sites]]\nname = "south"\n')
+    provision(federation, tmp_path / "kits")
+    north, south = (load_site_kit(tmp_path / "kits" / "sites" / s).policy for s in ("north", "south"))
+    assert north == SitePolicy(min_noise_multiplier=0.8, modes=("head",))
+    assert south == SitePolicy(min_noise_multiplier=0.8)
+    federation.write_text(base + '[[sites]]\nname = "north"\npolicy = {max-release-epsilon = -1}\n')
+    with pytest.raises(ProvisionError, match="sites.north.policy.max-release-epsilon: Input should be greater than 0"):
+        provision(federation, tmp_path / "kits2")
 
 
 def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):

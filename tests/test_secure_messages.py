@@ -11,6 +11,7 @@ from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedpriv.common import signing
 from fedpriv.common.accounting import epsilon, poisson_gaussian
+from fedpriv.common.protocol import REFUSED, withheld
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
 from fedpriv.common.secure_protocol import (
     ADVERTISE,
@@ -77,11 +78,19 @@ def _round(site, t=1, **changes) -> SecAggConfig:
 
 
 def test_a_round_below_the_sites_own_policy_is_refused(federation):
-    from fedpriv.client.secure_aggregation import handle
+    from fedpriv.client.secure_aggregation import STATE, handle
 
     config, context, site, _ = federation
+    # Its privacy policy: refused with a reply that says why, before any key is made.
+    request = StageRequest(ADVERTISE, 1, _round(site, max_colluding=0, threshold=3).to_json())
+    assert withheld(handle(_message(request), context, config, site)) == (
+        REFUSED,
+        "site-000 refuses: the round assumes at most 0 colluding site(s), fewer than its own bound 1 "
+        "(a smaller bound means a smaller noise share and weaker masking)",
+    )
+    assert STATE not in context.state.config_records
+    # A round that is not the one it is in: an error.
     for changes, reason in [
-        (dict(max_colluding=0, threshold=3), "max-colluding 0 is below its own 1"),
         (dict(length=5), "vector length 5"),
         (dict(run_id="other"), "run other is not this run"),
     ]:

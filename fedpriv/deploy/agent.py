@@ -103,6 +103,8 @@ class Agent:
             values[keys.DELIMITER] = self.kit.data.delimiter
         if (self.kit_dir / KIT_PUBLIC_KEYS).exists():
             values[keys.PEER_KEYS] = str(self.kit_dir / KIT_PUBLIC_KEYS)
+        # The site's own policy: what it refuses, whatever a run asks.
+        values.update(self.kit.policy.to_node_config())
         if allow_non_private:
             values[keys.ALLOW_NON_PRIVATE] = "true"
         if declared_rows or self.kit.declared_rows:

@@ -278,6 +278,13 @@ def agent_start(
         f"{agent.kit.site}: {len(dataset)} rows in {data} checked against "
         f"{len(set(dataset.labels.tolist()))} of the federation's labels"
     )
+    policy = agent.kit.policy
+    _log(
+        f"{agent.kit.site}: privacy policy: non-private releases {'allowed' if allow_non_private or policy.allow_non_private else 'refused'}, "
+        f"collusion bound t >= {policy.min_colluding_sites}, noise multiplier >= {policy.min_noise_multiplier:g}, "
+        f"epsilon per release <= {policy.max_release_epsilon:g}, modes {','.join(policy.modes)}, "
+        f"noise {','.join(policy.noise_modes)}; lifetime cap epsilon {agent.kit.epsilon_cap:g} at delta {agent.kit.delta:g}"
+    )
     declared = declared_rows or agent.kit.declared_rows
     if declared is None:
         raise KitError(

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml
 from fedpriv.common.schema import KebabModel
+from fedpriv.common.site_policy import SitePolicy
 
 KIT_CONFIG = "kit.toml"
 CA_CERT = "ca.crt"
@@ -71,6 +72,8 @@ class SiteKit(KebabModel):
         gt=0,
         description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
     )
+    # Kits written before policies existed read as the (strict) defaults.
+    policy: SitePolicy = SitePolicy()
     data: KitData
 
 

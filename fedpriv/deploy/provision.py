@@ -32,6 +32,7 @@ from fedpriv.common.data import LabelSet
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.schema import KebabModel
+from fedpriv.common.site_policy import SitePolicy
 from fedpriv.deploy import pki
 from fedpriv.deploy.kit import (
     AGGREGATOR,
@@ -88,6 +89,7 @@ class SiteDefaults(KebabModel):
         gt=0,
         description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
     )
+    policy: SitePolicy = Field(SitePolicy(), description="Each site's own privacy policy (what it refuses).")
 
 
 class SiteSpec(KebabModel):
@@ -95,6 +97,7 @@ class SiteSpec(KebabModel):
     epsilon_cap: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
     declared_rows: int | None = Field(None, gt=0)
+    policy: dict = Field(default_factory=dict, description="Changes to site-defaults.policy for this site.")
 
     @field_validator("name")
     @classmethod
@@ -283,6 +286,7 @@ def _site(
         epsilon_cap=site.epsilon_cap or federation.site_defaults.epsilon_cap,
         delta=site.delta or federation.site_defaults.delta,
         declared_rows=site.declared_rows or federation.site_defaults.declared_rows,
+        policy=site_policy(federation, site),
         data=KitData(
             labels=federation.data.labels,
             text_column=federation.data.text_column,
@@ -294,6 +298,17 @@ def _site(
     _write_derived(
         kit / KIT_CONFIG, HEADER + tomli_w.dumps(config.model_dump(by_alias=True, exclude_none=True)), report
     )
+
+
+def site_policy(federation: FederationSpec, site: SiteSpec) -> SitePolicy:
+    """The site's policy: the federation's defaults with the site's own changes."""
+    tree = {**federation.site_defaults.policy.model_dump(by_alias=True), **site.policy}
+    try:
+        return SitePolicy.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"])) or "policy"
+        raise ProvisionError(f"sites.{site.name}.policy.{where}: {first['msg']}") from None
 
 
 def _run_defaults(federation: FederationSpec) -> dict:
