@@ -161,14 +161,36 @@ def open_budget(
         base = simulation_dir(config, run_id)
         ledger_path = base / "ledgers" / f"{name}.jsonl"
         key = signing.load_or_create(base / "keys" / f"{name}.key")
-    default_cap = config.simulation.caps().get(name, config.privacy.cap()) if simulated else config.privacy.cap()
+    if simulated:
+        cap = config.simulation.caps().get(name, config.privacy.cap())
+        delta = config.privacy.delta
+    else:
+        # A real site's cap and delta are its operator's: the run's settings come from the aggregator.
+        missing = [k for k in (EPSILON_CAP, DELTA) if k not in node]
+        if missing:
+            raise DataError(
+                "node config",
+                f"{name}: set {' and '.join(missing)} in its node config (fedpriv agent start does): a deployed "
+                "site never takes its cap or delta from the aggregator's run settings",
+            )
+        cap, delta = node[EPSILON_CAP], node[DELTA]
     return SiteBudget(
         ledger=Ledger(ledger_path, key),
         data_id=data_id,
-        cap=float(node.get(EPSILON_CAP, default_cap)),
-        delta=float(node.get(DELTA, config.privacy.delta)),
+        cap=_positive(cap, EPSILON_CAP),
+        delta=_positive(delta, DELTA),
         accountant=config.privacy.accountant,
     )
+
+
+def _positive(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise DataError("node config", f"{key} must be a positive finite number, not {value!r}")
+    return number
 
 
 def site_policy(node: Mapping[str, Any], config: FedprivConfig, simulated: bool) -> SitePolicy:

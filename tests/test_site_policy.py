@@ -35,6 +35,7 @@ def deployed(tiny_config, tmp_path, monkeypatch):
         "ledger-path": str(tmp_path / "ledger.jsonl"),
         "ledger-key": str(key),
         "epsilon-cap": 100.0,
+        "delta": 1e-5,
         "declared-rows": 100,
         **SitePolicy().to_node_config(),
     }
@@ -116,6 +117,20 @@ def test_allow_non_private_is_the_operators_word(deployed):
     assert withheld(reply) is None
     (record,) = Ledger(node["ledger-path"]).records()
     assert record.mechanism.noise_multiplier == 0 and record.accounting.epsilon is None  # recorded as no DP
+
+
+def test_a_deployed_sites_cap_and_delta_are_its_own(deployed):
+    from fedpriv.common.data import DataError
+
+    node, config, worker = deployed
+    generous = config.replace(**{"privacy.epsilon-cap": 1e9, "privacy.delta": 0.5})
+    for key in ("epsilon-cap", "delta"):
+        partial = {k: v for k, v in node.items() if k != key}
+        with pytest.raises(DataError, match=f"set {key} in its node config"):
+            _train(partial, generous, worker)
+    with pytest.raises(DataError, match="epsilon-cap must be a positive finite number, not 'inf'"):
+        _train({**node, "epsilon-cap": "inf"}, config, worker)
+    assert _releases(node) == 0
 
 
 def test_the_budget_is_checked_after_the_policy(deployed):
