@@ -93,18 +93,18 @@ def refusal(site: SiteRuntime, proposal: Proposal) -> str | None:
                 f"the round asks for {what} without DP and its policy allows no non-private release "
                 "(its operator can set allow-non-private=true)"
             )
-    else:
-        if planned.noise_multiplier < policy.min_noise_multiplier:
+    elif planned.noise_multiplier < policy.min_noise_multiplier:
+        # Refused on the noise alone: no accounting of a release this weak (PLD of tiny noise takes minutes).
+        reasons.append(
+            f"noise multiplier {planned.noise_multiplier:.4g} is below its minimum {policy.min_noise_multiplier:g}"
+        )
+    elif math.isfinite(policy.max_release_epsilon):
+        alone, accountant = release_epsilon(site, planned)
+        if alone > policy.max_release_epsilon:
             reasons.append(
-                f"noise multiplier {planned.noise_multiplier:.4g} is below its minimum {policy.min_noise_multiplier:g}"
+                f"this one release would cost epsilon {alone:.4g} ({accountant}), above its per-release maximum "
+                f"{policy.max_release_epsilon:g}"
             )
-        if math.isfinite(policy.max_release_epsilon):
-            alone = release_epsilon(site, planned)
-            if alone > policy.max_release_epsilon:
-                reasons.append(
-                    f"this one release would cost epsilon {alone:.4g}, above its per-release maximum "
-                    f"{policy.max_release_epsilon:g}"
-                )
     if proposal.query == "update" and proposal.mode and proposal.mode not in policy.modes:
         reasons.append(f"model.mode {proposal.mode} is not one it accepts ({', '.join(policy.modes)})")
     if proposal.noise is not None and proposal.noise not in policy.noise_modes:
@@ -121,10 +121,15 @@ def refusal(site: SiteRuntime, proposal: Proposal) -> str | None:
     return "; ".join(reasons) or None
 
 
-def release_epsilon(site: SiteRuntime, mechanism: Mechanism) -> float:
-    """Epsilon of this release alone, at the site's delta."""
+# Below this noise multiplier a release is judged by RDP: an upper bound, computed at once for any noise.
+FAST_ACCOUNTING_BELOW = 0.3
+
+
+def release_epsilon(site: SiteRuntime, mechanism: Mechanism) -> tuple[float, str]:
+    """Epsilon of this release alone at the site's delta, and the accountant that computed it."""
     budget = site.budget
-    return epsilon([dp_event(mechanism)], budget.delta, budget.accountant)
+    accountant = budget.accountant if mechanism.noise_multiplier >= FAST_ACCOUNTING_BELOW else "rdp"
+    return epsilon([dp_event(mechanism)], budget.delta, accountant), accountant
 
 
 def check(site: SiteRuntime, proposal: Proposal, server_round: int) -> Withheld | None:

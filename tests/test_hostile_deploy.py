@@ -96,14 +96,17 @@ def test_sites_refuse_a_hostile_aggregator(tiny_model_dir, tmp_path):
         for answers in (found["secure-advertise"], found["plain-train"]):
             _assert_refused(answers, "without DP and its policy allows no non-private release")
 
-        # A sample rate of 1 with a huge epsilon (a tiny noise multiplier: fedpriv's own ServerApp, below).
-        found = attack(["secure-advertise"], "train.sample-rate=1", "privacy.target-epsilon=1000", *secure)
+        # A sample rate of 1: one round costs a huge epsilon (a tiny noise multiplier: fedpriv's own ServerApp, below).
+        found = attack(["secure-advertise"], "train.sample-rate=1", "privacy.noise-multiplier=0.6", *secure)
         _assert_refused(found["secure-advertise"], "above its per-release maximum 4")
         assert [_releases(fed, s) for s in SITES] == [1, 1, 1]  # nothing refused was ever recorded
 
         # fedpriv's own ServerApp with a hostile setting: it logs each refusal and ends the run.
         run_dir = tmp_path / "run-fedpriv"
-        code, out, err = finish(fed.submit("--run-dir", run_dir, "--set", "privacy.noise-multiplier=0.01"), 600)
+        hostile_run = fed.submit(
+            "--run-dir", run_dir, "--set", "privacy.noise-multiplier=0.01", "--set", "strategy.round-timeout=600"
+        )
+        code, out, err = finish(hostile_run, 900)
         assert code == 0, out[-3000:] + err[-3000:]
         run = RunDirectory(run_dir)
         refusals = run.events("site-refused")
