@@ -144,6 +144,7 @@ def check_run(
     done = max(evidence.rounds, default=0)
     shown = f"{'the run ended' if evidence.ended else 'no end recorded'}, last round done {done}"
     result.evidence.append(f"{where}: {shown} (checkpoints, run log)")
+    _check_reported(evidence, sites, tolerance, problems)
     if not evidence.federation.exists():
         problems.append(
             Problem(where, f"{FEDERATION} is missing, but the run shows {shown}: the aggregator's receipts are gone")
@@ -201,6 +202,13 @@ def check_run(
                     f"{site} reported epsilon {head.epsilon:.4f} but its ledgers account for {view.peak:.4f}",
                 )
             )
+    return covered
+
+
+def _check_reported(
+    evidence: RunEvidence, sites: dict[str, SiteView], tolerance: float, problems: list[Problem]
+) -> None:
+    """Every epsilon a site reported in the run log must be accounted for by its ledgers."""
     for site, (value, seen) in sorted(evidence.reported.items()):
         view = sites.get(site)
         peak = view.peak if view else 0.0
@@ -211,7 +219,6 @@ def check_run(
                     f"the run log shows {site} reached epsilon {value:.4f}, but its ledgers account for {peak:.4f}",
                 )
             )
-    return covered
 
 
 def _check_signers(evidence: RunEvidence, signer: str | None, problems: list[Problem]) -> None:
