@@ -27,7 +27,7 @@ from fedpriv.common.records import BudgetReset, LedgerEntry, PrivacyRecord, Site
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation
 PUBLIC_KEYS = "public-keys.json"
 # `fedpriv audit` exit codes: passed, a violation, no violation but completeness not proven.
-EXIT_PASSED, EXIT_VIOLATION, EXIT_UNPROVEN = 0, 1, 3
+EXIT_PASSED, EXIT_VIOLATION, EXIT_INCOMPLETE = 0, 1, 3
 
 
 @dataclass
@@ -143,10 +143,10 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        """passed: no violation and the ledgers proven complete; unproven: no violation found, but not proven."""
+        """passed: no violation and the ledgers proven complete; incomplete: no violation found, but not proven."""
         if self.violations:
             return "failed"
-        return "passed" if self.completeness.proven else "unproven"
+        return "passed" if self.completeness.proven else "incomplete"
 
     @property
     def ok(self) -> bool:
@@ -154,7 +154,7 @@ class AuditReport:
 
     @property
     def exit_code(self) -> int:
-        return {"passed": EXIT_PASSED, "failed": EXIT_VIOLATION, "unproven": EXIT_UNPROVEN}[self.verdict]
+        return {"passed": EXIT_PASSED, "failed": EXIT_VIOLATION, "incomplete": EXIT_INCOMPLETE}[self.verdict]
 
     def to_json(self) -> dict[str, Any]:
         def number(x):

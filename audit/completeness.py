@@ -166,6 +166,10 @@ def check_run(
             )
         return set()
     last_line, last = heads[-1]
+    latest: dict[str, tuple[int, LedgerHead]] = {}  # each site's latest head: heads name only what moved
+    for number, entry in heads:
+        for site in entry.record.sites:
+            latest[site] = (number, entry.record)
     if last.record.round < done:
         problems.append(
             Problem(
@@ -175,10 +179,10 @@ def check_run(
             )
         )
     _check_signers(evidence, signer, problems)
-    covered = set(last.record.sites)
-    for site, head in sorted(last.record.sites.items()):
+    for site, (line, record) in sorted(latest.items()):
+        head = record.sites[site]
         view = sites.get(site)
-        label = f"{site} (head of {FEDERATION} line {last_line}, round {last.record.round})"
+        label = f"{site} (head of {FEDERATION} line {line}, round {record.round})"
         if view is None or not view.has_ledger:
             if evidence.simulated:
                 problems.append(
@@ -202,7 +206,7 @@ def check_run(
                     f"{site} reported epsilon {head.epsilon:.4f} but its ledgers account for {view.peak:.4f}",
                 )
             )
-    return covered
+    return set(latest)
 
 
 def _check_reported(

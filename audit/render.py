@@ -75,7 +75,7 @@ def console_report(report: AuditReport, console: Console) -> None:
             "[bold green]Audit passed[/]: every ledger intact and complete (matched against the run's signed heads, "
             "checkpoints and log), every epsilon reproduced, every cap kept."
         )
-    elif report.verdict == "unproven":
+    elif report.verdict == "incomplete":
         console.print(
             "[bold yellow]Audit incomplete[/]: no violation found, but these ledgers cannot be proven complete "
             "(a cut tail would look the same); audit them with their run directories."
@@ -145,7 +145,7 @@ def _headline(report: AuditReport) -> str:
     verdict = {
         "passed": "every signature and hash chain verified, the ledgers proven complete, every epsilon reproduced, "
         "every cap kept",
-        "unproven": "no violation found, but the ledgers could not be proven complete (see Completeness)",
+        "incomplete": "no violation found, but the ledgers could not be proven complete (see Completeness)",
         "failed": f"{len(report.violations)} violation(s), listed under Findings",
     }[report.verdict]
     return html.escape(
@@ -155,7 +155,7 @@ def _headline(report: AuditReport) -> str:
 
 
 def html_report(report: AuditReport) -> str:
-    status = {"passed": "passed", "unproven": "NOT PROVEN COMPLETE", "failed": "FAILED"}[report.verdict]
+    status = {"passed": "passed", "incomplete": "NOT PROVEN COMPLETE", "failed": "FAILED"}[report.verdict]
     completeness = "".join(
         [f"<li>matched against: {html.escape(e)}</li>" for e in report.completeness.evidence]
         + [f"<li class='note'>not proven: {html.escape(g)}</li>" for g in report.completeness.gaps]

@@ -172,7 +172,10 @@ class SiteHead(_Frozen):
 
 
 class LedgerHead(_Frozen):
-    """The aggregator's signed statement, at the end of each round, of what every site released to it.
+    """The aggregator's signed statement, at the end of each round, of what sites released to it so far.
+
+    `sites` names those whose releases changed since the previous head; read in order, the heads give
+    every site's latest.
 
     Written after the round's receipts and before its checkpoint: a round the checkpoints or the run log
     show as done must have one, and every site ledger must reach the head it names. Cutting the tail of

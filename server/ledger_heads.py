@@ -3,9 +3,11 @@
 A ledger's chain shows that nothing *inside* it was changed, not that its
 tail is still there. So at the end of every round, after the round's
 receipts and before its checkpoint, the aggregator appends a `LedgerHead`
-naming, for each site it ever received a release from, how many it received,
-the hash of the last one (which the site's own ledger must hold) and the
-highest epsilon the site reported. `fedpriv audit` matches the checkpoints
+naming, for each site whose releases changed since the last head, how many
+it has received in all, the hash of the last one (which the site's own
+ledger must hold) and the highest epsilon the site reported. The heads read
+in order give every site's latest; a thousand-site run writes only the
+sites of the round, not the whole roster every round. `fedpriv audit` matches the checkpoints
 and run log against these heads and the heads against every site ledger.
 """
 
@@ -29,6 +31,7 @@ class ReleaseHeads:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
         self.sites: dict[str, SiteHead] = {}
+        self._changed: set[str] = set()  # sites whose head moved since the last one written
         # Read once: a resumed run continues the counts of the ledger it appends to.
         for record in ledger.records() if ledger.path.exists() else []:
             if isinstance(record, SiteReleaseReceipt):
@@ -36,6 +39,7 @@ class ReleaseHeads:
             elif isinstance(record, LedgerHead):
                 for site, head in record.sites.items():
                     self.reported(site, head.epsilon)
+        self._changed.clear()  # all of the above is already under a head (or will be, in the next one)
 
     def _received(self, site: str, entry: LedgerEntry) -> None:
         known = self.sites.get(site)
@@ -44,6 +48,7 @@ class ReleaseHeads:
             head=entry.hash,
             epsilon=_highest(known.epsilon if known else None, _claim(entry)),
         )
+        self._changed.add(site)
 
     def receipt(self, server_round: int, site: str, entry: LedgerEntry) -> None:
         """Appends the receipt of a site's release (its signed entry as received)."""
@@ -53,15 +58,18 @@ class ReleaseHeads:
     def reported(self, site: str, epsilon: Any) -> None:
         """A site's epsilon as it reported it (a reply's metrics), kept if it is the highest yet."""
         known = self.sites.get(site)
-        if known is not None:
+        if known is not None and _highest(known.epsilon, epsilon) != known.epsilon:
             self.sites[site] = known.model_copy(update={"epsilon": _highest(known.epsilon, epsilon)})
+            self._changed.add(site)
 
     def reported_in(self, site: str, metrics: Mapping[str, Any]) -> None:
         self.reported(site, metrics.get(EPSILON))
 
     def close_round(self, run_id: str, server_round: int) -> None:
-        """Appends the signed head of this round: every site's receipts so far and its last entry."""
-        self.ledger.append(LedgerHead(run_id=run_id, round=server_round, sites=dict(self.sites), created=now()))
+        """Appends the signed head of this round: for each site whose releases moved, its count and last entry."""
+        changed = {site: self.sites[site] for site in sorted(self._changed)}
+        self.ledger.append(LedgerHead(run_id=run_id, round=server_round, sites=changed, created=now()))
+        self._changed.clear()
 
 
 def _claim(entry: LedgerEntry) -> float | None:

@@ -79,7 +79,7 @@ def test_exhausted_site_is_reported_by_the_audit(tmp_path):
     )
     assert trained and refused
     report = audit([budget.ledger.path])
-    assert not report.violations and report.verdict == "unproven"  # a lone ledger: no run to prove it complete
+    assert not report.violations and report.verdict == "incomplete"  # a lone ledger: no run to prove it complete
     (site,) = report.sites
     assert len(site.releases) == len(trained) and site.epsilon <= 3.0
 
@@ -127,7 +127,7 @@ def test_the_audit_shows_a_deployed_sites_budget_run_by_run(tmp_path):
         for rnd in range(1, rounds + 1):
             budget.record(run_id=run_id, server_round=rnd, site="branch", mechanism=mechanism, update_sha256="0" * 64)
     report = audit([tmp_path / "branch.jsonl"])
-    assert not report.violations and report.verdict == "unproven"
+    assert not report.violations and report.verdict == "incomplete"
     (site,) = report.sites
     first, second = site.lifetime()
     assert (first.run_id, first.releases, second.run_id, second.releases) == ("2026-q3", 3, "2026-q4", 2)
@@ -150,7 +150,7 @@ def test_ledgers_written_before_the_event_vocabulary_still_audit():
     report = audit([folder])
     assert not report.problems  # keys pinned, every claim reproduced
     # A folder of ledgers cannot show where they should end: no violation, but never "passed".
-    assert report.verdict == "unproven" and report.completeness.gaps
+    assert report.verdict == "incomplete" and report.completeness.gaps
     by_site = {s.site: s for s in report.sites}
     assert set(by_site) == {"branch-prv", "branch-rdp"}
     for name, site in by_site.items():

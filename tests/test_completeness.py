@@ -198,4 +198,4 @@ def test_a_lone_ledger_cut_short_or_empty_never_passes(finished_run, tmp_path):
     empty.parent.mkdir()
     empty.write_bytes(b"")
     report = audit([empty], keys=keys)
-    assert report.verdict == "unproven" and not report.ok
+    assert report.verdict == "incomplete" and not report.ok
