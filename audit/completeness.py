@@ -150,6 +150,7 @@ def check_run(
             Problem(where, f"{FEDERATION} is missing, but the run shows {shown}: the aggregator's receipts are gone")
         )
         return set()
+    _check_signers(evidence, signer, problems)
     heads = [(n, e) for n, e in enumerate(entries, start=1) if isinstance(e.record, LedgerHead)]
     receipts = {e.record.site_entry.hash: e.record.round for e in entries if isinstance(e.record, SiteReleaseReceipt)}
     if not heads:
@@ -178,7 +179,6 @@ def check_run(
                 "is done (checkpoints, run log): entries were cut from the ledger's tail",
             )
         )
-    _check_signers(evidence, signer, problems)
     for site, (line, record) in sorted(latest.items()):
         head = record.sites[site]
         view = sites.get(site)
