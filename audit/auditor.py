@@ -1,9 +1,12 @@
-"""`fedpriv audit`: verify ledgers, recompute every epsilon, check every cap.
+"""`fedpriv audit`: verify ledgers, recompute every epsilon, check every cap, prove nothing is missing.
 
 Input is any mix of run directories and ledger files. A run directory holds
 the sites' ledgers (simulation), the aggregator's federation ledger, and the
 public keys the run was provisioned with (`keys/public-keys.json`), which pin
-each ledger to its owner.
+each ledger to its owner. A site's budget is its ledger: every release in it
+composes (whatever version of its data), until an operator's signed reset.
+Whether the ledgers are complete is checked against the run's evidence
+(`completeness`); the verdict is "passed" only when that is proven.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpriv.audit.completeness import Completeness, SiteView, check_run, is_run_directory, run_evidence
 from fedpriv.audit.recompute import cumulative_epsilons
 from fedpriv.common import signing
 from fedpriv.common.ledger import Problem, verify_entry, verify_ledger
-from fedpriv.common.records import LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
+from fedpriv.common.records import BudgetReset, LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
 
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation
 PUBLIC_KEYS = "public-keys.json"
+# `fedpriv audit` exit codes: passed, a violation, no violation but completeness not proven.
+EXIT_PASSED, EXIT_VIOLATION, EXIT_INCOMPLETE = 0, 1, 3
 
 
 @dataclass
@@ -35,6 +41,7 @@ class ReleaseCheck:
     pld: float
     rdp: float
     kind: str = "update"  # what was released: a model update or evaluation counts
+    epoch: int = 0  # budget resets before this release: its epsilon counts from the last one
 
     @property
     def reference(self) -> float:
@@ -42,18 +49,44 @@ class ReleaseCheck:
 
 
 @dataclass
+class Reset:
+    """An operator's signed budget reset, as the audit shows it."""
+
+    seq: int
+    created: str
+    reason: str
+    operator: str
+    releases_before: int
+    epsilon_before: float | None
+
+
+@dataclass
 class SiteReport:
     site: str
-    data_id: str
+    data_id: str  # the version of its data last released (content hash)
     accountant: str
     delta: float
     cap: float | None
     signer: str
     releases: list[ReleaseCheck] = field(default_factory=list)
+    resets: list[Reset] = field(default_factory=list)
+    data_versions: int = 1
+
+    @property
+    def current(self) -> list[ReleaseCheck]:
+        """Releases since the last reset: what the site's budget holds now."""
+        return [r for r in self.releases if r.epoch == len(self.resets)]
 
     @property
     def epsilon(self) -> float | None:
-        return self.releases[-1].claimed if self.releases else 0.0
+        current = self.current
+        return current[-1].claimed if current else 0.0
+
+    @property
+    def peak(self) -> float:
+        """The most this site's ledger ever accounted (claimed or recomputed), whatever was reset since."""
+        values = [v for r in self.releases for v in (r.claimed, r.rdp if self.accountant == "rdp" else r.pld)]
+        return max((math.inf if v is None else v for v in values), default=0.0)
 
     @property
     def remaining(self) -> float | None:
@@ -64,9 +97,12 @@ class SiteReport:
     def lifetime(self) -> list[RunSpend]:
         """The site's budget run by run, in ledger order: what each run spent and what was left after it."""
         runs: list[RunSpend] = []
-        before = 0.0
+        before, epoch = 0.0, 0
         for release in self.releases:
-            if not runs or runs[-1].run_id != release.run_id:
+            if release.epoch != epoch:  # a reset: what follows counts from zero
+                before, epoch = 0.0, release.epoch
+                runs.append(RunSpend(release.run_id, 0, before, before, self.cap, reset=True))
+            elif not runs or runs[-1].run_id != release.run_id:
                 runs.append(RunSpend(release.run_id, 0, before, before, self.cap))
             current = runs[-1]
             current.releases += 1
@@ -82,6 +118,7 @@ class RunSpend:
     epsilon_before: float
     epsilon_after: float
     cap: float | None
+    reset: bool = False  # the first run after a budget reset
 
     @property
     def spent(self) -> float:
@@ -98,10 +135,26 @@ class AuditReport:
     sites: list[SiteReport] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     exhausted: list[dict[str, Any]] = field(default_factory=list)
+    completeness: Completeness = field(default_factory=Completeness)
+
+    @property
+    def violations(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    @property
+    def verdict(self) -> str:
+        """passed: no violation and the ledgers proven complete; incomplete: no violation found, but not proven."""
+        if self.violations:
+            return "failed"
+        return "passed" if self.completeness.proven else "incomplete"
 
     @property
     def ok(self) -> bool:
-        return not any(p.fatal for p in self.problems)
+        return self.verdict == "passed"
+
+    @property
+    def exit_code(self) -> int:
+        return {"passed": EXIT_PASSED, "failed": EXIT_VIOLATION, "incomplete": EXIT_INCOMPLETE}[self.verdict]
 
     def to_json(self) -> dict[str, Any]:
         def number(x):
@@ -109,6 +162,8 @@ class AuditReport:
 
         return {
             "ok": self.ok,
+            "verdict": self.verdict,
+            "completeness": self.completeness.to_json(),
             "ledgers": self.ledgers,
             "problems": [{"where": p.where, "message": p.message, "fatal": p.fatal} for p in self.problems],
             "budget-exhausted": self.exhausted,
@@ -116,16 +171,29 @@ class AuditReport:
                 {
                     "site": s.site,
                     "data-id": s.data_id,
+                    "data-versions": s.data_versions,
                     "accountant": s.accountant,
                     "delta": s.delta,
                     "epsilon-cap": s.cap,
                     "epsilon": number(s.epsilon),
                     "remaining": number(s.remaining),
                     "signer": s.signer,
+                    "resets": [
+                        {
+                            "seq": r.seq,
+                            "created": r.created,
+                            "reason": r.reason,
+                            "operator": r.operator,
+                            "releases-before": r.releases_before,
+                            "epsilon-before": number(r.epsilon_before),
+                        }
+                        for r in s.resets
+                    ],
                     "runs": [
                         {
                             "run-id": r.run_id,
                             "releases": r.releases,
+                            "after-reset": r.reset,
                             "epsilon-spent": number(r.spent),
                             "epsilon-after": number(r.epsilon_after),
                             "remaining": number(r.remaining),
@@ -151,14 +219,22 @@ class AuditReport:
         }
 
 
-def _ledger_files(paths: list[Path]) -> tuple[list[Path], dict[str, str]]:
+def _inputs(paths: list[Path]) -> tuple[list[Path], dict[str, str], list[Path], set[Path]]:
+    """Ledger files, pinned keys, run directories, and the ledgers that lie in a run directory."""
     files: list[Path] = []
     pins: dict[str, str] = {}
+    runs: list[Path] = []
+    in_runs: set[Path] = set()
     for path in paths:
         if path.is_dir():
             # A run directory keeps them in ledgers/; any other folder is taken as a folder of ledgers.
-            is_run = (path / "metrics.jsonl").exists() or (path / "ledgers").is_dir()
-            files += sorted((path / "ledgers").glob("*.jsonl")) if is_run else sorted(path.glob("*.jsonl"))
+            if is_run_directory(path):
+                found = sorted((path / "ledgers").glob("*.jsonl"))
+                runs.append(path)
+                in_runs.update(found)
+            else:
+                found = sorted(path.glob("*.jsonl"))
+            files += found
             for keys in (path / "keys" / PUBLIC_KEYS, path / PUBLIC_KEYS):
                 if keys.exists():
                     pins.update(json.loads(keys.read_text(encoding="utf-8")))
@@ -166,20 +242,22 @@ def _ledger_files(paths: list[Path]) -> tuple[list[Path], dict[str, str]]:
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such run directory or ledger")
-    return files, pins
+    return files, pins, runs, in_runs
 
 
 def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: float = TOLERANCE) -> AuditReport:
     report = AuditReport()
-    files, pins = _ledger_files([Path(p) for p in paths])
+    files, pins, runs, in_runs = _inputs([Path(p) for p in paths])
     if keys:
         pins.update(json.loads(Path(keys).read_text(encoding="utf-8")))
-    if not files:
+    if not files and not runs:
         report.problems.append(Problem(", ".join(map(str, paths)), "no ledger found"))
         return report
 
-    site_entries: dict[str, LedgerEntry] = {}  # entry hash -> entry of a privacy record
+    site_entries: dict[str, LedgerEntry] = {}  # entry hash -> entry of a privacy record or a budget reset
     received: list[tuple[str, LedgerEntry]] = []  # (where, site entry) from federation ledgers
+    federation: dict[Path, tuple[list[LedgerEntry], str | None]] = {}  # aggregator ledgers: entries, signer
+    views: dict[str, SiteView] = defaultdict(SiteView)
     for path in files:
         owner = path.stem if path.stem != "federation" else "aggregator"
         entries, problems = verify_ledger(path, pins.get(owner))
@@ -193,25 +271,45 @@ def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: fl
                 "pinned": owner in pins,
             }
         )
-        if owner not in pins and entries:
+        if owner not in pins and (entries or path in in_runs):
+            # In a run directory the keys are part of the evidence: without them anyone could re-sign it all.
             report.problems.append(
                 Problem(
                     path.name,
-                    "no pinned public key for this ledger: signatures prove integrity, not authorship",
-                    fatal=False,
+                    "no pinned public key for this ledger (the run's keys/public-keys.json is missing and no --keys "
+                    "was given): its signatures prove integrity, not authorship"
+                    if path in in_runs
+                    else "no pinned public key for this ledger: signatures prove integrity, not authorship",
+                    fatal=path in in_runs,
                 )
             )
+        if owner == "aggregator":
+            federation[path] = (entries, signing.fingerprint(signer) if signer else None)
+        else:
+            views[owner].has_ledger = True
         for number, entry in enumerate(entries, start=1):
             record = entry.record
+            if owner != "aggregator":
+                views[owner].hashes.add(entry.hash)
             if isinstance(record, SiteReleaseReceipt):
                 received.append((f"{path.name} line {number}", record.site_entry))
             elif isinstance(record, SiteExhausted):
                 report.exhausted.append({"site": record.site, "round": record.round, "epsilon": record.epsilon})
+            elif isinstance(record, BudgetReset):
+                if owner == "aggregator":
+                    report.problems.append(
+                        Problem(
+                            f"{path.name} line {number}",
+                            f"a budget reset of {record.site} in the aggregator's ledger: only the site can reset it",
+                        )
+                    )
+                else:
+                    site_entries[entry.hash] = entry
             elif isinstance(record, PrivacyRecord):
                 site_entries[entry.hash] = entry
 
     # What the aggregator received must be intact, signed by the site, and in the site's own ledger.
-    have_site_ledger = {e.record.site for e in site_entries.values() if e.record.party == "site"}
+    have_site_ledger = {e.record.site for e in site_entries.values() if _is_site_entry(e)}
     for where, entry in received:
         record = entry.record
         site = record.site
@@ -239,35 +337,95 @@ def audit(paths: list[str | Path], keys: str | Path | None = None, tolerance: fl
             else:
                 site_entries[entry.hash] = entry
 
-    groups: dict[tuple[str, str], list[LedgerEntry]] = defaultdict(list)
+    # One budget per site: every release of it composes, whatever version of its data it used.
+    groups: dict[str, list[LedgerEntry]] = defaultdict(list)
     for entry in site_entries.values():
-        groups[(entry.record.site, entry.record.data_id)].append(entry)
-    for (site, data_id), entries in sorted(groups.items()):
+        groups[entry.record.site].append(entry)
+    for site, entries in sorted(groups.items()):
         entries.sort(key=lambda e: (e.seq, e.record.created))
-        report.sites.append(_check_site(site, data_id, entries, tolerance, report.problems))
+        checked = _check_site(site, entries, tolerance, report.problems)
+        if checked is not None:
+            report.sites.append(checked)
+            views[site].peak = checked.peak
+    _completeness(report, runs, federation, views, tolerance)
     return report
 
 
-def _check_site(
-    site: str, data_id: str, entries: list[LedgerEntry], tolerance: float, problems: list[Problem]
-) -> SiteReport:
-    records: list[PrivacyRecord] = [e.record for e in entries]
-    first = records[0].accounting
+def _is_site_entry(entry: LedgerEntry) -> bool:
+    return isinstance(entry.record, PrivacyRecord) and entry.record.party == "site"
+
+
+def _completeness(
+    report: AuditReport,
+    runs: list[Path],
+    federation: dict[Path, tuple[list[LedgerEntry], str | None]],
+    views: dict[str, SiteView],
+    tolerance: float,
+) -> None:
+    result = report.completeness
+    covered: set[str] = set()
+    for run in runs:
+        evidence = run_evidence(run)
+        entries, signer = federation.get(evidence.federation, ([], None))
+        covered |= check_run(evidence, entries, signer, views, tolerance, report.problems, result)
+    if not runs:
+        result.gaps.append(
+            "no run directory: nothing shows how many releases these ledgers should hold, so a ledger cut "
+            "short (or emptied) would look the same; audit it with the run directories it took part in"
+        )
+    for site, view in sorted(views.items()):
+        if view.has_ledger and site not in covered and runs and view.hashes:
+            result.gaps.append(
+                f"{site}: its ledger is named in no signed ledger head, so where it should end is unknown"
+            )
+    result.proven = not result.gaps and bool(runs)
+
+
+def _check_site(site: str, entries: list[LedgerEntry], tolerance: float, problems: list[Problem]) -> SiteReport | None:
+    """Recomputes one site's releases, in ledger order, composing each with those since the last reset."""
+    releases = [e for e in entries if isinstance(e.record, PrivacyRecord)]
+    if not releases:
+        return None
+    records: list[PrivacyRecord] = [e.record for e in releases]
+    last = records[-1].accounting
     report = SiteReport(
         site=site,
-        data_id=data_id,
-        accountant=first.accountant,
-        delta=first.delta,
-        cap=first.epsilon_cap,
-        signer=signing.fingerprint(entries[0].signer),
+        data_id=records[-1].data_id,
+        accountant=last.accountant,
+        delta=records[0].accounting.delta,
+        cap=last.epsilon_cap,
+        signer=signing.fingerprint(releases[0].signer),
+        data_versions=len({r.data_id for r in records}),
     )
+    # The epochs resets divide the ledger into: each is accounted on its own.
+    epochs: list[list[PrivacyRecord]] = [[]]
+    for entry in entries:
+        record = entry.record
+        if isinstance(record, BudgetReset):
+            report.resets.append(
+                Reset(
+                    entry.seq,
+                    record.created,
+                    record.reason,
+                    record.operator,
+                    record.releases_before,
+                    record.epsilon_before,
+                )
+            )
+            epochs.append([])
+        else:
+            epochs[-1].append(record)
+    recomputed: dict[str, list[float]] = {"pld": [], "rdp": []}
+    for epoch in epochs:
+        for kind, values in cumulative_epsilons([r.mechanism for r in epoch], report.delta).items():
+            recomputed[kind] += values
+    epoch_of = [i for i, epoch in enumerate(epochs) for _ in epoch]
     mechanisms = [r.mechanism for r in records]
-    recomputed = cumulative_epsilons(mechanisms, report.delta)
     unprotected = [r.round for r in records if r.mechanism.noise_multiplier <= 0 and r.mechanism.steps > 0]
     if unprotected:
         problems.append(
             Problem(
-                f"{site} ({data_id})",
+                site,
                 f"{len(unprotected)} release(s) without DP noise (rounds {_ranges(unprotected)}): no privacy guarantee for this data",
             )
         )
@@ -284,6 +442,7 @@ def _check_site(
             claimed=accounting.epsilon,
             pld=recomputed["pld"][i],
             rdp=recomputed["rdp"][i],
+            epoch=epoch_of[i],
         )
         report.releases.append(check)
         if accounting.delta != report.delta:

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedpriv.audit.auditor import AuditReport
+from fedpriv.audit.auditor import AuditReport, Reset
 
 
 def _eps(value) -> str:
@@ -50,6 +50,9 @@ def console_report(report: AuditReport, console: Console) -> None:
     console.print(AUTHORITY, style="dim", soft_wrap=True)
     if any(len(site.lifetime()) > 1 for site in report.sites):
         console.print(_lifetime_table(report))
+    for site in report.sites:
+        for reset in site.resets:
+            console.print(f"[yellow]{site.site}: budget reset[/] {_reset_text(reset)}", soft_wrap=True)
     for item in report.exhausted:
         console.print(
             f"[yellow]{item['site']}[/] stopped in round {item['round']}: budget exhausted (epsilon {_eps(item['epsilon'])})"
@@ -62,10 +65,30 @@ def console_report(report: AuditReport, console: Console) -> None:
         console.print(f"[{style}]{'VIOLATION' if problem.fatal else 'note'}:[/] {problem}", soft_wrap=True)
     if len(report.problems) > shown:
         console.print(f"... and {len(report.problems) - shown} more (fedpriv audit --json lists all)")
-    if report.ok:
-        console.print("[bold green]Audit passed[/]: every ledger intact, every epsilon reproduced, every cap kept.")
+    completeness = report.completeness
+    for evidence in completeness.evidence:
+        console.print(f"Matched against: {evidence}", soft_wrap=True, highlight=False)
+    for gap in completeness.gaps:
+        console.print(f"[yellow]not proven:[/] {gap}", soft_wrap=True)
+    if report.verdict == "passed":
+        console.print(
+            "[bold green]Audit passed[/]: every ledger intact and complete (matched against the run's signed heads, "
+            "checkpoints and log), every epsilon reproduced, every cap kept."
+        )
+    elif report.verdict == "incomplete":
+        console.print(
+            "[bold yellow]Audit incomplete[/]: no violation found, but these ledgers cannot be proven complete "
+            "(a cut tail would look the same); audit them with their run directories."
+        )
     else:
-        console.print(f"[bold red]Audit failed[/]: {sum(p.fatal for p in report.problems)} violation(s).")
+        console.print(f"[bold red]Audit failed[/]: {len(report.violations)} violation(s).")
+
+
+def _reset_text(reset: Reset) -> str:
+    return (
+        f"at {reset.created} by {reset.operator} (ledger seq {reset.seq}): {reset.releases_before} earlier "
+        f"release(s), epsilon {_eps(reset.epsilon_before)}, no longer count. Reason: {reset.reason}"
+    )
 
 
 def _lifetime_table(report: AuditReport) -> Table:
@@ -75,7 +98,12 @@ def _lifetime_table(report: AuditReport) -> Table:
     for site in report.sites:
         for run in site.lifetime():
             table.add_row(
-                site.site, run.run_id, str(run.releases), _eps(run.spent), _eps(run.epsilon_after), _eps(run.remaining)
+                site.site,
+                f"{run.run_id} (after reset)" if run.reset else run.run_id,
+                str(run.releases),
+                _eps(run.spent),
+                _eps(run.epsilon_after),
+                _eps(run.remaining),
             )
     return table
 
@@ -114,11 +142,12 @@ def _headline(report: AuditReport) -> str:
         return html.escape(f"{files} checked; no site released anything.")
     worst = max(report.sites, key=lambda s: math.inf if s.epsilon is None else s.epsilon)
     cap = f" of its cap {_eps(worst.cap)}" if worst.cap else ""
-    verdict = (
-        "every signature and hash chain verified, every epsilon reproduced, every cap kept"
-        if report.ok
-        else f"{sum(p.fatal for p in report.problems)} violation(s), listed under Findings"
-    )
+    verdict = {
+        "passed": "every signature and hash chain verified, the ledgers proven complete, every epsilon reproduced, "
+        "every cap kept",
+        "incomplete": "no violation found, but the ledgers could not be proven complete (see Completeness)",
+        "failed": f"{len(report.violations)} violation(s), listed under Findings",
+    }[report.verdict]
     return html.escape(
         f"{len(report.sites)} site(s), {files}: {verdict}. The most any site spent is epsilon "
         f"{_eps(worst.epsilon)} ({worst.site}, delta {worst.delta:g}){cap}."
@@ -126,7 +155,14 @@ def _headline(report: AuditReport) -> str:
 
 
 def html_report(report: AuditReport) -> str:
-    status = "passed" if report.ok else "FAILED"
+    status = {"passed": "passed", "incomplete": "NOT PROVEN COMPLETE", "failed": "FAILED"}[report.verdict]
+    completeness = "".join(
+        [f"<li>matched against: {html.escape(e)}</li>" for e in report.completeness.evidence]
+        + [f"<li class='note'>not proven: {html.escape(g)}</li>" for g in report.completeness.gaps]
+    )
+    resets = "".join(
+        f"<li>{html.escape(s.site)}: {html.escape(_reset_text(r))}</li>" for s in report.sites for r in s.resets
+    )
     rows = "".join(
         f"<tr><td>{html.escape(s.site)}</td><td>{len(s.releases)}</td><td>{_eps(s.epsilon)}</td>"
         f"<td>{_eps(s.releases[-1].pld if s.releases else 0)}</td><td>{_eps(s.releases[-1].rdp if s.releases else 0)}</td>"
@@ -175,6 +211,14 @@ data in these ledgers: a deployed site's ledger spans all its runs.</p>
 its cap afterwards. A deployed site keeps one ledger across all runs, so this is its whole history.</p>
 <table><tr><th>site</th><th>run</th><th>releases</th><th>epsilon spent in run</th><th>epsilon after run</th>
 <th>remaining after run</th></tr>{lifetime}</table>
+<h2>Budget resets</h2>
+<p>A site's budget covers every release of its data, whatever version of the data it was made from; only its
+operator can reset it, with a signed, recorded reason (<code>fedpriv agent reset-budget</code>).</p>
+<ul>{resets or "<li>none</li>"}</ul>
+<h2>Completeness</h2>
+<p>A ledger's chain cannot show that its tail is still there; the ledgers are matched against what shows the
+releases happened: the aggregator's signed head of every round, its checkpoints and run log.</p>
+<ul>{completeness or "<li>no run evidence</li>"}</ul>
 <h2>Epsilon per round</h2><img alt="epsilon per site and round" src="data:image/png;base64,{plot}">
 <h2>Findings</h2><ul>{problems}</ul>
 <h2>Every release</h2><table><tr><th>site</th><th>round</th><th>release</th><th>noise</th><th>sample rate</th><th>steps</th>

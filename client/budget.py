@@ -4,27 +4,43 @@ The site alone decides whether it may release another update: before
 training it computes the epsilon it would reach after this round's release,
 from its own signed ledger, and refuses if that is above its cap. No setting
 of the aggregator can make a site exceed its cap.
+
+The budget belongs to the site, i.e. to its ledger, not to a version of its
+data: every release the ledger holds composes, whatever data file it was made
+from (`data_id` only records which version was used). A site's data grows
+and changes, and neighbouring datasets are exactly what DP protects, so a
+changed file never brings a fresh budget. Only an explicit reset by the
+site's operator does (`reset`, a signed `BudgetReset` record with a reason,
+shown by the audit); releases before the last reset no longer count.
 """
 
 from __future__ import annotations
 
+import getpass
+import math
+import socket
 from dataclasses import dataclass, field
 
 import dp_accounting as dpa
 
 from fedpriv.common.accounting import dp_event, epsilon, library, prefetch
+from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import Accounting, LedgerEntry, Mechanism, PrivacyRecord, now
+from fedpriv.common.records import Accounting, BudgetReset, LedgerEntry, Mechanism, PrivacyRecord, now
+
+
+class BudgetResetError(FedprivError):
+    """A budget reset that must not be written (no reason given)."""
 
 
 @dataclass
 class SiteBudget:
     ledger: Ledger
-    data_id: str
+    data_id: str  # the version of the data now released, recorded in each release; never a budget key
     cap: float
     delta: float
     accountant: str
-    # This data's releases as last read from (or appended to) the ledger, and
+    # The site's releases since its last reset, as last read from (or appended to) the ledger, and
     # the ledger file's (size, mtime) then: the file stays the source of
     # truth, read again only when it changed behind our back.
     _releases: list[dpa.DpEvent] | None = field(default=None, init=False, repr=False)
@@ -38,14 +54,15 @@ class SiteBudget:
         return (stat.st_size, stat.st_mtime_ns)
 
     def releases(self) -> list[dpa.DpEvent]:
-        """Every release of this data the ledger holds, from any run, as accounting events."""
+        """Every release of the site since its last reset, from any run and any version of its data."""
         stamp = self._stamp()
         if self._releases is None or stamp != self._seen:
-            self._releases = [
-                dp_event(r.mechanism)
-                for r in self.ledger.records()
-                if isinstance(r, PrivacyRecord) and r.party == "site" and r.data_id == self.data_id
-            ]
+            self._releases = []
+            for r in self.ledger.records():
+                if isinstance(r, BudgetReset):
+                    self._releases = []
+                elif isinstance(r, PrivacyRecord) and r.party == "site":
+                    self._releases.append(dp_event(r.mechanism))
             self._seen = stamp
         return list(self._releases)
 
@@ -99,4 +116,26 @@ class SiteBudget:
             self._seen = self._stamp()
         else:
             self._releases = None
+        return entry
+
+    def reset(self, *, site: str, reason: str, operator: str | None = None) -> LedgerEntry:
+        """The operator's explicit reset: appends a signed record, with its reason, after which releases count afresh."""
+        reason = reason.strip()
+        if not reason:
+            raise BudgetResetError(
+                f"{site}: a budget reset needs a reason (--reason); it is recorded in the ledger and shown by the audit"
+            )
+        releases = self.releases()
+        spent = self.spent() if releases else 0.0
+        entry = self.ledger.append(
+            BudgetReset(
+                site=site,
+                reason=reason,
+                operator=operator or f"{getpass.getuser()}@{socket.gethostname()}",
+                releases_before=len(releases),
+                epsilon_before=spent if math.isfinite(spent) else None,
+                created=now(),
+            )
+        )
+        self._releases, self._seen = None, None
         return entry

@@ -26,7 +26,9 @@ from fedpriv.common import signing
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import StorageError, storage
 from fedpriv.common.records import (
+    BudgetReset,
     LedgerEntry,
+    LedgerHead,
     LedgerRecord,
     PrivacyRecord,
     SiteExhausted,
@@ -94,7 +96,9 @@ class Ledger:
     def records(self) -> list[LedgerRecord]:
         return [entry.record for entry in self.entries()]
 
-    def append(self, record: PrivacyRecord | SiteReleaseReceipt | SiteExhausted) -> LedgerEntry:
+    def append(
+        self, record: PrivacyRecord | SiteReleaseReceipt | SiteExhausted | BudgetReset | LedgerHead
+    ) -> LedgerEntry:
         if self.key is None:
             raise ValueError(f"{self.path}: opened without a signing key; cannot append")
         self.path.parent.mkdir(parents=True, exist_ok=True)

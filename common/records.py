@@ -115,7 +115,9 @@ class PrivacyRecord(_Frozen):
     round: int
     party: Literal["site", "aggregator"]
     site: str = Field(description="The site whose data was released (or 'federation' for site-level DP).")
-    data_id: str = Field(description="Identifies the protected data; releases of one data_id compose.")
+    # Which version of the site's data was used (a content hash). Informational only: a site's data grows
+    # and changes, and every release of the site, whatever the version, composes in its one budget.
+    data_id: str = Field(description="The version of the site's data released (content hash); not a budget key.")
     mechanism: Mechanism
     accounting: Accounting
     update_sha256: str
@@ -145,6 +147,48 @@ class SiteExhausted(_Frozen):
     epsilon: float | None = Field(None, description="What the site reported it has spent.")
 
 
+class BudgetReset(_Frozen):
+    """A site operator's explicit, signed reset of the site's budget: releases before it no longer count.
+
+    Written only by `fedpriv agent reset-budget`, with a reason, into the site's own ledger and signed with
+    its ledger key; the audit shows it beside the epsilon spent before it. A changed data file never resets.
+    """
+
+    kind: Literal["budget-reset"] = "budget-reset"
+    site: str
+    reason: str = Field(min_length=1)
+    operator: str = Field(description="Who reset it (user@host, as the command saw it).")
+    releases_before: int = Field(ge=0, description="Releases that counted until this reset.")
+    epsilon_before: float | None = Field(description="Epsilon they had spent (null: a release without DP).")
+    created: str
+
+
+class SiteHead(_Frozen):
+    """What the aggregator has received from one site so far, in one ledger-head record."""
+
+    releases: int = Field(ge=0, description="Release receipts for this site in the aggregator's ledger so far.")
+    head: str = Field(description="Entry hash of the last site entry received: the site's ledger must hold it.")
+    epsilon: float | None = Field(None, description="The highest epsilon the site reported (any release).")
+
+
+class LedgerHead(_Frozen):
+    """The aggregator's signed statement, at the end of each round, of what sites released to it so far.
+
+    `sites` names those whose releases changed since the previous head; read in order, the heads give
+    every site's latest.
+
+    Written after the round's receipts and before its checkpoint: a round the checkpoints or the run log
+    show as done must have one, and every site ledger must reach the head it names. Cutting the tail of
+    any ledger therefore contradicts a signed record that is itself in the chain.
+    """
+
+    kind: Literal["ledger-head"] = "ledger-head"
+    run_id: str
+    round: int
+    sites: dict[str, SiteHead]
+    created: str
+
+
 def _record_kind(value: Any) -> str | None:
     # Privacy records carry a schema, not a kind (they predate the receipts).
     kind = value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
@@ -157,7 +201,9 @@ def _record_kind(value: Any) -> str | None:
 LedgerRecord = Annotated[
     Annotated[PrivacyRecord, Tag("privacy")]
     | Annotated[SiteReleaseReceipt, Tag("site-release")]
-    | Annotated[SiteExhausted, Tag("site-exhausted")],
+    | Annotated[SiteExhausted, Tag("site-exhausted")]
+    | Annotated[BudgetReset, Tag("budget-reset")]
+    | Annotated[LedgerHead, Tag("ledger-head")],
     Discriminator(_record_kind),
 ]
 

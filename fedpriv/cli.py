@@ -176,7 +176,10 @@ def audit(
         typer.Option(help="Seed of canaries and coins (default: random).", rich_help_panel="Empirical audit"),
     ] = None,
 ) -> None:
-    """Verify privacy ledgers and recompute every epsilon; exit 1 on any violation.
+    """Verify privacy ledgers, prove them complete and recompute every epsilon.
+
+    Exit 0: passed; 1: a violation; 3: no violation, but the ledgers cannot be
+    proven complete (a lone ledger, no run directory or no signed heads).
 
     With --empirical: run the configured simulation with canaries in one
     site's data (Steinke, Nasr & Jagielski 2023), score them on the released
@@ -208,7 +211,7 @@ def audit(
         html_out.write_text(html_report(report), encoding="utf-8")
         if not json_out:
             console.print(f"HTML report: {html_out}")
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(report.exit_code)
 
 
 def _empirical(

@@ -17,6 +17,7 @@ from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server.federation import Federation
 from fedpriv.server.global_model import GlobalModel
+from fedpriv.server.ledger_heads import ledger_keys
 from fedpriv.server.strategy import build_strategy
 from fedpriv.server.summary import write_run_config, write_summary
 
@@ -43,8 +44,11 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
     try:
+        key = aggregator_key(config, run)
+        # The fingerprint of the key that signs the aggregator's ledger: the audit checks the ledger against it.
+        run.log("ledger-key", **ledger_keys(run, key))
         model = GlobalModel(config, labels)
-        ledger = Ledger(run.path / "ledgers" / "federation.jsonl", aggregator_key(config, run))
+        ledger = Ledger(run.path / "ledgers" / "federation.jsonl", key)
         federation = Federation(config, grid, build_strategy(config), model, run, ledger, run_id=str(context.run_id))
         final_state = federation.run_rounds()
         exported = model.export(final_state, run.model_dir)

@@ -29,6 +29,8 @@ class Checkpoint:
     average: dict[str, np.ndarray] = field(default_factory=dict)
     averaged_rounds: int = 0
     strategy: dict[str, np.ndarray] = field(default_factory=dict)
+    # Fingerprint of the aggregator's ledger key: the audit checks the aggregator's ledger is signed by it.
+    signer: str = ""
 
 
 def _pack(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,6 +52,8 @@ def save(directory: Path, checkpoint: Checkpoint, keep: int = 0) -> Path:
         **_pack("strategy", checkpoint.strategy),
     }
     meta = {"round": str(checkpoint.round), "averaged_rounds": str(checkpoint.averaged_rounds)}
+    if checkpoint.signer:
+        meta["signer"] = checkpoint.signer
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with storage(path, "round checkpoint"):
@@ -80,5 +84,6 @@ def latest(directory: Path) -> Checkpoint | None:
             average=_unpack("average", tensors),
             averaged_rounds=int(meta.get("averaged_rounds", "0")),
             strategy=_unpack("strategy", tensors),
+            signer=meta.get("signer", ""),
         )
     return None

@@ -20,16 +20,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
+from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.protocol import EPSILON, OK, REFUSED, EvaluateReply, ProtocolError, from_record, sender, to_record
-from fedpriv.common.records import PrivacyRecord, SiteExhausted, SiteReleaseReceipt, state_sha256
+from fedpriv.common.records import PrivacyRecord, SiteExhausted, state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
 from fedpriv.server.distributed_step import ServerOptimizer, normaliser
 from fedpriv.server.global_model import GlobalModel
+from fedpriv.server.ledger_heads import ReleaseHeads
 from fedpriv.server.secure_round import SecureRound, unflatten
 from fedpriv.server.strategy import restore_strategy, strategy_state
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext
@@ -75,6 +77,7 @@ class Federation:
     ):
         self.config, self.grid, self.strategy, self.model, self.run = config, grid, strategy, model, run
         self.ledger = ledger
+        self.heads = ReleaseHeads(ledger)  # receipts go through it; it signs each round's head
         self.run_id = run_id
         self.history = ReleaseHistory()  # the releases sites sent in this run: a record is accepted once
         p = config.privacy
@@ -138,6 +141,8 @@ class Federation:
             every = self.config.central_eval_every
             if rnd == self.config.rounds or (every and rnd % every == 0):
                 self._central(rnd, self.average.release(state))
+            # Before the checkpoint: a round the checkpoints show as done always has its signed head.
+            self.heads.close_round(self.run_id, rnd)
             checkpoint.save(
                 self.run.checkpoints,
                 checkpoint.Checkpoint(
@@ -145,6 +150,7 @@ class Federation:
                     state=state,
                     average=self.average.mean,
                     averaged_rounds=self.average.count,
+                    signer=signing.fingerprint(signing.public_b64(self.ledger.key)) if self.ledger.key else "",
                     strategy={
                         **strategy_state(self.strategy),
                         **(self.server_optimizer.state() if self.server_optimizer else {}),
@@ -185,7 +191,8 @@ class Federation:
         assert self.secure is not None
         outcome = self.secure.run(rnd, arrays, context)
         for site, entry in sorted(outcome.entries.items()):
-            self.ledger.append(SiteReleaseReceipt(round=rnd, site=site, site_entry=entry))
+            self.heads.receipt(rnd, site, entry)
+            self.heads.reported_in(site, outcome.metrics.get(site, {}))
             self.run.log("site-train", round=rnd, site=site, **outcome.metrics.get(site, {}))
         for site in outcome.exhausted:
             self.ledger.append(SiteExhausted(round=rnd, site=site))
@@ -242,6 +249,7 @@ class Federation:
                 metrics = dict(verdict.reply.metrics)
                 self.run.log("site-budget-exhausted", round=rnd, site=site, **metrics)
                 self.ledger.append(SiteExhausted(round=rnd, site=site, epsilon=metrics.get(EPSILON)))
+                self.heads.reported_in(site, metrics)
                 log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
             elif isinstance(verdict, Refused):
                 refused += 1
@@ -249,7 +257,8 @@ class Federation:
                 log.warning("round %d: %s refused the round: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Admitted):
                 if verdict.entry is not None:
-                    self.ledger.append(SiteReleaseReceipt(round=rnd, site=site, site_entry=verdict.entry))
+                    self.heads.receipt(rnd, site, verdict.entry)
+                self.heads.reported_in(site, dict(verdict.reply.metrics))
                 self.run.log("site-train", round=rnd, site=site, **dict(verdict.reply.metrics))
                 accepted.append(reply)
             else:
@@ -277,6 +286,7 @@ class Federation:
                 log.warning("round %d: %s refused to evaluate: %s", rnd, decoded.site, decoded.reason)
                 continue
             self.run.log("site-evaluate", round=rnd, site=decoded.site, status=decoded.status, **dict(decoded.metrics))
+            self.heads.reported_in(decoded.site, dict(decoded.metrics))
             if decoded.status == OK:
                 answered.append(reply)
         aggregated = self.strategy.aggregate_evaluate(rnd, answered)

@@ -77,11 +77,9 @@ def test_exhausted_site_is_reported_by_the_audit(tmp_path):
     budget, trained, refused = run_site(
         tmp_path / "run", cap=3.0, sigma=2.0, rate=0.3, steps=10, rounds=5, accountant="prv"
     )
-    (tmp_path / "run" / "ledgers").mkdir(parents=True)
-    budget.ledger.path.rename(tmp_path / "run" / "ledgers" / "s.jsonl")
     assert trained and refused
-    report = audit([tmp_path / "run"])
-    assert report.ok
+    report = audit([budget.ledger.path])
+    assert not report.violations and report.verdict == "incomplete"  # a lone ledger: no run to prove it complete
     (site,) = report.sites
     assert len(site.releases) == len(trained) and site.epsilon <= 3.0
 
@@ -108,13 +106,13 @@ def test_budget_keeps_its_releases_and_rereads_only_a_ledger_changed_behind_its_
     reads.clear()
     assert budget.releases() == [release, release] and len(reads) == 1
     assert budget.spent() == pytest.approx(epsilon([release] * 2, 1e-5, "rdp")) and len(reads) == 1
-    # Releases of other data in the same ledger never count.
+    # Releases of another version of the site's data in the same ledger count too: one budget per site.
     SiteBudget(Ledger(path, key), "other-data", 50.0, 1e-5, "rdp").record(
         run_id="r3", server_round=1, site="s", mechanism=mechanism, update_sha256="2" * 64
     )
-    assert budget.releases() == [release, release]
+    assert budget.releases() == [release] * 3
     entry = budget.record(run_id="r", server_round=2, site="s", mechanism=mechanism, update_sha256="3" * 64)
-    assert entry.seq == 3 and len(budget.releases()) == 3
+    assert entry.seq == 3 and len(budget.releases()) == 4
     assert len(Ledger(path).records()) == 4
 
 
@@ -129,7 +127,7 @@ def test_the_audit_shows_a_deployed_sites_budget_run_by_run(tmp_path):
         for rnd in range(1, rounds + 1):
             budget.record(run_id=run_id, server_round=rnd, site="branch", mechanism=mechanism, update_sha256="0" * 64)
     report = audit([tmp_path / "branch.jsonl"])
-    assert report.ok
+    assert not report.violations and report.verdict == "incomplete"
     (site,) = report.sites
     first, second = site.lifetime()
     assert (first.run_id, first.releases, second.run_id, second.releases) == ("2026-q3", 3, "2026-q4", 2)
@@ -150,8 +148,9 @@ def test_ledgers_written_before_the_event_vocabulary_still_audit():
     """Written by fedpriv at commit 838104d (Opacus PRV and RDP claims, no normaliser or query fields)."""
     folder = Path(__file__).parent / "data" / "ledgers-838104d"
     report = audit([folder])
-    assert report.ok, [str(p) for p in report.problems]
     assert not report.problems  # keys pinned, every claim reproduced
+    # A folder of ledgers cannot show where they should end: no violation, but never "passed".
+    assert report.verdict == "incomplete" and report.completeness.gaps
     by_site = {s.site: s for s in report.sites}
     assert set(by_site) == {"branch-prv", "branch-rdp"}
     for name, site in by_site.items():
@@ -162,3 +161,56 @@ def test_ledgers_written_before_the_event_vocabulary_still_audit():
     # the same history costs what dp-accounting's PLD says under the new vocabulary
     event = poisson_gaussian(1.3, 0.2, 5)
     assert by_site["branch-prv"].releases[-1].pld == pytest.approx(epsilon([event] * 6, 1e-5, "pld"), rel=1e-6)
+
+
+def test_a_changed_data_file_shares_the_sites_budget(tmp_path):
+    """One character of one row changed: a neighbouring dataset, so the same budget (not a fresh one)."""
+    path, key = tmp_path / "branch.jsonl", signing.generate()
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
+    before = SiteBudget(Ledger(path, key), "sha256:version-1", 6.0, 1e-5, "pld")
+    for rnd in (1, 2):
+        before.record(run_id="r", server_round=rnd, site="branch", mechanism=mechanism, update_sha256="0" * 64)
+    after = SiteBudget(Ledger(path, key), "sha256:version-2", 6.0, 1e-5, "pld")
+    assert before.spent() > 0 and after.spent() == pytest.approx(before.spent())
+    entry = after.record(run_id="r", server_round=3, site="branch", mechanism=mechanism, update_sha256="1" * 64)
+    assert entry.record.accounting.epsilon == pytest.approx(epsilon([poisson_gaussian(1.5, 0.2, 10)] * 3, 1e-5, "pld"))
+    report = audit([path])
+    assert not report.violations  # the claims compose over both versions
+    (site,) = report.sites
+    assert site.data_versions == 2 and len(site.releases) == 3
+
+
+def test_a_reset_is_an_explicit_signed_recorded_act_that_the_audit_shows(tmp_path):
+    from rich.console import Console
+
+    from fedpriv.audit.render import console_report, html_report
+    from fedpriv.client.budget import BudgetResetError
+    from fedpriv.common.records import BudgetReset
+
+    budget = SiteBudget(Ledger(tmp_path / "branch.jsonl", signing.generate()), "d", 6.0, 1e-5, "pld")
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
+    for rnd in (1, 2):
+        budget.record(run_id="q3", server_round=rnd, site="branch", mechanism=mechanism, update_sha256="0" * 64)
+    spent = budget.spent()
+    for reason in ("", "   "):
+        with pytest.raises(BudgetResetError, match="reason"):
+            budget.reset(site="branch", reason=reason)
+    assert len(budget.ledger.records()) == 2 and budget.spent() == spent  # nothing written
+    entry = budget.reset(site="branch", reason="2026-q3 tickets deleted under the retention policy", operator="ops@h")
+    assert isinstance(entry.record, BudgetReset) and entry.record.epsilon_before == pytest.approx(spent)
+    assert budget.spent() == 0.0
+    budget.record(run_id="q4", server_round=1, site="branch", mechanism=mechanism, update_sha256="1" * 64)
+    assert budget.spent() == pytest.approx(epsilon([poisson_gaussian(1.5, 0.2, 10)], 1e-5, "pld"))
+
+    report = audit([budget.ledger.path])
+    assert not report.violations, [str(p) for p in report.problems]
+    (site,) = report.sites
+    assert site.epsilon == pytest.approx(budget.spent()) and site.peak == pytest.approx(spent, rel=0.01)
+    assert [r.reset for r in site.lifetime()] == [False, True]
+    (shown,) = report.to_json()["sites"][0]["resets"]
+    assert shown["reason"].startswith("2026-q3 tickets") and shown["operator"] == "ops@h"
+    console = Console(record=True, width=200)
+    console_report(report, console)
+    text = console.export_text()
+    assert "budget reset" in text and "retention policy" in text
+    assert "Budget resets" in html_report(report) and "retention policy" in html_report(report)

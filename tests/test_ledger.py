@@ -18,21 +18,44 @@ from fedpriv.common.records import (
     SiteReleaseReceipt,
     canonical_json,
 )
+from fedpriv.common.rundir import RunDirectory
+from fedpriv.server.ledger_heads import ReleaseHeads, ledger_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run(tmp_path, sites=("site-000", "site-001"), rounds=3, accountant="prv", cap=8.0):
-    """A run directory with real signed ledgers, as a simulation leaves it."""
+    """A run directory with real signed ledgers, as a simulation leaves it.
+
+    The sites' budgets record each round's release, the aggregator's receipts
+    and signed round heads go through the server's own `ReleaseHeads`, and the
+    run log says which rounds are done and which key signs the aggregator's ledger.
+    """
     keys, public = tmp_path / "keys", {}
-    for site in sites:
-        key = signing.load_or_create(keys / f"{site}.key")
-        public[site] = signing.public_b64(key)
-        budget = SiteBudget(Ledger(tmp_path / "ledgers" / f"{site}.jsonl", key), f"data-{site}", cap, 1e-5, accountant)
-        for rnd in range(1, rounds + 1):
-            mechanism = Mechanism(noise_multiplier=2.0, sample_rate=0.3, steps=10, max_grad_norm=0.5, dataset_size=100)
-            budget.record(run_id="run-1", server_round=rnd, site=site, mechanism=mechanism, update_sha256=f"{rnd:064x}")
+    budgets = {}
+    for site in [*sites, "aggregator"]:
+        public[site] = signing.public_b64(signing.load_or_create(keys / f"{site}.key"))
     (keys / "public-keys.json").write_text(json.dumps(public))
+    run = RunDirectory(tmp_path)
+    run.log("ledger-key", **ledger_keys(run, signing.read_private_key(keys / "aggregator.key")))
+    heads = ReleaseHeads(
+        Ledger(tmp_path / "ledgers" / "federation.jsonl", signing.read_private_key(keys / "aggregator.key"))
+    )
+    for site in sites:
+        key = signing.read_private_key(keys / f"{site}.key")
+        budgets[site] = SiteBudget(
+            Ledger(tmp_path / "ledgers" / f"{site}.jsonl", key), f"data-{site}", cap, 1e-5, accountant
+        )
+    for rnd in range(1, rounds + 1):
+        for site, budget in budgets.items():
+            mechanism = Mechanism(noise_multiplier=2.0, sample_rate=0.3, steps=10, max_grad_norm=0.5, dataset_size=100)
+            entry = budget.record(
+                run_id="run-1", server_round=rnd, site=site, mechanism=mechanism, update_sha256=f"{rnd:064x}"
+            )
+            heads.receipt(rnd, site, entry)
+            run.log("site-train", round=rnd, site=site, epsilon=entry.record.accounting.epsilon)
+        heads.close_round("run-1", rnd)
+        run.log("round-end", round=rnd)
     return tmp_path
 
 
@@ -185,10 +208,14 @@ def test_entries_read_back_typed_and_verify_over_the_bytes_written(tmp_path):
     assert verify_ledger(site_ledger)[1] == []
 
     # The aggregator's receipt carries the site's entry exactly as received.
-    federation = Ledger(run / "ledgers" / "federation.jsonl", signing.generate())
-    federation.append(SiteReleaseReceipt(round=1, site="site-000", site_entry=entries[0]))
+    (run / "ledgers" / "federation.jsonl").unlink()  # received again, as rewritten
+    federation = Ledger(run / "ledgers" / "federation.jsonl", signing.read_private_key(run / "keys" / "aggregator.key"))
+    heads = ReleaseHeads(federation)
+    for rnd, entry in enumerate(entries, start=1):
+        heads.receipt(rnd, "site-000", entry)
+        heads.close_round("run-1", rnd)
     federation.append(SiteExhausted(round=3, site="site-000", epsilon=7.5))
-    receipt, exhausted = Ledger(federation.path).records()
+    receipt, _, _, _, exhausted = Ledger(federation.path).records()
     assert isinstance(receipt, SiteReleaseReceipt) and isinstance(exhausted, SiteExhausted)
     assert canonical_json(receipt.site_entry.written) == canonical_json(entries[0].written)
     assert b'"epsilon_cap":8,' in federation.path.read_bytes()

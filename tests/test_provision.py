@@ -422,3 +422,38 @@ def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):
     assert resumed.rounds == 5 and resumed.strategy.min_sites == 1 and resumed.run_dir == str(run.resolve())
     with pytest.raises(AggregatorError, match="cannot change rounds"):
         aggregator.resume_config(run, ["rounds=9"])
+
+
+def test_a_budget_reset_needs_a_reason_is_signed_with_the_sites_key_and_shown_by_the_audit(kits):
+    from fedpriv.client.budget import SiteBudget
+    from fedpriv.common.ledger import Ledger
+    from fedpriv.common.records import BudgetReset, Mechanism
+
+    kit = kits / "sites" / "north"
+    ledger = Ledger(
+        kits / "sites" / "north-state" / "ledgers" / "north.jsonl", signing.read_private_key(kit / "ledger.key")
+    )
+    budget = SiteBudget(ledger, "sha256:v1", 6.0, 1e-6, "pld")
+    mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)
+    for rnd in (1, 2):
+        budget.record(run_id="q3", server_round=rnd, site="north", mechanism=mechanism, update_sha256="0" * 64)
+    written = ledger.path.read_bytes()
+
+    refused = fedpriv("agent", "reset-budget", "--kit", kit)
+    assert refused.returncode == 2 and "--reason" in refused.stderr, refused.stdout + refused.stderr
+    assert ledger.path.read_bytes() == written  # nothing appended
+
+    done = fedpriv("agent", "reset-budget", "--kit", kit, "--reason", "q3 tickets purged (retention policy)")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 earlier release(s)" in done.stdout
+    last = ledger.entries()[-1]
+    assert isinstance(last.record, BudgetReset) and last.record.reason == "q3 tickets purged (retention policy)"
+    assert last.signer == signing.public_b64(signing.read_private_key(kit / "ledger.key"))
+    assert budget.spent() == 0.0
+
+    shown = fedpriv("audit", ledger.path, "--keys", kits / "aggregator" / "public-keys.json", "--json")
+    report = json.loads(shown.stdout)
+    # A lone ledger: no violation, the reset shown, but not "passed" (nothing proves it complete).
+    assert shown.returncode == 3 and report["verdict"] == "incomplete" and not report["ok"]
+    (site,) = report["sites"]
+    assert site["resets"][0]["reason"].startswith("q3 tickets") and site["resets"][0]["releases-before"] == 2

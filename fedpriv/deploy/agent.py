@@ -21,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.common import flower_compat
+from fedpriv.common import flower_compat, signing
 from fedpriv.common import node_config as keys
 from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import Ledger
+from fedpriv.common.records import LedgerEntry, PrivacyRecord
 from fedpriv.deploy import processes
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
@@ -257,3 +259,26 @@ def format_node_config(values: dict[str, str | float]) -> str:
                 raise AgentError(f"node config {key}: {text!r} cannot be quoted for Flower (contains both quote marks)")
             parts.append(f"{key}={quote}{text}{quote}")
     return " ".join(parts)
+
+
+def reset_budget(kit_dir: str | Path, state_dir: str | Path | None, reason: str | None) -> tuple[LedgerEntry, str]:
+    """The operator's explicit budget reset, signed with the site's ledger key; (its entry, epsilon before it)."""
+    from fedpriv.client.budget import BudgetResetError, SiteBudget
+
+    if not (reason or "").strip():
+        raise BudgetResetError(
+            "reset-budget needs --reason: a reset is recorded in the site's ledger with its reason and shown by "
+            "every audit; it is never a side effect of a changed data file"
+        )
+    agent = Agent.from_kit(kit_dir, state_dir)
+    ledger = Ledger(agent.ledger_path, signing.read_private_key(agent.kit_dir / KIT_LEDGER_KEY))
+    if not ledger.path.exists():
+        raise AgentError(f"{ledger.path}: no ledger here, nothing was spent (is --state the agent's state folder?)")
+    releases = [r for r in ledger.records() if isinstance(r, PrivacyRecord) and r.party == "site"]
+    # Accounted as the site last accounted itself.
+    accounting = releases[-1].accounting if releases else None
+    delta = accounting.delta if accounting else float(agent.kit.delta)
+    budget = SiteBudget(ledger, "", float(agent.kit.epsilon_cap), delta, accounting.accountant if accounting else "pld")
+    spent = budget.spent()
+    entry = budget.reset(site=agent.kit.site, reason=str(reason))
+    return entry, f"{spent:.4f}"

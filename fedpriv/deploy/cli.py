@@ -318,6 +318,30 @@ def agent_check(
     console.print(f"{data}: {len(dataset)} rows, all labels known to the federation")
 
 
+@agent_app.command("reset-budget")
+def agent_reset_budget(
+    kit: Annotated[Path, typer.Option("--kit", help="This site's kit folder (its ledger key signs the reset).")],
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (recorded in the ledger and shown by every audit).")
+    ] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Where the site keeps its ledger.")] = None,
+) -> None:
+    """Reset this site's privacy budget: append a signed, reasoned reset record to its ledger.
+
+    Releases before it no longer count towards the cap. Only do this when the
+    data they were made from is gone for good (e.g. the people in it are no
+    longer in the data); a changed or grown data file never resets a budget.
+    """
+    from fedpriv.deploy.agent import reset_budget
+
+    entry, spent = reset_budget(kit, state, reason)
+    record = entry.record
+    _log(
+        f"{record.site}: budget reset (ledger seq {entry.seq}); {record.releases_before} earlier release(s), "
+        f"epsilon {spent}, no longer count. Reason recorded: {record.reason}"
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(provision_app, name="provision")
     app.add_typer(aggregator_app, name="aggregator")
