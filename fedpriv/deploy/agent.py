@@ -213,7 +213,10 @@ class Agent:
                 return 0
             if failure is Failure.ACTIVATION_REFUSED and (max_retries is None or attempt < max_retries):
                 attempt += 1
-                log(f"{self.kit.site}: {failure.diagnosis}; retrying in {retry_seconds:g} s")
+                log(
+                    f"{self.kit.site}: the aggregator refused to activate this site's node key; retrying in "
+                    f"{retry_seconds:g} s ({failure.diagnosis})"
+                )
                 if stop.sleep(retry_seconds):
                     log(f"{self.kit.site}: stopped")
                     return 0
@@ -234,9 +237,9 @@ class Failure(enum.Enum):
 
     # Flower gives the site one code (2004) for both cases; only the aggregator's log tells them apart.
     ACTIVATION_REFUSED = (
-        "the aggregator refused to activate this site's node key (Flower code 2004): its identity is already online "
-        "there (another agent runs with this kit's node.key, or this site's previous agent has not been gone for "
-        "the 60 s Flower holds a session), or the key is not registered (then the aggregator's operator runs "
+        "the aggregator refused this site's node key (Flower code 2004): its identity is already online there "
+        "(another agent runs with this kit's node.key, or this site's previous agent has not been gone for the "
+        "60 s Flower holds a session), or the key is not registered (then the aggregator's operator runs "
         "`fedpriv aggregator register`); the aggregator's log says which"
     )
     TLS_UNTRUSTED = (
