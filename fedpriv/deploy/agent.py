@@ -5,9 +5,14 @@ same label set, same minimum), so a bad export is reported to the site's
 operator here, with the file, column and row, before anything connects to
 the aggregator.
 
-The SuperNode runs in this process group; SIGTERM or SIGINT to the agent is
-passed on to it, the agent waits for it to stop and exits 0, so `docker
-stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. Its
+The SuperNode runs in its own process group; SIGTERM or SIGINT to the agent
+is passed on to it, the agent waits for it to stop and exits 0, so `docker
+stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. If the
+agent dies without a word (`kill -9`), the kernel stops the SuperNode for it
+(`processes.die_with_parent`), and the next agent on the same state
+directory ends anything still left (`processes.StateLock`). The ClientApp
+process is started through `clientapp_guard`, so the app bundle the
+aggregator submits can carry settings, never code. Its
 ledger (the site's privacy budget) lives in the state directory and must be
 backed up: it is what keeps the site under its cap across runs.
 """

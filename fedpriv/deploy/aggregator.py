@@ -328,7 +328,9 @@ class Aggregator:
             if stream:
                 command.append("--stream")
             stop = processes.StopSignals()
-            process = stop.watch(subprocess.Popen(command, env=flower_env(self.flwr_home)))
+            process = stop.watch(
+                subprocess.Popen(command, env=flower_env(self.flwr_home), preexec_fn=processes.die_with_parent())
+            )
             code = processes.wait(process, stop, GRACE_SECONDS)
         return 130 if stop.requested else code
 
