@@ -33,6 +33,7 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 PLOTS = "plots"
 LOCK = "run.lock"
+NODE_NAMES = "nodes.json"  # Flower node id -> site, written by a deployed aggregator from its registrations
 
 
 class RunDirectoryError(FedprivError):
@@ -122,6 +123,17 @@ class RunDirectory:
         if self._parsed is None or self._parsed[0] != stamp:
             self._parsed = (stamp, list(read_jsonl(self.metrics_path)))
         return [e for e in self._parsed[1] if kind is None or e.get("kind") == kind]
+
+    def node_names(self) -> dict[int, str]:
+        """Which site each Flower node id is (deployments); names the sites whose replies carry no name."""
+        path = self.path / NODE_NAMES
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+            return {int(node): str(site) for node, site in names.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return {}  # only names in messages depend on it: a damaged file costs names, not the run
 
     def started(self) -> bool:
         """Whether a run has already begun here (its config or a checkpoint was written)."""

@@ -80,6 +80,7 @@ class Federation:
         self.heads = ReleaseHeads(ledger)  # receipts go through it; it signs each round's head
         self.run_id = run_id
         self.history = ReleaseHistory()  # the releases sites sent in this run: a record is accepted once
+        self.node_names = run.node_names()  # a deployment's registrations: a site that drops names no one
         p = config.privacy
         self.secure = (
             SecureRound(grid, config, run_id, model.bundle.trainable_size, self.history, run.log)
@@ -242,6 +243,7 @@ class Federation:
             verdict = admit(reply, self.config.privacy.enabled, context, self.history)
             site = verdict.site
             if isinstance(verdict, Failed):
+                site = self._name(reply, site)
                 self.run.log("site-error", round=rnd, site=site, reason=verdict.reason)
                 log.warning("round %d: %s failed: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Exhausted):
@@ -266,6 +268,10 @@ class Federation:
                 log.warning("round %d: update of %s rejected: %s", rnd, site, verdict.reason)
         return accepted, exhausted, refused
 
+    def _name(self, reply: Message, fallback: str) -> str:
+        """The site an error reply came from: Flower's error replies carry only a node id."""
+        return self.node_names.get(reply.metadata.src_node_id, fallback)
+
     def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> None:
         messages = list(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
         if not messages:
@@ -274,7 +280,8 @@ class Federation:
         answered = []
         for reply in replies:
             if reply.has_error():
-                self.run.log("site-error", round=rnd, site=sender(reply), reason=reply.error.reason, phase="evaluate")
+                site = self._name(reply, sender(reply))
+                self.run.log("site-error", round=rnd, site=site, reason=reply.error.reason, phase="evaluate")
                 continue
             try:
                 decoded = EvaluateReply.from_message(reply)

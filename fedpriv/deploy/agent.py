@@ -5,9 +5,14 @@ same label set, same minimum), so a bad export is reported to the site's
 operator here, with the file, column and row, before anything connects to
 the aggregator.
 
-The SuperNode runs in this process group; SIGTERM or SIGINT to the agent is
-passed on to it, the agent waits for it to stop and exits 0, so `docker
-stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. Its
+The SuperNode runs in its own process group; SIGTERM or SIGINT to the agent
+is passed on to it, the agent waits for it to stop and exits 0, so `docker
+stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. If the
+agent dies without a word (`kill -9`), the kernel stops the SuperNode for it
+(`processes.die_with_parent`), and the next agent on the same state
+directory ends anything still left (`processes.StateLock`). The ClientApp
+process is started through `clientapp_guard`, so the app bundle the
+aggregator submits can carry settings, never code. Its
 ledger (the site's privacy budget) lives in the state directory and must be
 backed up: it is what keeps the site under its cap across runs.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.records import LedgerEntry, PrivacyRecord
-from fedpriv.deploy import processes
+from fedpriv.deploy import clientapp_guard, kit_checks, processes
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
 from fedpriv.deploy.kit import PUBLIC_KEYS as KIT_PUBLIC_KEYS
@@ -36,6 +42,9 @@ FLWR_HOME = "flwr-home"
 DEFAULT_PORT = 9094
 GRACE_SECONDS = 30.0
 ACTIVATION_RETRY_SECONDS = 10.0
+# The agent's status when its SuperNode fails. Flower's own codes (305: no connection, ...) are above 255,
+# which no process status can carry, so they are named in the agent's last line instead.
+EXIT_SUPERNODE_FAILED = 1
 # What Flower's "could not connect to the SuperLink" most often means, for the site's operator.
 HINT = (
     "the SuperNode could not connect: check the aggregator address and firewall, that this kit's ca.crt "
@@ -58,6 +67,9 @@ class Agent:
         kit_dir = Path(kit_dir).expanduser().resolve()
         kit = load_site_kit(kit_dir)
         require(kit_dir, KIT_LEDGER_KEY)
+        kit_checks.check_secrets(kit_dir, NODE_KEY, KIT_LEDGER_KEY)
+        if (kit_dir / KIT_PUBLIC_KEYS).exists():
+            kit_checks.check_public_keys(kit_dir / KIT_PUBLIC_KEYS)
         state = Path(state_dir).expanduser().resolve() if state_dir else kit_dir.parent / f"{kit.site}-state"
         return cls(kit_dir, kit, state)
 
@@ -134,6 +146,8 @@ class Agent:
             command.append("--insecure")
         else:
             require(self.kit_dir, CA_CERT, NODE_KEY)
+            kit_checks.check_certificate(self.kit_dir / CA_CERT, "the federation's CA certificate")
+            kit_checks.check_node_key(self.kit_dir / NODE_KEY)
             command += [
                 "--root-certificates",
                 str(self.kit_dir / CA_CERT),
@@ -163,7 +177,19 @@ class Agent:
         os.chmod(self.state, 0o700)
         (self.state / FLWR_HOME).mkdir(exist_ok=True)
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        # One agent per state directory (its ledger, its identity); a killed one's leftovers are ended first.
+        with processes.StateLock(
+            self.state, "agent", f"an agent of {self.kit.site}", self.state / FLWR_HOME, GRACE_SECONDS
+        ).acquire(log):
+            return self._supervise(command, max_retries, log, retry_seconds)
+
+    def _supervise(
+        self, command: list[str], max_retries: int | None, log: Callable[[str], None], retry_seconds: float
+    ) -> int:
         env = processes.flower_env(self.state / FLWR_HOME)
+        # SuperExec starts `flwr-clientapp` by name: ours first, so the aggregator's bundle cannot bring code.
+        guard = clientapp_guard.write_launcher(self.state / "bin")
+        env["PATH"] = f"{guard}{os.pathsep}{env['PATH']}"
         stop = processes.StopSignals()
         superlink = command[command.index("--superlink") + 1]
         attempt = 0
@@ -181,12 +207,14 @@ class Agent:
                     errors="replace",
                     bufsize=1,
                     start_new_session=True,
+                    preexec_fn=processes.die_with_parent(),  # takes no lock: safe beside our threads
                 )
             )
             output = processes.PassThrough(process)
             code = processes.wait(process, stop, GRACE_SECONDS)
             processes.stop_group(process.pid)
-            failure = read_failure(output.join()) if code else None
+            text = output.join()
+            failure = read_failure(text) if code else None
             if stop.requested:
                 log(f"{self.kit.site}: stopped")
                 return 0
@@ -195,27 +223,43 @@ class Agent:
             if failure is Failure.ACTIVATION_REFUSED and (max_retries is None or attempt < max_retries):
                 attempt += 1
                 log(
-                    f"{self.kit.site}: the aggregator refused to activate this site's node key: it is not registered "
-                    f"(yet), or this site's previous session has not expired; retrying in {retry_seconds:g} s"
+                    f"{self.kit.site}: the aggregator refused to activate this site's node key; retrying in "
+                    f"{retry_seconds:g} s ({failure.diagnosis})"
                 )
                 if stop.sleep(retry_seconds):
                     log(f"{self.kit.site}: stopped")
                     return 0
                 continue
-            log(f"{self.kit.site}: SuperNode exited with code {code}; {failure.diagnosis}")
-            return code
+            if failure is Failure.NO_CONNECTION and "--insecure" in command:
+                failure = Failure.PLAINTEXT
+            flower_code = flower_exit_code(text)
+            log(
+                f"{self.kit.site}: the SuperNode stopped"
+                + (f" with Flower exit code {flower_code}" if flower_code else f" (status {code})")
+                + f"; {failure.diagnosis}. The agent exits {EXIT_SUPERNODE_FAILED}"
+            )
+            return EXIT_SUPERNODE_FAILED
 
 
 class Failure(enum.Enum):
     """Why a SuperNode stopped with an error, as far as its exit message tells."""
 
+    # Flower gives the site one code (2004) for both cases; only the aggregator's log tells them apart.
     ACTIVATION_REFUSED = (
-        "the aggregator refused this site's node key: ask its operator to run `fedpriv aggregator register`"
+        "the aggregator refused this site's node key (Flower code 2004): its identity is already online there "
+        "(another agent runs with this kit's node.key, or this site's previous agent has not been gone for the "
+        "60 s Flower holds a session), or the key is not registered (then the aggregator's operator runs "
+        "`fedpriv aggregator register`); the aggregator's log says which"
     )
     TLS_UNTRUSTED = (
         "the aggregator's TLS certificate is not signed by the CA in this kit (ca.crt): wrong kit or wrong address"
     )
     NO_CONNECTION = HINT
+    PLAINTEXT = (
+        "this agent runs without TLS (--insecure) and the aggregator did not answer in plain text: an aggregator "
+        "started with TLS drops plain-text connections, which Flower reports as no connection (UNAVAILABLE); "
+        "drop --insecure"
+    )
     OTHER = "see Flower's message above"
 
     @property
@@ -242,6 +286,12 @@ def read_failure(output: str) -> Failure:
     if no_connection in output:
         return Failure.NO_CONNECTION
     return Failure.OTHER
+
+
+def flower_exit_code(output: str) -> int | None:
+    """The code Flower logged before exiting ("Exit Code: 305"); its process status is 1 whatever the code."""
+    found = re.findall(r"Exit Code: (\d+)", output)
+    return int(found[-1]) if found else None
 
 
 def format_node_config(values: dict[str, str | float]) -> str:

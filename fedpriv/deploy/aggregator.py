@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -33,12 +34,13 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.resources import check_model
-from fedpriv.common.rundir import CONFIG, RunDirectory
-from fedpriv.deploy import processes
+from fedpriv.common.rundir import CONFIG, NODE_NAMES, RunDirectory
+from fedpriv.deploy import kit_checks, processes
 from fedpriv.deploy.kit import (
     CA_CERT,
     LEDGER_KEY,
     NODE_KEYS,
+    PUBLIC_KEYS,
     TLS_CERT,
     TLS_KEY,
     AggregatorKit,
@@ -88,7 +90,13 @@ class Aggregator:
                     f"{error}. Refusing to run without TLS: provision the kit again, or pass --insecure "
                     "for a throw-away local test"
                 ) from None
+            kit_checks.check_secrets(self.kit_dir, TLS_KEY)
+            kit_checks.check_certificate(self.kit_dir / CA_CERT, "the federation's CA certificate")
+            kit_checks.check_certificate(self.kit_dir / TLS_CERT, "the aggregator's TLS certificate")
         require(self.kit_dir, LEDGER_KEY)
+        kit_checks.check_secrets(self.kit_dir, LEDGER_KEY)
+        if (self.kit_dir / PUBLIC_KEYS).exists():
+            kit_checks.check_public_keys(self.kit_dir / PUBLIC_KEYS)
 
     @property
     def flwr_home(self) -> Path:
@@ -149,7 +157,7 @@ class Aggregator:
         """Registers every provisioned site's node key (again is harmless); returns site -> node id."""
         self.prepare()
         registered_path = self.state / REGISTERED
-        registered = json.loads(registered_path.read_text()) if registered_path.exists() else {}
+        registered = _read_registered(registered_path)
         env = flower_env(self.flwr_home)
         with tempfile.TemporaryDirectory() as tmp:
             for site, public in self.node_keys().items():
@@ -185,6 +193,16 @@ class Aggregator:
         write_atomic(registered_path, json.dumps(registered, indent=2) + "\n")
         return registered
 
+    def registered(self) -> dict[str, str]:
+        """site -> Flower node id, as registration recorded them."""
+        return _read_registered(self.state / REGISTERED)
+
+    def write_node_names(self, run_dir: Path) -> None:
+        """node id -> site for the run's ServerApp: a site that drops sends no name of its own."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        names = {node: site for site, node in sorted(self.registered().items())}
+        write_atomic(run_dir / NODE_NAMES, json.dumps(names, indent=2) + "\n")
+
     # -- running the SuperLink --------------------------------------------
 
     def start(
@@ -202,19 +220,35 @@ class Aggregator:
             self.kit.aggregator.control_listen = control_listen
             self.prepare()
         command = self.superlink_command(fleet_listen, control_listen)
-        log("starting: " + " ".join(command))
-        stop = processes.StopSignals()
-        process = stop.watch(subprocess.Popen(command, env=flower_env(self.flwr_home)))
-        try:
-            _wait_for_port(_dial(control), process, ready_timeout)
-            if not self.insecure and self.node_keys():
-                self.register_nodes(log)
-            fleet = fleet_listen or self.kit.aggregator.fleet_listen
-            log(f"aggregator ready: sites connect to {self.kit.aggregator.address} (listening on {fleet})")
-            code = processes.wait(process, stop, GRACE_SECONDS)
-        except BaseException:
-            processes.stop(process, GRACE_SECONDS)
-            raise
+        # One aggregator per state directory; what a killed one left running (its SuperLink) is ended first.
+        with processes.StateLock(self.state, "aggregator", "an aggregator", self.flwr_home, GRACE_SECONDS).acquire(log):
+            log("starting: " + " ".join(command))
+            stop = processes.StopSignals()
+            process = stop.watch(
+                subprocess.Popen(
+                    command,
+                    env=flower_env(self.flwr_home),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    bufsize=1,
+                    preexec_fn=processes.die_with_parent(),  # ends with us, even after kill -9
+                )
+            )
+            output = processes.PassThrough(process, on_line=RefusalNotes(self.state / REGISTERED, log))
+            try:
+                _wait_for_port(_dial(control), process, ready_timeout)
+                if not self.insecure and self.node_keys():
+                    self.register_nodes(log)
+                fleet = fleet_listen or self.kit.aggregator.fleet_listen
+                log(f"aggregator ready: sites connect to {self.kit.aggregator.address} (listening on {fleet})")
+                code = processes.wait(process, stop, GRACE_SECONDS)
+            except BaseException:
+                processes.stop(process, GRACE_SECONDS)
+                raise
+            finally:
+                output.join()
         return 0 if stop.requested else code
 
     # -- submitting runs --------------------------------------------------
@@ -285,6 +319,7 @@ class Aggregator:
         """
         check_model(config.model.name)  # the aggregator builds the global model from it: fail before submitting
         self.prepare()
+        self.write_node_names(Path(config.run_dir))
         with tempfile.TemporaryDirectory(prefix="fedpriv-run-") as tmp:
             app = Path(app_dir) if app_dir else write_app_dir(Path(tmp) / "app", config)
             settings = Path(tmp) / "run-config.toml"
@@ -293,9 +328,51 @@ class Aggregator:
             if stream:
                 command.append("--stream")
             stop = processes.StopSignals()
-            process = stop.watch(subprocess.Popen(command, env=flower_env(self.flwr_home)))
+            process = stop.watch(
+                subprocess.Popen(command, env=flower_env(self.flwr_home), preexec_fn=processes.die_with_parent())
+            )
             code = processes.wait(process, stop, GRACE_SECONDS)
         return 130 if stop.requested else code
+
+
+def _read_registered(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AggregatorError(f"{path}: not JSON ({error}); delete it and run `fedpriv aggregator register`") from None
+    if not isinstance(value, dict):
+        raise AggregatorError(f"{path}: expected site -> node id; delete it and run `fedpriv aggregator register`")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+class RefusalNotes:
+    """Reads the SuperLink's log for refused node activations and says, by site name, what they mean.
+
+    A site is told only "Failed to activate SuperNode" (Flower code 2004)
+    whatever the cause; the SuperLink's own log line tells a key it does not
+    know from a node that is already online, and only the aggregator knows
+    which site a node id is (`registered-nodes.json`).
+    """
+
+    ONLINE = re.compile(r"SuperNode with node ID (\d+) could not be activated")
+    UNKNOWN = "No SuperNode found with the given public key"
+
+    def __init__(self, registered: Path, log: Callable[[str], None]):
+        self.registered, self.log = registered, log
+
+    def __call__(self, line: str) -> None:
+        if (found := self.ONLINE.search(line)) is not None:
+            node = found.group(1)
+            names = {v: k for k, v in _read_registered(self.registered).items()}
+            site = names.get(node, f"node {node}")
+            self.log(
+                f"refused {site} (node {node}): it is already online. Another agent with its identity (its kit's "
+                "node.key) is connected, or it restarted within the 60 s Flower holds a session; one agent per site"
+            )
+        elif self.UNKNOWN in line:
+            self.log("refused a node key that is not registered here: a new site needs `fedpriv aggregator register`")
 
 
 def _merge(base: dict, extra: Mapping) -> None:

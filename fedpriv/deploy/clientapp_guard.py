@@ -1,0 +1,98 @@
+"""The site's `flwr-clientapp`: Flower's own, refusing an app bundle that carries code or names another ClientApp.
+
+Flower 1.39's ClientApp process installs the app bundle (FAB) the
+aggregator submitted, puts its folder first on `sys.path` and imports the
+`clientapp` component the bundle's pyproject.toml names. A hostile
+aggregator could therefore ship Python files (even a `fedpriv/` package
+that shadows the installed one) and make every site run them. Flower's own
+defence, `--trusted-entities`, needs bundles signed through Flower's hosted
+platform: an open-source SuperLink sends none, and the SuperNode then refuses
+every run.
+
+fedpriv's bundle carries settings only (`fab-exclude = ["**"]`), so the site
+can demand exactly that: the bundle holds `pyproject.toml` and Flower's
+manifest and nothing else, and names `fedpriv.client.app:app`, the ClientApp
+of the fedpriv its operator installed. Anything else is refused before it is
+unpacked; the run's message gets an error reply whose reason says why.
+
+The agent puts a `flwr-clientapp` that runs this module first on the
+SuperNode's PATH (SuperExec starts the ClientApp process by that name).
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.flower_app import CLIENT_APP
+
+# What `flwr build` puts in a bundle built with `fab-exclude = ["**"]`.
+ALLOWED = frozenset({"pyproject.toml", ".info/CONTENT"})
+COMMAND = "flwr-clientapp"
+
+
+class ForeignAppError(FedprivError, RuntimeError):
+    """The aggregator sent an app bundle that is not fedpriv's settings-only bundle."""
+
+
+def check_fab(content: bytes) -> None:
+    """Raises `ForeignAppError` unless the bundle is settings only and names fedpriv's ClientApp."""
+    try:
+        bundle = zipfile.ZipFile(io.BytesIO(content))
+        names = [entry.filename for entry in bundle.infolist()]
+        extra = sorted(n for n in names if n not in ALLOWED)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise ForeignAppError(
+                f"refused the aggregator's app bundle: it carries files ({shown}); fedpriv's bundle carries "
+                "settings only, and this site runs only the ClientApp its operator installed"
+            )
+        project = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ForeignAppError(f"refused the aggregator's app bundle: not a readable Flower app ({error})") from None
+    component = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+    if component != CLIENT_APP:
+        raise ForeignAppError(
+            f"refused the aggregator's app bundle: it names the ClientApp {component!r}; this site runs only "
+            f"{CLIENT_APP}, from the fedpriv its operator installed"
+        )
+
+
+def write_launcher(directory: Path) -> Path:
+    """A `flwr-clientapp` in `directory` that runs this module with this Python; returns the folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    launcher = directory / COMMAND
+    text = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m fedpriv.deploy.clientapp_guard "$@"\n'
+    if not launcher.exists() or launcher.read_text(encoding="utf-8") != text:
+        tmp = directory / f".{COMMAND}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o700)
+        tmp.replace(launcher)
+    return directory
+
+
+def main() -> None:
+    from flwr.supernode.cli import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    install = runtime.install_from_fab
+
+    def checked_install(fab_file, *args, **kwargs):
+        try:
+            check_fab(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
+        except ForeignAppError as error:
+            print(f"fedpriv: {error}", file=sys.stderr, flush=True)  # the site's log; the reply carries it too
+            raise
+        return install(fab_file, *args, **kwargs)
+
+    runtime.install_from_fab = checked_install
+    flwr_clientapp()
+
+
+if __name__ == "__main__":
+    main()
