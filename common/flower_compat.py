@@ -11,7 +11,9 @@ fedpriv uses Flower's public message API (`flwr.app`, `flwr.clientapp`,
 - the RDP accountant the message-API DP strategies accept
   (`flwr.supercore.privacy_accounting`);
 - FedAdam's moments, which a resumed run must restore;
-- the SuperNode's error numbers, which appear only in its log.
+- the SuperNode's error numbers, which appear only in its log;
+- the ClientApp process's bundle installer, which a site wraps to refuse a
+  bundle that carries code (`run_clientapp_checking_bundles`).
 
 `check()` says, in one message, which of these the installed Flower no longer
 has; `tests/test_compat.py` runs it, so moving the pin fails there first.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from queue import Queue
@@ -96,6 +98,14 @@ def check() -> None:
     probe(f"FedAdam's moments {ADAM_MOMENTS}", adam)
     probe("Flower's SuperNode exit and API error codes", exit_codes)
     probe("the simulation grid's pull_interval", grid_poll)
+
+    def bundle_installer() -> bool:
+        from flwr.supernode.cli import flwr_clientapp  # noqa: F401
+        from flwr.supernode.runtime import run_clientapp
+
+        return callable(getattr(run_clientapp, "install_from_fab", None))
+
+    probe("flwr.supernode.runtime.run_clientapp.install_from_fab", bundle_installer)
     if problems:
         raise FlowerCompatError(
             f"fedpriv needs flwr {PINNED}* (installed: {version('flwr')}); this Flower lacks: " + "; ".join(problems)
@@ -266,3 +276,26 @@ def supernode_error_marks() -> tuple[str, str]:
         f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]",
         f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}",
     )
+
+
+# --- The ClientApp process ---------------------------------------------------------
+
+
+def run_clientapp_checking_bundles(check_bundle: Callable[[bytes], None]) -> None:
+    """Runs Flower's `flwr-clientapp`, calling `check_bundle(fab bytes)` before it installs any app bundle.
+
+    Flower's ClientApp process installs the submitted bundle with
+    `install_from_fab` (a module global of its runtime); wrapping it is the
+    one place a site can look at the bundle before its code could be loaded.
+    """
+    from flwr.supernode.cli import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    install = runtime.install_from_fab
+
+    def checked_install(fab_file, *args, **kwargs):
+        check_bundle(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
+        return install(fab_file, *args, **kwargs)
+
+    runtime.install_from_fab = checked_install
+    flwr_clientapp()

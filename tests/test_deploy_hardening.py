@@ -189,7 +189,7 @@ def test_a_site_that_drops_is_logged_by_its_name_not_its_node_id(tmp_path):
     federation.config, federation.run, federation.history = FedprivConfig(), run, ReleaseHistory()
     federation.node_names = run.node_names()
     dropped = Message(Error(code=0, reason="message TTL expired: the node did not reply"), reply_to=instruction())
-    assert federation._record_train(1, [dropped]) == ([], 0)
+    assert federation._record_train(1, [dropped]) == ([], 0, 0)
     [event] = run.events("site-error")
     assert event["site"] == "north" and "TTL" in event["reason"]
 

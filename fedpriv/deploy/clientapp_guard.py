@@ -77,21 +77,16 @@ def write_launcher(directory: Path) -> Path:
 
 
 def main() -> None:
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
+    from fedpriv.common.flower_compat import run_clientapp_checking_bundles
 
-    install = runtime.install_from_fab
-
-    def checked_install(fab_file, *args, **kwargs):
+    def checked(content: bytes) -> None:
         try:
-            check_fab(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
+            check_fab(content)
         except ForeignAppError as error:
             print(f"fedpriv: {error}", file=sys.stderr, flush=True)  # the site's log; the reply carries it too
             raise
-        return install(fab_file, *args, **kwargs)
 
-    runtime.install_from_fab = checked_install
-    flwr_clientapp()
+    run_clientapp_checking_bundles(checked)
 
 
 if __name__ == "__main__":
