@@ -1,5 +1,6 @@
 """`fedpriv simulate` end to end, on the real Flower Simulation Engine (Ray)."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -246,3 +247,54 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
         assert {e["round"] for e in run.events("site-budget-exhausted")} == {13 - paid_twice}
     again = fedpriv("simulate", "--resume", str(run.path))
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_simulation_and_every_process_it_started(tiny_config, tmp_path):
+    """SIGTERM once left the command waiting on its ServerApp thread and Ray's workers training for minutes."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    path = write_config(tmp_path, tiny_config, **{"rounds": 500, "train.local-epochs": 20.0})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, for the clean-up below only
+    )
+    progress = Path(tiny_config.run_dir) / "progress"
+    try:
+        deadline = time.time() + 300
+        while not (progress.is_dir() and any(progress.iterdir())):  # a site is training: Ray's workers are busy
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no site started training within 300 s"
+            time.sleep(0.2)
+        started = psutil.Process(process.pid).children(recursive=True)
+
+        def described(p: psutil.Process) -> str:
+            with contextlib.suppress(psutil.Error):
+                return f"{p.name()} {' '.join(p.cmdline())}"
+            return ""
+
+        def dead(p: psutil.Process) -> bool:
+            try:
+                return p.status() == psutil.STATUS_ZOMBIE  # killed; only init's reaping is left
+            except psutil.NoSuchProcess:
+                return True
+
+        assert any("ClientAppActor" in described(p) for p in started), [described(p) for p in started]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        assert "terminated; its workers were stopped with it" in process.stderr.read().decode()
+        deadline = time.time() + 60
+        while not all(dead(p) for p in started):  # killed before the command exited: this takes no time
+            assert time.time() < deadline, [described(p) for p in started if not dead(p)]
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
