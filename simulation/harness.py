@@ -169,6 +169,12 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
     if not run.finished():
         _stopped(run, console)
     console.print(f"Simulation finished in {time.time() - started:.0f} s")
+    finish(run, console)
+    return run
+
+
+def finish(run: RunDirectory, console: Console) -> None:
+    """Plots, summary and the run's own audit; a failed audit is an error, not a line in a report."""
     write_plots(run)
     print_summary(run, console)
     report = audit([run.path])
@@ -179,4 +185,3 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
             f"{run.path}: the run finished but its audit failed (see above and {run.path / 'audit.html'}); "
             "do not rely on its privacy numbers"
         )
-    return run

@@ -298,3 +298,31 @@ def test_sigterm_stops_the_simulation_and_every_process_it_started(tiny_config, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_a_run_whose_own_audit_fails_ends_in_an_error_and_exit_1(tmp_path, monkeypatch):
+    """`fedpriv simulate` exited 0 after printing its own failed audit."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app
+    from fedpriv.simulation import harness
+    from tests.test_ledger import make_run
+
+    run = make_run(tmp_path / "run")
+    ledger = run / "ledgers" / "site-001.jsonl"
+    entries = ledger.read_text().splitlines(keepends=True)
+    edited = json.loads(entries[1])
+    edited["record"]["accounting"]["epsilon"] = 0.01  # an under-reported release
+    ledger.write_text("".join([entries[0], json.dumps(edited) + "\n", *entries[2:]]))
+    console = Console(record=True, width=200)
+    with pytest.raises(harness.AuditFailedError, match="the run finished but its audit failed"):
+        harness.finish(RunDirectory(run), console)
+    assert "site-001.jsonl line 2" in console.export_text() and (run / "audit.html").exists()
+
+    def audit_fails(config, **_):
+        raise harness.AuditFailedError(f"{config.run_dir}: the run finished but its audit failed")
+
+    monkeypatch.setattr(harness, "simulate", audit_fails)
+    result = CliRunner().invoke(app, ["simulate", "--no-dp", "-o", str(run)])
+    assert result.exit_code == 1 and "audit failed" in result.output
