@@ -342,6 +342,11 @@ class FedprivConfig(_Section):
                 raise ValueError(
                     "privacy.max-colluding-sites must be below strategy.min-sites (at least 2) for secure aggregation"
                 )
+            if self.simulation.sites < 2:
+                # A simulated round would wait forever for a second site (a deployment ignores this section).
+                raise ValueError(
+                    "simulation.sites: secure aggregation needs at least 2 sites (--preset local runs one)"
+                )
         return self
 
     def federated_evaluation_rounds(self) -> list[int]:

@@ -38,7 +38,7 @@ def check_sites(config: FedprivConfig) -> None:
         return
     fix = (
         "secure aggregation needs at least 2 sites (--preset local runs one)"
-        if config.privacy.secure_aggregation
+        if config.privacy.secure_aggregation and sites < 2
         else f"set strategy.min-sites to at most {sites}"
     )
     raise ConfigError(

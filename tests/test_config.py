@@ -76,6 +76,13 @@ def test_non_finite_and_absurd_settings_are_refused_naming_the_setting(override,
         load_config(None, [override], "local")
 
 
+def test_one_simulated_site_under_secure_aggregation_is_refused():
+    # It once waited forever for a second site.
+    with pytest.raises(ConfigError, match=r"simulation\.sites: secure aggregation needs at least 2 sites"):
+        load_config(None, ["simulation.sites=1"], "distributed")
+    assert load_config(None, ["simulation.sites=1", "strategy.min-sites=1"], "local").simulation.sites == 1
+
+
 def test_a_plan_too_long_to_run_is_refused_naming_its_settings():
     # 100 rounds of 1000 epochs at rate 0.001: 10^8 steps per site, hours of accounting before round 1.
     settings = ["rounds=100", "train.local-epochs=1000", "train.sample-rate=0.001"]

@@ -6,6 +6,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedpriv.client.runtime import WorkerRuntime
+from fedpriv.common.config import ConfigError
 from fedpriv.common.data import DataError, LabelSet
 from fedpriv.simulation.harness import plan_sites
 from tests.helpers import LABELS, easy_rows, write_csv
@@ -154,14 +155,21 @@ def test_a_test_file_that_does_not_fit_is_named_before_anything_is_built(tiny_co
 @pytest.mark.parametrize(
     ("changes", "refused"),
     [
-        # Secure aggregation with one site waited forever for a second.
-        ({"simulation.sites": 1, "privacy.secure-aggregation": True, "strategy.min-sites": 2}, "secure aggregation"),
         ({"simulation.sites": 2, "strategy.min-sites": 3}, "set strategy.min-sites to at most 2"),
+        ({"simulation.sites": 2, "strategy.min-sites": 3, "privacy.secure-aggregation": True}, "at most 2"),
     ],
 )
 def test_fewer_simulated_sites_than_a_round_waits_for_are_refused(tiny_config, changes, refused):
-    from fedpriv.common.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"simulation\.sites: .* strategy\.min-sites") as caught:
         plan_sites(tiny_config.replace(**changes), LABEL_SET)
     assert refused in str(caught.value)
+
+
+def test_one_column_value_under_secure_aggregation_is_refused(tiny_config, tmp_path):
+    # Secure aggregation with one site waited forever for a second; with a column, the data decides the count.
+    rows = [(text, label, "north") for text, label in easy_rows(20)]
+    path = write_csv(tmp_path / "tickets.csv", rows, header=("text", "category", "department"))
+    changes = {"simulation.partitioner": "column", "simulation.column": "department", "strategy.min-sites": 2}
+    config = tiny_config.replace(**{"data.path": str(path), "privacy.secure-aggregation": True, **changes})
+    with pytest.raises(ConfigError, match=r"simulation\.sites: secure aggregation needs at least 2 sites"):
+        plan_sites(config, LABEL_SET)
