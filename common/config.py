@@ -307,7 +307,7 @@ class FedprivConfig(_Section):
         steps = (1 if distributed else max(1, round(t.local_epochs / t.sample_rate))) * self.rounds
         if steps > MAX_STEPS:
             raise ValueError(
-                f"rounds x train.local-epochs / train.sample-rate plans {steps:.3g} DP-SGD steps per site "
+                f"rounds x train.local-epochs / train.sample-rate plans {steps:.3g} training steps per site "
                 f"(at most {MAX_STEPS:.0e}); lower rounds or train.local-epochs, or raise train.sample-rate"
             )
         if p.noise == "distributed" and not p.secure_aggregation:
