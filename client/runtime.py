@@ -24,7 +24,7 @@ from fedpriv.client.budget import SiteBudget
 from fedpriv.client.site import DeployedSource, data_source, open_budget, site_policy
 from fedpriv.client.training import DpSettings
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.data import DataError, LabelSet, TextDataset, load_dataset, split_validation
+from fedpriv.common.data import DataError, LabelSet, TextDataset, load_configured, load_dataset, split_validation
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
@@ -216,7 +216,7 @@ class WorkerRuntime:
             data.min_rows,
         )
         if key != self._split_key:
-            dataset = load_dataset(path, labels, data.text_column, data.label_column, 1, data.delimiter)
+            dataset = load_configured(data, labels, path)
             self._split = (dataset, *split_for(config, dataset, sites))
             self._split_key = key
         return self._split

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpriv.client.budget import SiteBudget
 from fedpriv.client.training import LocalPlan
-from fedpriv.common import signing
+from fedpriv.common import signing, site_names
 from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
@@ -159,6 +159,7 @@ def open_budget(
         key = signing.read_private_key(Path(str(node[LEDGER_KEY])).expanduser())
     else:
         base = simulation_dir(config, run_id)
+        site_names.check(name)  # it becomes two paths under the run directory
         ledger_path = base / "ledgers" / f"{name}.jsonl"
         key = signing.load_or_create(base / "keys" / f"{name}.key")
     if simulated:

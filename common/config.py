@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpriv.common import files
 from fedpriv.common.errors import FedprivError
@@ -26,7 +26,9 @@ class ConfigError(FedprivError, ValueError):
     """A setting is missing, unknown or out of range; the message names it."""
 
 
-_Section = FrozenKebabModel
+class _Section(FrozenKebabModel):
+    # inf or nan passes every `gt`/`le` bound (inf > 0) and then breaks training or accounting at each site.
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -54,6 +56,13 @@ class DataConfig(_Section):
     )
     min_rows: int = Field(10, ge=1, description="A site with fewer usable rows is refused.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
+    max_chars: int = Field(
+        20_000,
+        ge=100,
+        le=10_000_000,
+        description="Characters read of each text; a longer one is cut (with a warning naming the file and row) "
+        "before tokenizing, which would otherwise hold the whole text in memory.",
+    )
 
 
 class ModelConfig(_Section):
@@ -79,7 +88,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_epochs: float = Field(3.0, gt=0.0, description="Passes over the site's data per round (expected).")
+    local_epochs: float = Field(3.0, gt=0.0, le=1000.0, description="Passes over the site's data per round (expected).")
     sample_rate: float = Field(
         0.5,
         gt=0.0,
@@ -101,12 +110,12 @@ class TrainConfig(_Section):
 
 class PrivacyConfig(_Section):
     enabled: bool = Field(True, description="false trains without DP (a non-private baseline).")
-    target_epsilon: float = Field(8.0, gt=0.0, description="Each site's epsilon after all planned rounds.")
+    target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="Each site's epsilon after all planned rounds.")
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="Each site's delta; keep it below 1/rows.")
     noise_multiplier: float = Field(
-        0.0, ge=0.0, description="0 derives it from target-epsilon over the planned rounds."
+        0.0, ge=0.0, le=1000.0, description="0 derives it from target-epsilon over the planned rounds."
     )
-    max_grad_norm: float = Field(0.5, gt=0.0, description="Per-example gradient clipping norm.")
+    max_grad_norm: float = Field(0.5, gt=0.0, le=1e6, description="Per-example gradient clipping norm.")
     accountant: Literal["pld", "prv", "rdp"] = Field(
         "pld",
         description="Accountant of the site's budget: pld (tight, dp-accounting), rdp (Renyi DP, an upper bound) or prv (Opacus PRV, training releases only).",
@@ -114,17 +123,21 @@ class PrivacyConfig(_Section):
     epsilon_cap: float = Field(
         0.0,
         ge=0.0,
+        le=1000.0,
         description="Epsilon a site never exceeds (0: the target). A deployed site's own node config (epsilon-cap) wins.",
     )
 
     site_level_noise: float = Field(
         0.0,
         ge=0.0,
+        le=1000.0,
         description="Site-level DP at the aggregator: noise multiplier on the sum of clipped site updates (0: off).",
     )
-    site_level_clip: float = Field(1.0, gt=0.0, description="Site-level DP: clipping norm of each site's update.")
+    site_level_clip: float = Field(
+        1.0, gt=0.0, le=1e6, description="Site-level DP: clipping norm of each site's update."
+    )
     site_level_cap: float = Field(
-        0.0, ge=0.0, description="Site-level DP: epsilon the federation may not exceed (0: no cap)."
+        0.0, ge=0.0, le=1000.0, description="Site-level DP: epsilon the federation may not exceed (0: no cap)."
     )
     secure_aggregation: bool = Field(
         False,
@@ -150,7 +163,7 @@ class PrivacyConfig(_Section):
         description="Federated evaluation of a private run: off (nothing leaves the site), noised (Gaussian noise on each site's correct/total counts, recorded and counted in its budget) or clear (a deployed site refuses unless allow-non-private).",
     )
     evaluation_noise: float = Field(
-        20.0, gt=0.0, description="Noised evaluation: standard deviation of the Gaussian noise on each count."
+        20.0, gt=0.0, le=1e6, description="Noised evaluation: standard deviation of the Gaussian noise on each count."
     )
 
     def cap(self) -> float:
@@ -203,7 +216,7 @@ class StrategyConfig(_Section):
 
 
 class SimulationConfig(_Section):
-    sites: int = Field(10, ge=1, description="Number of simulated sites (for column: set from the data).")
+    sites: int = Field(10, ge=1, le=100_000, description="Number of simulated sites (for column: set from the data).")
     partitioner: Literal["iid", "dirichlet", "column"] = Field(
         "dirichlet", description="How the dataset is split: iid, dirichlet (label skew) or column."
     )
@@ -247,9 +260,17 @@ _MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("ad
 _DISTRIBUTED_RATES = {"head": 40.0}
 
 
+# Bounds of a plan every part can carry out: beyond them a run stalls in accounting or
+# training long before it would end (10^12 rounds), so they are refused up front.
+MAX_ROUNDS = 100_000
+MAX_STEPS = 10_000_000  # DP-SGD steps a site's plan holds over all rounds
+
+
 class FedprivConfig(_Section):
-    rounds: int = Field(40, ge=1, description="Federated rounds (the privacy plan covers all of them).")
-    seed: int = Field(42, description="Seed of partitioning, splits and (in simulation only) sampling and noise.")
+    rounds: int = Field(40, ge=1, le=MAX_ROUNDS, description="Federated rounds (the privacy plan covers all of them).")
+    seed: int = Field(
+        42, ge=0, lt=2**63, description="Seed of partitioning, splits and (in simulation only) sampling and noise."
+    )
     run_dir: str = Field("", description="Where the aggregator writes the run; empty: runs/<date>-<time>.")
     central_eval_every: int = Field(1, ge=0, description="Rounds between central evaluations (0: final only).")
     keep_checkpoints: int = Field(
@@ -280,7 +301,15 @@ class FedprivConfig(_Section):
     def _consistent(self) -> FedprivConfig:
         if self.simulation.partitioner == "column" and not self.simulation.column:
             raise ValueError("simulation.column must name a column when simulation.partitioner is 'column'")
-        p, s = self.privacy, self.strategy
+        p, s, t = self.privacy, self.strategy, self.train
+        # As accounting.steps_per_round counts them (importing it here would load dp-accounting with every config).
+        distributed = p.enabled and p.noise == "distributed"  # one step of the pooled data per round
+        steps = (1 if distributed else max(1, round(t.local_epochs / t.sample_rate))) * self.rounds
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"rounds x train.local-epochs / train.sample-rate plans {steps:.3g} training steps per site "
+                f"(at most {MAX_STEPS:.0e}); lower rounds or train.local-epochs, or raise train.sample-rate"
+            )
         if p.noise == "distributed" and not p.secure_aggregation:
             raise ValueError("privacy.noise = 'distributed' needs privacy.secure-aggregation = true")
         if p.noise == "distributed" and not p.enabled:
@@ -312,6 +341,11 @@ class FedprivConfig(_Section):
             if s.min_sites < 2 or p.max_colluding_sites >= s.min_sites:
                 raise ValueError(
                     "privacy.max-colluding-sites must be below strategy.min-sites (at least 2) for secure aggregation"
+                )
+            if self.simulation.sites < 2:
+                # A simulated round would wait forever for a second site (a deployment ignores this section).
+                raise ValueError(
+                    "simulation.sites: secure aggregation needs at least 2 sites (--preset local runs one)"
                 )
         return self
 

@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -19,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedpriv.common.config import DataConfig
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.logs import DATA_LOG
 from fedpriv.common.resources import resolve_path
+
+log = logging.getLogger(DATA_LOG)
+MAX_CHARS = DataConfig.model_fields["max_chars"].default
 
 # File kinds by extension; a delimited kind's default delimiter beside it.
 SUPPORTED = {
@@ -87,6 +93,8 @@ class LabelSet:
                 raw = path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise DataError(path, "labels file not found (data.labels)") from None
+            except IsADirectoryError:
+                raise DataError(path, "is a folder, not a labels file (data.labels)") from None
             except UnicodeDecodeError as error:
                 raise DataError(path, f"labels file is not UTF-8 text ({error.reason})") from None
             if path.suffix != ".json":
@@ -115,6 +123,7 @@ class TextDataset:
     texts: list[str]
     labels: np.ndarray
     source: str
+    cut_rows: tuple[int, ...] = ()  # rows of the file whose text was cut to data.max-chars
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -155,15 +164,44 @@ def _decompress(path: Path, raw: bytes, compression: str | None) -> bytes:
     return raw
 
 
-def _read_table(path: Path, delimiter: str = "") -> pd.DataFrame:
-    kind, compression = file_kind(path)
-    if not path.is_file():
+def _check_file(path: Path) -> None:
+    if not path.exists():
         raise DataError(path, "file not found")
+    if not path.is_file():
+        raise DataError(path, "is not a regular file (a device, socket or pipe?)")
+
+
+def _refuse_duplicates(path: Path, names, row: int | None = None) -> None:
+    """Two columns of one name: pandas would rename the second and the first would be used, silently."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            where = "the header" if row is None else "this line"
+            raise DataError(path, f"appears twice in {where}; rename or drop one of them", column=name, row=row)
+        if name != "":
+            seen.add(name)
+
+
+def _unique_keys(path: Path, number: int):
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        _refuse_duplicates(path, [key for key, _ in pairs], row=number)
+        return dict(pairs)
+
+    return hook
+
+
+def _read_table(path: Path, delimiter: str = "") -> pd.DataFrame:
+    if path.is_dir():
+        raise DataError(path, "is a folder, not a data file")
+    kind, compression = file_kind(path)
+    _check_file(path)
     if kind == "Parquet":
         try:
-            return pd.read_parquet(path)
+            frame = pd.read_parquet(path)
         except Exception as error:  # pyarrow raises many types for a bad file
             raise DataError(path, f"cannot read Parquet: {error}") from None
+        _refuse_duplicates(path, [str(c) for c in frame.columns])
+        return frame
     raw = _decompress(path, path.read_bytes(), compression)
     try:
         text = raw.decode("utf-8-sig")
@@ -178,6 +216,7 @@ def _read_table(path: Path, delimiter: str = "") -> pd.DataFrame:
         try:
             # A quote in a TSV is text (GLUE's sentences have them); CSV keeps standard quoting.
             quoting = csv.QUOTE_NONE if separator == "\t" and not delimiter else csv.QUOTE_MINIMAL
+            _refuse_duplicates(path, next(csv.reader(io.StringIO(text), delimiter=separator, quoting=quoting)))
             return pd.read_csv(
                 io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[], quoting=quoting
             )
@@ -189,7 +228,7 @@ def _read_table(path: Path, delimiter: str = "") -> pd.DataFrame:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys(path, number))
         except json.JSONDecodeError as error:
             raise DataError(path, f"line is not JSON: {error.msg}", row=number) from None
         if not isinstance(record, dict):
@@ -233,19 +272,28 @@ def load_dataset(
     label_column: str,
     min_rows: int = 1,
     delimiter: str = "",
+    max_chars: int = MAX_CHARS,
 ) -> TextDataset:
-    """Read and validate a site's table; any bad row stops with a `DataError`."""
+    """Read and validate a site's table; any bad row stops with a `DataError`.
+
+    A text longer than `max_chars` is cut to it (tokenizing a whole 50 MB row
+    once took a worker to 7 GB); a warning names the file and the rows.
+    """
     path = resolve_path(str(path))
     frame, numbers = read_columns(path, [text_column, label_column], delimiter)
     index = labels.index
     texts: list[str] = []
     ids: list[int] = []
+    cut: list[int] = []
     for number, text, label in zip(numbers, frame[text_column], frame[label_column], strict=True):
         clean = _as_text(text)
         if clean is None:
             raise DataError(
                 path, f"expected text, got {type(text).__name__} {text!r:.40}", column=text_column, row=number
             )
+        if len(clean) > max_chars:
+            clean = clean[:max_chars]
+            cut.append(number)
         if "\ufffd" in clean:
             raise DataError(path, "text contains undecodable characters (U+FFFD)", column=text_column, row=number)
         if not clean.strip():
@@ -267,7 +315,30 @@ def load_dataset(
         ids.append(index[name])
     if len(texts) < min_rows:
         raise DataError(path, f"too few rows: {len(texts)} (at least {min_rows} needed, data.min-rows)")
-    return TextDataset(texts, np.asarray(ids, dtype=np.int64), str(path))
+    if cut:
+        log.warning("%s", cut_warning(path, text_column, cut, max_chars))
+    return TextDataset(texts, np.asarray(ids, dtype=np.int64), str(path), tuple(cut))
+
+
+def cut_warning(path: str | Path, column: str, rows: list[int], max_chars: int) -> str:
+    shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    return (
+        f"{path}, column '{column}', row{'s' if len(rows) > 1 else ''} {shown}: text longer than "
+        f"data.max-chars={max_chars} characters, cut to that length"
+    )
+
+
+def load_configured(data: DataConfig, labels: LabelSet, path: str | Path | None = None) -> TextDataset:
+    """The training file the settings name (or another file read the same way, e.g. the test set)."""
+    return load_dataset(
+        data.path if path is None else path,
+        labels,
+        data.text_column,
+        data.label_column,
+        1,
+        data.delimiter,
+        data.max_chars,
+    )
 
 
 def read_column(path: str | Path, column: str, delimiter: str = "") -> list[str]:

@@ -7,3 +7,4 @@ SuperNode's console), and `fedpriv simulate` quietens both with one setting.
 
 SERVER_LOG = "flwr.fedpriv.server"
 CLIENT_LOG = "flwr.fedpriv.client"
+DATA_LOG = "flwr.fedpriv.data"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedpriv.common import site_names
 from fedpriv.common.errors import FedprivError
 
 
@@ -49,16 +50,43 @@ def dirichlet(
     )
 
 
-def by_column(values: Sequence[str], sites: int) -> tuple[list[np.ndarray], list[str]]:
-    """One site per distinct value of a column (e.g. a department); sorted by value."""
-    names = sorted(set(values))
+def column_site_names(values: Sequence[str], where: str = "simulation.column") -> dict[str, str]:
+    """Each distinct value's site name (sorted by value): a file name under the site-name rule.
+
+    A value is data, not a path: "../../x" or "federation" must not become
+    one. Values are mapped to safe names; a value that maps to nothing, to a
+    reserved name or to another value's name is refused.
+    """
+    names: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for value in sorted(set(values)):
+        name = site_names.from_value(value)
+        if not name or name in site_names.RESERVED:
+            raise PartitionError(
+                f"{where}: value {value!r} cannot name a site (it becomes {name!r}; site names "
+                f"{site_names.EXPLAINED}); rename it in the data"
+            )
+        if name in taken:
+            raise PartitionError(
+                f"{where}: values {taken[name]!r} and {value!r} would both be site {name!r}; "
+                "rename one of them in the data"
+            )
+        names[value], taken[name] = name, value
+    return names
+
+
+def by_column(
+    values: Sequence[str], sites: int, where: str = "simulation.column"
+) -> tuple[list[np.ndarray], list[str]]:
+    """One site per distinct value of a column (e.g. a department); sorted by value, named safely."""
+    names = column_site_names(values, where)
     if len(names) != sites:
         raise PartitionError(
             f"simulation.column has {len(names)} distinct values but simulation.sites={sites}; "
             "set simulation.sites to the number of values"
         )
     column = np.asarray(values)
-    return [np.flatnonzero(column == name) for name in names], names
+    return [np.flatnonzero(column == value) for value in names], list(names.values())
 
 
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_labels: int) -> np.ndarray:
@@ -76,7 +104,8 @@ def split_for(config, dataset, sites: int) -> tuple[list[np.ndarray], list[str]]
 
     sim = config.simulation
     if sim.partitioner == "column":
-        return by_column(read_column(dataset.source, sim.column, config.data.delimiter), sites)
+        values = read_column(dataset.source, sim.column, config.data.delimiter)
+        return by_column(values, sites, f"{dataset.source}, column '{sim.column}' (simulation.column)")
     names = [f"site-{i:03d}" for i in range(sites)]
     if sim.partitioner == "iid":
         return iid(len(dataset), sites, config.seed), names

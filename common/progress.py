@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from fedpriv.common import site_names
 from fedpriv.common.files import write_atomic
 
 PROGRESS = "progress"
@@ -18,7 +19,7 @@ PROGRESS = "progress"
 
 class ProgressWriter:
     def __init__(self, run_dir: str | Path, site: str, server_round: int, steps: int, every: float = 0.5):
-        self.path = Path(run_dir) / PROGRESS / f"{site}.json"
+        self.path = Path(run_dir) / PROGRESS / f"{site_names.check(site)}.json"
         self.round, self.steps, self.every = server_round, steps, every
         self._last = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ table can be printed again later (`fedpriv report RUN_DIR`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +19,24 @@ def _fmt_eps(value) -> str:
     return "∞ (no DP)" if value is None else f"{value:.3f}"
 
 
-def summary_tables(run: RunDirectory) -> list[Table]:
+# Rounds the accuracy table shows in full; a longer run (240 for the default demo) is summarised.
+SHOWN_ROUNDS = 12
+
+
+def shown_rounds(rounds: list[int], best: int | None, limit: int = SHOWN_ROUNDS) -> tuple[list[int], int]:
+    """The rounds a compact table shows: the first three, every k-th, the best and the last; and k."""
+    if len(rounds) <= limit:
+        return rounds, 1
+    wanted = len(rounds) / (limit - 5)
+    magnitude = 10 ** math.floor(math.log10(wanted))
+    every = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= wanted)
+    picked = {*rounds[:3], rounds[-1], *(r for r in rounds if r % every == 0)}
+    if best is not None:
+        picked.add(best)
+    return sorted(picked), every
+
+
+def summary_tables(run: RunDirectory, every_round: bool = False) -> list[Table]:
     summary = summarize(run)
     rounds = Table(title="Accuracy per round", title_justify="left")
     rounds.add_column("round", justify="right")
@@ -26,24 +44,40 @@ def summary_tables(run: RunDirectory) -> list[Table]:
     rounds.add_column("federated (site validation)", justify="right")
     central = summary["central-accuracy-by-round"]
     federated = summary["federated-accuracy-by-round"]
-    for rnd in sorted(set(central) | set(federated)):
+    recorded = sorted(set(central) | set(federated))
+    best = max(central, key=lambda r: (central[r], -r)) if central else None
+    shown, every = (recorded, 1) if every_round else shown_rounds(recorded, best)
+    for rnd in shown:
         c, f = central.get(rnd), federated.get(rnd)
-        rounds.add_row(str(rnd), "-" if c is None else f"{100 * c:.2f}%", "-" if f is None else f"{100 * f:.2f}%")
+        label = f"{rnd} (best)" if rnd == best and len(central) > 1 else str(rnd)
+        rounds.add_row(label, "-" if c is None else f"{100 * c:.2f}%", "-" if f is None else f"{100 * f:.2f}%")
+    if len(shown) < len(recorded):
+        rounds.caption = (
+            f"{len(shown)} of {len(recorded)} rounds: the first three, one every {every}, the best and the last; "
+            f"every round: {run.plots / 'accuracy.png'} or fedpriv report --every-round"
+        )
     sites = Table(title="Privacy per site", title_justify="left")
     sites.add_column("site")
     sites.add_column("training rows", justify="right")
     sites.add_column("epsilon spent", justify="right")
     delta = next((e.get("delta") for e in run.events("site-train") if e.get("delta")), None)
+    undisclosed = False
     for name, info in summary["sites"].items():
-        sites.add_row(name, str(info["train-examples"]), _fmt_eps(info["epsilon"]))
+        rows = info["train-examples"]
+        undisclosed |= rows is None
+        sites.add_row(name, "not sent" if rows is None else str(rows), _fmt_eps(info["epsilon"]))
+    notes = []
     if delta:
-        sites.caption = f"(epsilon, delta={delta:g})-DP for each site's records; accountant: see config.toml"
+        notes.append(f"(epsilon, delta={delta:g})-DP for each site's records; accountant: see config.toml")
+    if undisclosed:
+        notes.append("under secure aggregation a site does not send its row count")
+    sites.caption = "\n".join(notes) or None
     return [rounds, sites]
 
 
-def print_summary(run: RunDirectory, console: Console | None = None) -> None:
+def print_summary(run: RunDirectory, console: Console | None = None, every_round: bool = False) -> None:
     console = console or Console()
-    for table in summary_tables(run):
+    for table in summary_tables(run, every_round):
         console.print(table)
     summary = summarize(run)
     acc = summary["central-accuracy"]

@@ -196,10 +196,11 @@ def summarize(run: RunDirectory) -> dict[str, Any]:
     central = {e["round"]: e for e in run.events("central-evaluate")}
     federated = {e["round"]: e for e in run.events("federated-evaluate")}
     epsilons: dict[str, dict[int, float | None]] = {}
-    examples: dict[str, int] = {}
+    examples: dict[str, int] = {}  # absent for a site that never sent its row count (secure aggregation)
     for e in run.events("site-train"):
         epsilons.setdefault(e["site"], {})[e["round"]] = e.get("epsilon")
-        examples[e["site"]] = e.get("num-examples", 0)
+        if "num-examples" in e:
+            examples[e["site"]] = e["num-examples"]
     start = run.events("run-start")
     end = run.events("run-end")
     rounds = sorted({e["round"] for e in run.events("round-end")})
@@ -215,7 +216,7 @@ def summarize(run: RunDirectory) -> dict[str, Any]:
             site: {
                 "epsilon": by_round[max(by_round)],
                 "epsilon-by-round": dict(sorted(by_round.items())),
-                "train-examples": examples.get(site, 0),
+                "train-examples": examples.get(site),
             }
             for site, by_round in sorted(epsilons.items())
         },

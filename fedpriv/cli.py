@@ -79,13 +79,12 @@ def simulate(
     from fedpriv.common.config import apply_overrides, load_config, simulation_preset, user_settings
     from fedpriv.common.errors import FedprivError
     from fedpriv.simulation.harness import resume_config
-    from fedpriv.simulation.harness import simulate as run_simulation
 
     if resume:
         given = [config, settings, preset, rounds, sites, mode, epsilon, data, output, seed]
         if no_dp or any(v for v in given):
             raise FedprivError("--resume continues a run with its saved settings; give no other settings with it")
-        run_simulation(resume_config(resume), console=console, verbose=verbose, resume=True)
+        _run_simulation(resume_config(resume), verbose, resume=True)
         return
 
     shortcuts = {
@@ -104,11 +103,27 @@ def simulate(
         preset, why = simulation_preset({**user_settings(config, settings or []), **overrides})
         console.print(f"Settings: preset {preset} ({why}; --preset to choose)", highlight=False)
     cfg = apply_overrides(load_config(config, settings or [], preset), overrides)
-    run_simulation(cfg, console=console, verbose=verbose)
+    _run_simulation(cfg, verbose)
+
+
+def _run_simulation(cfg, verbose: bool, resume: bool = False) -> None:
+    """Exit 1 when the run's own audit fails, as `fedpriv audit` does."""
+    from fedpriv.simulation.harness import AuditFailedError, simulate
+
+    try:
+        simulate(cfg, console=console, verbose=verbose, resume=resume)
+    except AuditFailedError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    every_round: Annotated[
+        bool, typer.Option("--every-round", help="List the accuracy of every round, not a summary of a long run.")
+    ] = False,
+) -> None:
     """Print a finished (or running) run's summary again and redraw its plots."""
     from fedpriv.common.report import print_summary, write_plots
     from fedpriv.common.rundir import RunDirectory
@@ -117,7 +132,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
     if not run.metrics_path.exists():
         raise FedprivError(f"{run_dir}: no metrics.jsonl here; is this a fedpriv run directory?")
     write_plots(run)
-    print_summary(run, console)
+    print_summary(run, console, every_round)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.data import LabelSet, load_dataset
+from fedpriv.common.data import LabelSet, load_configured
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model, initial_state
@@ -23,14 +23,7 @@ class GlobalModel:
         self.bundle: ModelBundle = build_model(config, labels, cache=FeatureCache())
         self.test: Prepared | None = None
         if config.data.test_path:
-            data = load_dataset(
-                config.data.test_path,
-                labels,
-                config.data.text_column,
-                config.data.label_column,
-                1,
-                config.data.delimiter,
-            )
+            data = load_configured(config.data, labels, config.data.test_path)
             self.test = self.bundle.prepare(data)
             log.info("central test set: %d rows from %s", len(data), data.source)
 
@@ -38,7 +31,7 @@ class GlobalModel:
         """Rows the sites train on, counted from the simulation's dataset (public there; a deployment sets
         privacy.distributed-batch instead, since its sites' sizes are theirs)."""
         data = self.config.data
-        rows = len(load_dataset(data.path, self.labels, data.text_column, data.label_column, 1, data.delimiter))
+        rows = len(load_configured(data, self.labels))
         return round(rows * (1 - data.validation_fraction))
 
     def initial_state(self) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ from rich.console import Console
 from fedpriv.audit.auditor import audit
 from fedpriv.audit.empirical_bound import best_epsilon_lower_bound
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.data import LabelSet, load_dataset, read_column
+from fedpriv.common.data import LabelSet, load_configured, read_column
 from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import write_atomic
@@ -98,7 +98,7 @@ def audit_dataset(
     Returns the table, the canary site's name and the number of sites.
     """
     data = config.data
-    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    dataset = load_configured(data, labels)
     sites = config.simulation.sites
     if config.simulation.partitioner == "column":
         sites = len(set(read_column(data.path, config.simulation.column, data.delimiter)))
@@ -237,7 +237,7 @@ def empirical_audit(
     seed = secrets.randbits(63) if seed is None else seed
     labels = LabelSet.load(config.data.labels)
     data = config.data
-    source = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    source = load_configured(data, labels)
     made = make_canaries(vocabulary(source.texts), len(labels), canaries, seed)
     table, site_name, sites = audit_dataset(config, labels, made, site)
     write_atomic(output / "data.csv", table.to_csv(index=False))

@@ -8,10 +8,15 @@ an ordinary Flower run config, exactly as in a deployment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedpriv.common import flower_compat
@@ -41,13 +46,80 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
         },
     }
     try:
-        flower_compat.run_simulation(
-            app_dir,
-            server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
-            num_supernodes=sim.sites,
-            backend_config=backend_config,
-            verbose=verbose,
-        )
+        with _workers_stop_with_us(ray_dir):
+            flower_compat.run_simulation(
+                app_dir,
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+                num_supernodes=sim.sites,
+                backend_config=backend_config,
+                verbose=verbose,
+            )
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+# SIGTERM to `fedpriv simulate` must stop its Ray workers too. Ray's own SIGTERM
+# handlers (set by ray.init, replacing any before them) exit through Python's
+# shutdown, which waits for the ServerApp thread (up to a round timeout) while
+# the workers train on. A run directory survives a kill at any point (that is
+# what --resume is for), so SIGTERM stops the simulation as kill -9 would, and
+# every process it started with it. Python writes each signal to the wakeup fd
+# whichever Python handler is installed, so Ray replacing ours does not matter.
+
+
+@contextlib.contextmanager
+def _workers_stop_with_us(ray_dir: str) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; whoever runs us there owns them
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, _: _terminate(signum, ray_dir))
+    threading.Thread(target=_watch, args=(read_fd, ray_dir), daemon=True, name="fedpriv-sigterm").start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous_handler)
+        os.close(write_fd)  # the watcher reads the end of the pipe and stops
+
+
+def _watch(read_fd: int, ray_dir: str) -> None:
+    with open(read_fd, "rb", buffering=0) as pipe:
+        while signals := pipe.read(16):
+            if signal.SIGTERM in signals:
+                _terminate(signal.SIGTERM, ray_dir)
+
+
+def _terminate(signum: int, ray_dir: str) -> None:
+    for pid in descendants(os.getpid()):  # parents first: Ray's raylet starts no worker once it is gone
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    sys.stderr.write(
+        "fedpriv simulate: terminated; its workers were stopped with it "
+        "(continue the run with: fedpriv simulate --resume RUN_DIR)\n"
+    )
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before their children (Linux /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (name) state ppid ...": the name may hold spaces and parentheses.
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found

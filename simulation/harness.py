@@ -12,10 +12,10 @@ from rich.table import Table
 
 from fedpriv.audit.auditor import audit
 from fedpriv.audit.render import console_report, html_report
-from fedpriv.common import signing
+from fedpriv.common import signing, site_names
 from fedpriv.common.accounting import steps_per_round
-from fedpriv.common.config import FedprivConfig, parse_config
-from fedpriv.common.data import LabelSet, load_dataset, read_column
+from fedpriv.common.config import ConfigError, FedprivConfig, parse_config
+from fedpriv.common.data import LabelSet, load_configured, read_column
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
@@ -27,13 +27,37 @@ from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
 
 
+class AuditFailedError(FedprivError):
+    """The run finished but its own audit found a violation (shown above the message)."""
+
+
+def check_sites(config: FedprivConfig) -> None:
+    """A round waits until strategy.min-sites sites are connected: with fewer simulated, it would wait forever."""
+    sites, wanted = config.simulation.sites, config.strategy.min_sites
+    if sites >= wanted:
+        return
+    fix = (
+        "secure aggregation needs at least 2 sites (--preset local runs one)"
+        if config.privacy.secure_aggregation and sites < 2
+        else f"set strategy.min-sites to at most {sites}"
+    )
+    raise ConfigError(
+        f"simulation.sites: {sites} simulated site{'s' if sites != 1 else ''}, but a round waits for "
+        f"strategy.min-sites = {wanted} and would never start; {fix}"
+    )
+
+
 def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, Table, list[str]]:
-    """Validates the dataset and shows how it is split into sites, before any worker starts."""
+    """Validates every data file and shows how the dataset is split into sites, before any worker starts."""
     data, sim = config.data, config.simulation
-    dataset = load_dataset(data.path, labels, data.text_column, data.label_column, 1, data.delimiter)
+    dataset = load_configured(data, labels)
+    if data.test_path:
+        # Read in full now: a column or label it lacks would otherwise surface after round 1's training.
+        load_configured(data, labels, data.test_path)
     sites = len(set(read_column(data.path, sim.column, data.delimiter))) if sim.partitioner == "column" else sim.sites
     if sites != sim.sites:
         config = config.replace(**{"simulation.sites": sites})
+    check_sites(config)
     parts, names = split_for(config, dataset, sites)
     histogram = label_histogram(dataset.labels, parts, len(labels))
     table = Table(title=f"{len(parts)} sites from {dataset.source} ({sim.partitioner})", title_justify="left")
@@ -57,7 +81,7 @@ def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
     """
     keys = run.path / "keys"
     public = {}
-    for owner in [*names, "aggregator"]:
+    for owner in [*map(site_names.check, names), "aggregator"]:
         public[owner] = signing.public_b64(signing.load_or_create(keys / f"{owner}.key"))
     write_atomic(keys / "public-keys.json", json.dumps(public, indent=2))
 
@@ -145,9 +169,19 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
     if not run.finished():
         _stopped(run, console)
     console.print(f"Simulation finished in {time.time() - started:.0f} s")
+    finish(run, console)
+    return run
+
+
+def finish(run: RunDirectory, console: Console) -> None:
+    """Plots, summary and the run's own audit; a failed audit is an error, not a line in a report."""
     write_plots(run)
     print_summary(run, console)
     report = audit([run.path])
     console_report(report, console)
     (run.path / "audit.html").write_text(html_report(report), encoding="utf-8")
-    return run
+    if not report.ok:
+        raise AuditFailedError(
+            f"{run.path}: the run finished but its audit failed (see above and {run.path / 'audit.html'}); "
+            "do not rely on its privacy numbers"
+        )

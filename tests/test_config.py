@@ -55,6 +55,43 @@ def test_bad_settings_name_the_field(overrides, field):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # Each once passed validation, then failed at every site or stalled the run.
+        ("privacy.target-epsilon=inf", r"privacy\.target-epsilon: Input should be a finite number"),
+        ("privacy.max-grad-norm=inf", r"privacy\.max-grad-norm: Input should be a finite number"),
+        ("privacy.noise-multiplier=1e308", r"privacy\.noise-multiplier: Input should be less than or equal to 1000"),
+        ("train.local-epochs=inf", r"train\.local-epochs: Input should be a finite number"),
+        ("train.learning-rate=nan", r"train\.learning-rate: Input should be a finite number"),
+        ("strategy.round-timeout=inf", r"strategy\.round-timeout: Input should be a finite number"),
+        ("rounds=1000000000000", r"rounds: Input should be less than or equal to 100000"),
+        ("simulation.sites=1000000000", r"simulation\.sites: Input should be less than or equal to 100000"),
+        ("seed=-1", r"seed: Input should be greater than or equal to 0"),
+        ("data.max-chars=0", r"data\.max-chars: Input should be greater than or equal to 100"),
+    ],
+)
+def test_non_finite_and_absurd_settings_are_refused_naming_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], "local")
+
+
+def test_one_simulated_site_under_secure_aggregation_is_refused():
+    # It once waited forever for a second site.
+    with pytest.raises(ConfigError, match=r"simulation\.sites: secure aggregation needs at least 2 sites"):
+        load_config(None, ["simulation.sites=1"], "distributed")
+    assert load_config(None, ["simulation.sites=1", "strategy.min-sites=1"], "local").simulation.sites == 1
+
+
+def test_a_plan_too_long_to_run_is_refused_naming_its_settings():
+    # 100 rounds of 1000 epochs at rate 0.001: 10^8 steps per site, hours of accounting before round 1.
+    settings = ["rounds=100", "train.local-epochs=1000", "train.sample-rate=0.001"]
+    with pytest.raises(ConfigError, match=r"rounds x train\.local-epochs / train\.sample-rate plans 1e\+08"):
+        load_config(None, settings, "local")
+    # Distributed noise takes one step a round, whatever the local epochs.
+    assert load_config(None, settings, "distributed").rounds == 100
+
+
 def test_unknown_key_in_file_is_named(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nlearning-rat = 0.1\n")

@@ -167,3 +167,38 @@ def test_simulate_help_lists_the_data_formats():
     assert result.exit_code == 0
     for fmt in (".csv", ".tsv", ".txt", ".jsonl", ".parquet", ".gz", ".zst", "data.delimiter"):
         assert fmt in result.output, fmt
+
+
+def test_duplicate_column_names_are_refused_naming_file_and_column(tmp_path):
+    # pandas would rename the second 'text' to 'text.1' and the first would be used, silently.
+    path = write_csv(tmp_path / "dup.csv", [("my card", "card", "old text")], header=("text", "category", "text"))
+    with pytest.raises(DataError, match=r"dup\.csv, column 'text': appears twice in the header"):
+        load(path)
+    tsv = tmp_path / "dup.tsv"
+    tsv.write_text("category\ttext\tcategory\ncard\tmy card\tcash\n")
+    with pytest.raises(DataError, match=r"dup\.tsv, column 'category': appears twice in the header"):
+        load(tsv)
+    jsonl = tmp_path / "dup.jsonl"
+    jsonl.write_text('{"text": "a", "category": "card"}\n{"text": "b", "category": "card", "text": "c"}\n')
+    with pytest.raises(DataError, match=r"dup\.jsonl, column 'text', row 2: appears twice in this line"):
+        load(jsonl)
+
+
+def test_a_folder_is_named_as_a_folder_not_as_a_missing_file(tmp_path):
+    (tmp_path / "x.csv").mkdir()
+    with pytest.raises(DataError, match=r"x\.csv: is a folder, not a data file"):
+        load(tmp_path / "x.csv")
+    (tmp_path / "labels.json").mkdir()
+    with pytest.raises(DataError, match=r"labels\.json: is a folder, not a labels file \(data\.labels\)"):
+        LabelSet.load(str(tmp_path / "labels.json"))
+
+
+def test_a_huge_text_is_cut_to_max_chars_with_a_warning_naming_file_and_row(tmp_path, caplog):
+    # A 50 MB row once took a worker to 7 GB while tokenizing; only max-chars of it is kept.
+    rows = [("my card", "card"), ("cash " * 10_000, "cash"), ("sent it", "transfer")]
+    path = write_csv(tmp_path / "big.csv", rows)
+    with caplog.at_level("WARNING", logger="flwr.fedpriv.data"):
+        data = load(path)
+    assert [len(t) for t in data.texts] == [7, 20_000, 7] and data.cut_rows == (2,)
+    assert "big.csv, column 'text', row 2: text longer than data.max-chars=20000 characters" in caplog.text
+    assert load(path, max_chars=100_000).texts[1] == rows[1][0] and load(path, max_chars=4).cut_rows == (1, 2, 3)

@@ -266,6 +266,19 @@ def test_bad_federation_file_is_named(tmp_path):
     assert result.returncode == 2 and "site listed twice: s" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["federation", "aggregator", "../escaped", "x;touch y"])
+def test_a_site_name_that_would_be_a_path_or_the_aggregators_file_is_refused(tmp_path, name):
+    # The same rule as the simulation's site names (fedpriv.common.site_names): 'federation' is the
+    # aggregator's ledger, 'aggregator' its key, and a name is never a path.
+    from fedpriv.deploy.provision import ProvisionError, load_federation
+
+    path = tmp_path / "federation.toml"
+    path.write_text(f'name = "x"\n[aggregator]\naddress = "a:1"\n[data]\nlabels = ["a"]\n[[sites]]\nname = "{name}"\n')
+    with pytest.raises(ProvisionError, match="sites.0.name") as caught:
+        load_federation(path)
+    assert f"site name '{name}'" in str(caught.value) and "'federation'" in str(caught.value)
+
+
 # -- checks before anything connects ------------------------------------------------
 
 

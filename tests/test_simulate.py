@@ -1,5 +1,6 @@
 """`fedpriv simulate` end to end, on the real Flower Simulation Engine (Ray)."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -246,3 +247,82 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
         assert {e["round"] for e in run.events("site-budget-exhausted")} == {13 - paid_twice}
     again = fedpriv("simulate", "--resume", str(run.path))
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_simulation_and_every_process_it_started(tiny_config, tmp_path):
+    """SIGTERM once left the command waiting on its ServerApp thread and Ray's workers training for minutes."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    path = write_config(tmp_path, tiny_config, **{"rounds": 500, "train.local-epochs": 20.0})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, for the clean-up below only
+    )
+    progress = Path(tiny_config.run_dir) / "progress"
+    try:
+        deadline = time.time() + 300
+        while not (progress.is_dir() and any(progress.iterdir())):  # a site is training: Ray's workers are busy
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no site started training within 300 s"
+            time.sleep(0.2)
+        started = psutil.Process(process.pid).children(recursive=True)
+
+        def described(p: psutil.Process) -> str:
+            with contextlib.suppress(psutil.Error):
+                return f"{p.name()} {' '.join(p.cmdline())}"
+            return ""
+
+        def dead(p: psutil.Process) -> bool:
+            try:
+                return p.status() == psutil.STATUS_ZOMBIE  # killed; only init's reaping is left
+            except psutil.NoSuchProcess:
+                return True
+
+        assert any("ClientAppActor" in described(p) for p in started), [described(p) for p in started]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        assert "terminated; its workers were stopped with it" in process.stderr.read().decode()
+        deadline = time.time() + 60
+        while not all(dead(p) for p in started):  # killed before the command exited: this takes no time
+            assert time.time() < deadline, [described(p) for p in started if not dead(p)]
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_run_whose_own_audit_fails_ends_in_an_error_and_exit_1(tmp_path, monkeypatch):
+    """`fedpriv simulate` exited 0 after printing its own failed audit."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app
+    from fedpriv.simulation import harness
+    from tests.test_ledger import make_run
+
+    run = make_run(tmp_path / "run")
+    ledger = run / "ledgers" / "site-001.jsonl"
+    entries = ledger.read_text().splitlines(keepends=True)
+    edited = json.loads(entries[1])
+    edited["record"]["accounting"]["epsilon"] = 0.01  # an under-reported release
+    ledger.write_text("".join([entries[0], json.dumps(edited) + "\n", *entries[2:]]))
+    console = Console(record=True, width=200)
+    with pytest.raises(harness.AuditFailedError, match="the run finished but its audit failed"):
+        harness.finish(RunDirectory(run), console)
+    assert "site-001.jsonl line 2" in console.export_text() and (run / "audit.html").exists()
+
+    def audit_fails(config, **_):
+        raise harness.AuditFailedError(f"{config.run_dir}: the run finished but its audit failed")
+
+    monkeypatch.setattr(harness, "simulate", audit_fails)
+    result = CliRunner().invoke(app, ["simulate", "--no-dp", "-o", str(run)])
+    assert result.exit_code == 1 and "audit failed" in result.output

@@ -6,6 +6,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedpriv.client.runtime import WorkerRuntime
+from fedpriv.common.config import ConfigError
 from fedpriv.common.data import DataError, LabelSet
 from fedpriv.simulation.harness import plan_sites
 from tests.helpers import LABELS, easy_rows, write_csv
@@ -71,3 +72,104 @@ def test_site_without_validation_part(tiny_config, tmp_path):
         assert site.model.mode == mode
         assert len(site.train) == 12 and len(site.validation) == 0
         assert site.model.evaluate(site.validation)["num-examples"] == 0
+
+
+def test_column_values_are_data_not_paths(tiny_config, tmp_path):
+    """A value such as ../../x or 'federation' once wrote keys and ledgers outside the run or over the aggregator's."""
+    from fedpriv.common.rundir import RunDirectory
+    from fedpriv.simulation.harness import provision_simulated_keys
+
+    values = ["../../../escaped-site", "Customer Support", "x;touch y"]
+    rows = [(text, label, values[i % 3]) for i, (text, label) in enumerate(easy_rows(36))]
+    path = write_csv(tmp_path / "tickets.csv", rows, header=("text", "category", "department"))
+    config = tiny_config.replace(
+        **{"data.path": str(path), "simulation.partitioner": "column", "simulation.column": "department"}
+    )
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    planned, _, names = plan_sites(config, LABEL_SET)
+    assert names == ["escaped-site", "customer-support", "x-touch-y"]
+    run = RunDirectory.create(planned.run_dir)
+    provision_simulated_keys(run, names)
+    worker = WorkerRuntime()
+    for partition, name in enumerate(names):
+        site = worker.site(context({"partition-id": partition, "num-partitions": 3}, node_id=partition), planned)
+        assert site.name == name
+        assert site.budget.ledger.path == run.path / "ledgers" / f"{name}.jsonl"
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p not in before}
+    assert {"run/keys/escaped-site.key", "run/keys/x-touch-y.key", "run/keys/aggregator.key"} <= written
+    assert all(p.startswith("run/") for p in written), written
+
+
+@pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        (["federation", "north"], "value 'federation' cannot name a site"),  # the aggregator's ledger
+        (["Aggregator", "north"], "value 'Aggregator' cannot name a site"),  # the aggregator's key
+        (["!!!", "north"], "value '!!!' cannot name a site"),
+        (["North", "north"], "values 'North' and 'north' would both be site 'north'"),
+    ],
+)
+def test_column_values_that_cannot_be_site_names_are_refused_naming_file_and_column(
+    tiny_config, tmp_path, values, refused
+):
+    from fedpriv.common.partition import PartitionError
+
+    rows = [(text, label, values[i % 2]) for i, (text, label) in enumerate(easy_rows(20))]
+    path = write_csv(tmp_path / "tickets.csv", rows, header=("text", "category", "department"))
+    changes = {"simulation.partitioner": "column", "simulation.column": "department", "strategy.min-sites": 2}
+    config = tiny_config.replace(**{"data.path": str(path), **changes})
+    with pytest.raises(PartitionError, match="tickets.csv, column 'department'") as caught:
+        plan_sites(config, LABEL_SET)
+    assert refused in str(caught.value)
+
+
+def test_every_path_made_from_a_site_name_follows_one_rule(tiny_config, tmp_path):
+    from fedpriv.client.site import open_budget
+    from fedpriv.common import site_names
+    from fedpriv.common.progress import ProgressWriter
+    from fedpriv.deploy.kit import KitError, check_site_name
+
+    for bad in ("../x", "federation", "aggregator", "a/b", "", "-a", "A", "x" * 64):
+        with pytest.raises(site_names.SiteNameError):
+            site_names.check(bad)
+        with pytest.raises(site_names.SiteNameError):
+            ProgressWriter(tmp_path, bad, 1, 3)
+        with pytest.raises(site_names.SiteNameError):
+            open_budget({}, tiny_config, 1, bad, True, "data")
+        with pytest.raises(KitError, match="use lower-case letters"):  # what provisioning of [[sites]] name uses
+            check_site_name(bad)
+    assert site_names.check("site-001") == "site-001"
+    assert not (tmp_path / "progress").exists()  # refused before any folder is made
+
+
+def test_a_test_file_that_does_not_fit_is_named_before_anything_is_built(tiny_config, tmp_path):
+    # Found only at the first central evaluation, after every training row was embedded.
+    other = write_csv(tmp_path / "other-test.csv", easy_rows(9), header=("body", "category"))
+    with pytest.raises(DataError, match=r"other-test\.csv, column 'text': missing column"):
+        plan_sites(tiny_config.replace(**{"data.test-path": str(other)}), LABEL_SET)
+    unknown = write_csv(tmp_path / "unknown-test.csv", [*easy_rows(3), ("a loan", "loans")])
+    with pytest.raises(DataError, match=r"unknown-test\.csv, column 'category', row 4: unknown label 'loans'"):
+        plan_sites(tiny_config.replace(**{"data.test-path": str(unknown)}), LABEL_SET)
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        ({"simulation.sites": 2, "strategy.min-sites": 3}, "set strategy.min-sites to at most 2"),
+        ({"simulation.sites": 2, "strategy.min-sites": 3, "privacy.secure-aggregation": True}, "at most 2"),
+    ],
+)
+def test_fewer_simulated_sites_than_a_round_waits_for_are_refused(tiny_config, changes, refused):
+    with pytest.raises(ConfigError, match=r"simulation\.sites: .* strategy\.min-sites") as caught:
+        plan_sites(tiny_config.replace(**changes), LABEL_SET)
+    assert refused in str(caught.value)
+
+
+def test_one_column_value_under_secure_aggregation_is_refused(tiny_config, tmp_path):
+    # Secure aggregation with one site waited forever for a second; with a column, the data decides the count.
+    rows = [(text, label, "north") for text, label in easy_rows(20)]
+    path = write_csv(tmp_path / "tickets.csv", rows, header=("text", "category", "department"))
+    changes = {"simulation.partitioner": "column", "simulation.column": "department", "strategy.min-sites": 2}
+    config = tiny_config.replace(**{"data.path": str(path), "privacy.secure-aggregation": True, **changes})
+    with pytest.raises(ConfigError, match=r"simulation\.sites: secure aggregation needs at least 2 sites"):
+        plan_sites(config, LABEL_SET)

@@ -12,12 +12,12 @@ separate state directory.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from fedpriv.common import site_names
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml
 from fedpriv.common.schema import KebabModel
@@ -34,22 +34,17 @@ PUBLIC_KEYS = "public-keys.json"  # owner -> Ed25519 ledger public key (base64);
 NODE_KEYS = "node-keys.json"  # site -> node-authentication public key (OpenSSH)
 AGGREGATOR = "aggregator"
 
-# Site names become file names (ledgers), Flower node names and Kubernetes
-# object names: lower-case DNS labels keep all three happy.
-SITE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
 
 class KitError(FedprivError, ValueError):
     """A kit is missing, incomplete or unreadable; the message names the file."""
 
 
 def check_site_name(name: str) -> str:
-    if not SITE_NAME.match(name) or name == AGGREGATOR:
-        raise KitError(
-            f"site name '{name}': use lower-case letters, digits and '-' (at most 63, not starting or ending "
-            f"with '-'), and not '{AGGREGATOR}'"
-        )
-    return name
+    """The site-name rule of every path a name becomes (fedpriv.common.site_names), as a kit error."""
+    try:
+        return site_names.check(name)
+    except site_names.SiteNameError as error:
+        raise KitError(str(error)) from None
 
 
 class KitData(KebabModel):
@@ -75,6 +70,12 @@ class SiteKit(KebabModel):
     # Kits written before policies existed read as the (strict) defaults.
     policy: SitePolicy = SitePolicy()
     data: KitData
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        # The agent makes its ledger's path from this name: a hand-edited kit must not point it elsewhere.
+        return site_names.check(value)
 
 
 class AggregatorEndpoints(KebabModel):
