@@ -121,7 +121,7 @@ def test_a_deployed_sites_cap_and_delta_are_its_own(deployed):
     from fedpriv.common.data import DataError
 
     node, config, worker = deployed
-    generous = config.replace(**{"privacy.epsilon-cap": 1e9, "privacy.delta": 0.5})
+    generous = config.replace(**{"privacy.epsilon-cap": 1000.0, "privacy.delta": 0.5})
     for key in ("epsilon-cap", "delta"):
         partial = {k: v for k, v in node.items() if k != key}
         with pytest.raises(DataError, match=f"set {key} in its node config"):
