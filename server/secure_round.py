@@ -80,6 +80,10 @@ class SecureRound:
             Message(content=r.to_content(), message_type=message_type(stage), dst_node_id=node)
             for node, r in requests.items()
         ]
+        # Who was asked what, before waiting: an operator (or a test) can tell a site that never got a
+        # stage from one that got it and fell silent.
+        asked = sorted(self.names.get(node, str(node)) for node in requests)
+        self.log_event("secure-stage", round=rnd, stage=stage, sites=asked)
         replies: dict[str, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id

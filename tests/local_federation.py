@@ -2,24 +2,52 @@
 
 Shared by the deployment tests and the load test (and `bench/load.py`):
 everything runs as an operator would run it, through the `fedpriv` command.
+
+Waiting. CI runs on loaded 2-core machines, where a step takes anywhere from
+one to many seconds, so nothing here waits on log text or guesses a duration:
+it waits on what the product records (run-directory events, the aggregator's
+`ready.json`, Flower's own list of online nodes) or on process state (a site's
+ClientApp process is running). `WAIT` only bounds a hang; it never paces a test.
+
+Reusing one federation. Starting an aggregator and its agents costs a minute
+on CI; tests that can share one take it from a module-scoped fixture:
+
+    @pytest.fixture(scope="module")
+    def fed(tiny_model_dir, tmp_path_factory):
+        with running(tmp_path_factory.mktemp("mine"), tiny_model_dir, sites=("site-a", "site-b")) as federation:
+            yield federation
+
+Each test then submits its own run (`fed.submit("--run-dir", ..., "--set", ...)`,
+`finish(...)`) and leaves every site online for the next (`fed.wait_online()`
+after restarting one it killed). `fed.submit(..., server_app=PATH)` runs
+another ServerApp (a Python file defining `app = ServerApp(...)`) against the
+same real agents, e.g. a hostile aggregator; the sites keep their own fedpriv
+ClientApp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")  # the default federation
 ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200")
+# Bounds a hang, never paces a test: every wait ends as soon as its event is there.
+WAIT = 600.0
 
 
 def free_ports(n: int) -> list[int]:
@@ -44,14 +72,54 @@ def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
     )
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+def wait_for(condition, timeout: float = WAIT, what: str = "a condition", interval: float = 0.5, alive=None):
+    """Polls `condition` until it holds; fails at once if `alive` (a process) has exited meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: never happened; the process it depended on exited ({alive.returncode})")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Submission:
+    """A run submitted with `fedpriv aggregator run`; its output goes to files (a pipe nobody reads would fill)."""
+
+    process: subprocess.Popen
+    out: Path
+    err: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def output(self) -> tuple[str, str]:
+        return self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+
+
+def wait_event(
+    run_dir: Path, kind: str, match: Callable[[dict], Any] = bool, run: Submission | None = None, timeout: float = WAIT
+) -> dict:
+    """The first event of `kind` in the run directory that `match`es, once the aggregator has logged it."""
+    from fedpriv.common.rundir import RunDirectory
+
+    directory = RunDirectory(run_dir)
+
+    def found():
+        return next((e for e in directory.events(kind) if match(e)), None)
+
+    return wait_for(found, timeout, f"a {kind} event in {run_dir}", interval=0.2, alive=run)
 
 
 class LocalFederation:
@@ -64,6 +132,7 @@ class LocalFederation:
         self.ports = dict(zip(sites, agent_ports, strict=False))  # the rest are spare
         self.spare_ports = agent_ports[len(sites) :]
         self.processes: dict[str, subprocess.Popen] = {}
+        self._submissions = 0  # numbers the output files of each run submitted
         (root / "federation.toml").write_text(
             f"""
 name = "deploy-test"
@@ -139,10 +208,12 @@ round-timeout = 120.0
         )
 
         def ready():
+            # ready.json names the `aggregator start` that wrote it: one left by a killed predecessor does not count.
             assert process.poll() is None, self.log_text("aggregator", since)[-3000:]
-            return "aggregator ready" in self.log_text("aggregator", since)
+            path = self.state / "ready.json"
+            return path.exists() and json.loads(path.read_text() or "{}").get("pid") == process.pid
 
-        wait_for(ready, 120, "the aggregator")
+        wait_for(ready, WAIT, "the aggregator to be ready", interval=0.2)
 
     def start_agent(self, site: str) -> None:
         self._spawn(
@@ -158,6 +229,22 @@ round-timeout = 120.0
             "--port",
             self.ports[site],
         )
+
+    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
+        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message)."""
+        import psutil
+
+        try:
+            family = psutil.Process(self.processes[site].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        for member in family:
+            try:
+                if any("flwr-clientapp" in part for part in member.cmdline()) and member.create_time() >= since:
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def kill(self, name: str) -> None:
         """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""
@@ -196,34 +283,57 @@ round-timeout = 120.0
         names = {v: k for k, v in json.loads((self.state / "registered-nodes.json").read_text()).items()}
         return {names.get(str(n["node-id"]), str(n["node-id"])) for n in nodes if n["status"] == "online"}
 
-    def wait_online(self, sites=None, timeout: float = 150) -> None:
+    def wait_online(self, sites=None, timeout: float = WAIT) -> None:
         sites = self.sites if sites is None else sites
         wait_for(lambda: set(sites) <= self.online(), timeout, f"{', '.join(sites)} to be online", interval=2)
 
     def ledger(self, site: str) -> Path:
         return self.root / f"{site}-state" / "ledgers" / f"{site}.jsonl"
 
-    def submit(self, *args) -> subprocess.Popen:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedpriv.cli",
-                "aggregator",
-                "run",
-                "--kit",
-                str(self.kits / "aggregator"),
-                "--state",
-                str(self.state),
-                *map(str, args),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=ENV,
-            start_new_session=True,
-        )
+    def submit(self, *args, server_app: str | Path | None = None) -> Submission:
+        """`fedpriv aggregator run` with these arguments; `server_app` runs the ServerApp of that Python file."""
+        if server_app is not None:
+            args = ("--app", self.server_app_dir(Path(server_app)), *args)
+        self._submissions += 1
+        out, err = (self.root / f"submit-{self._submissions}.{end}" for end in ("out", "err"))
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedpriv.cli",
+                    "aggregator",
+                    "run",
+                    "--kit",
+                    str(self.kits / "aggregator"),
+                    "--state",
+                    str(self.state),
+                    *map(str, args),
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                cwd=ROOT,
+                env=ENV,
+                start_new_session=True,
+            )
+        return Submission(process, out, err)
+
+    def server_app_dir(self, module: Path) -> Path:
+        """A Flower App folder whose ServerApp is `module`'s `app` (shipped in the bundle); the sites' ClientApp
+        stays fedpriv's. The run config is fedpriv's, so the module can read it with `FedprivConfig`."""
+        import tomli_w
+
+        from fedpriv.common.flower_app import app_project
+
+        folder = self.root / f"app-{module.stem}"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(module, folder / module.name)
+        project = app_project()
+        flwr = project["tool"]["flwr"]["app"]
+        flwr["components"]["serverapp"] = f"{module.stem}:app"
+        flwr["fab-exclude"] = []  # this bundle carries code: the module itself
+        (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+        return folder
 
     def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
         return fedpriv(
@@ -259,14 +369,31 @@ def _kill_tree(pid: int, sig: int) -> None:
         pass
 
 
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+def finish(run: Submission, timeout: float = WAIT) -> tuple[int, str, str]:
+    """Waits for a submitted run to end: (exit code, stdout, stderr)."""
     try:
-        out, err = process.communicate(timeout=timeout)
+        run.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
+        os.killpg(run.pid, signal.SIGKILL)
+        run.process.wait()
+        out, err = run.output()
         raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}") from None
-    return process.returncode, out, err
+    return (run.process.returncode, *run.output())
+
+
+@contextlib.contextmanager
+def running(root: Path, model_dir: str, sites: tuple[str, ...] = SITES, **options) -> Iterator[LocalFederation]:
+    """A provisioned federation with its aggregator and every site online; everything stopped afterwards."""
+    federation = LocalFederation(root, model_dir, sites=sites, **options)
+    try:
+        federation.start_aggregator()
+        for site in sites:
+            federation.start_agent(site)
+        federation.wait_online()
+        yield federation
+    finally:
+        federation.stop_all()
+        sweep(federation.root)
 
 
 def sweep(root: Path) -> None:
@@ -329,7 +456,7 @@ def run_under_load(
         fed.start_aggregator()
         for site in names:
             fed.start_agent(site)
-        fed.wait_online(timeout=300)
+        fed.wait_online()
         started = time.monotonic()
         process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=120")
         run = RunDirectory(run_dir)
@@ -347,7 +474,7 @@ def run_under_load(
                         events.append({"round": rnd, "site": victim, "event": "restarted"})
             seen = len(ended)
             time.sleep(0.5)
-        out, err = process.communicate()
+        _, out, err = finish(process)
         wall = time.monotonic() - started
         audit = fed.audit(run_dir)
         trained: dict[int, list[str]] = {}
