@@ -215,7 +215,7 @@ def _release_problem(
     record = entry.record
     if not isinstance(record, PrivacyRecord):
         return "the privacy record is not a release"
-    if record.update_sha256 != masked_sha256(reply.masked):
+    if reply.masked is None or record.update_sha256 != masked_sha256(reply.masked):
         return "the masked update differs from the one its privacy record describes"
     if privacy_required and not record.mechanism.noise_multiplier > 0:
         return "update released without DP noise in a private federation"
