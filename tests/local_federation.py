@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -51,14 +52,24 @@ WAIT = 600.0
 
 
 def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """`n` distinct ports free now, drawn below the kernel's ephemeral range (32768 up).
+
+    A port the kernel hands out for binding to port 0 comes from the same range as the source ports
+    of outgoing connections, of which a busy machine (many gRPC clients) opens hundreds: one of them
+    can take it before the SuperLink binds it. Below that range only servers bind.
+    """
+    draw = random.Random()  # seeded by the OS: parallel test processes draw different ports
+    ports: list[int] = []
+    while len(ports) < n:
+        port = draw.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:

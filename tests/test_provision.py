@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from fedpriv.common import files, signing
 from fedpriv.deploy import pki
 from tests.helpers import LABELS, easy_rows, write_csv
+from tests.local_federation import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +64,7 @@ def fedpriv(*args, env=None, timeout=120):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture
