@@ -20,9 +20,11 @@ on CI; tests that can share one take it from a module-scoped fixture:
 Each test then submits its own run (`fed.submit("--run-dir", ..., "--set", ...)`,
 `finish(...)`) and leaves every site online for the next (`fed.wait_online()`
 after restarting one it killed). `fed.submit(..., server_app=PATH)` runs
-another ServerApp (a Python file defining `app = ServerApp(...)`) against the
-same real agents, e.g. a hostile aggregator; the sites keep their own fedpriv
-ClientApp.
+another ServerApp (a Python file defining `app = ServerApp(...)`, not named
+test_*.py, which Flower leaves out of bundles) against the same real agents,
+e.g. a hostile aggregator; the sites keep their own fedpriv ClientApp. It
+should end by logging `run-end` in its run directory, as
+tests/server_apps/census.py does: `fedpriv aggregator run` waits for it.
 """
 
 from __future__ import annotations
@@ -449,8 +451,6 @@ def run_under_load(
     trained in each round, when agents were killed and restarted, the audit's
     verdict, and the processes of this federation still alive at the end.
     """
-    import random
-
     import psutil
 
     from fedpriv.common.rundir import RunDirectory

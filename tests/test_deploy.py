@@ -398,6 +398,17 @@ def test_full_run_over_tls_with_node_authentication(fed):
 
 
 @pytest.mark.slow
+def test_another_server_app_runs_against_the_same_agents(fed):
+    # What a test of a hostile aggregator builds on: its own ServerApp, shipped in the run's bundle.
+    run_dir = fed.root / "run-census"
+    code, out, err = finish(fed.submit("--run-dir", run_dir, server_app=ROOT / "tests" / "server_apps" / "census.py"))
+    assert code == 0, out[-3000:] + err[-3000:]
+    registered = json.loads((fed.state / "registered-nodes.json").read_text())
+    (census,) = RunDirectory(run_dir).events("census")
+    assert census["nodes"] == sorted(registered[site] for site in SITES)
+
+
+@pytest.mark.slow
 def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     fed.wait_online()
     run_dir = fed.root / "run-kill"
