@@ -469,7 +469,9 @@ def run_under_load(
             fed.start_agent(site)
         fed.wait_online()
         started = time.monotonic()
-        process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=120")
+        # A killed agent ends its round when Flower reports it unavailable (two missed heartbeats), and is
+        # restarted only after that, so the timeout is a bound on a hang, not a pace.
+        process = fed.submit("--run-dir", run_dir, "--set", f"strategy.round-timeout={WAIT:.0f}")
         run = RunDirectory(run_dir)
         seen = 0
         while process.poll() is None:
