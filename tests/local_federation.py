@@ -344,7 +344,7 @@ round-timeout = 120.0
         project = app_project()
         flwr = project["tool"]["flwr"]["app"]
         flwr["components"]["serverapp"] = f"{module.stem}:app"
-        flwr["fab-exclude"] = []  # this bundle carries code: the module itself
+        del flwr["fab-exclude"]  # this bundle carries code: the module itself (Flower's default patterns)
         (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
         return folder
 
