@@ -12,6 +12,7 @@ from tests.local_federation import finish, running, wait_event
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # nine ClientApp starts per site: took 750 s on 2 cores at load 13
 def test_two_secure_rounds_with_an_agent_killed_mid_round_complete_and_audit(tiny_model_dir, tmp_path):
     with running(tmp_path, tiny_model_dir, sites=("site-a", "site-b", "site-c"), rounds=2, min_sites=2) as fed:
         run_dir = tmp_path / "run-secure"
