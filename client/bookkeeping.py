@@ -226,10 +226,12 @@ def _add_clipped_sum(entry: _Entry, factors: torch.Tensor) -> None:
         param.grad += summed.reshape(param.shape).to(param.dtype)
     if isinstance(layer, nn.Linear) and "weight" in entry.trainable and "weight" not in done:
         a, g = entry.inputs, entry.output_grad
+        assert a is not None and g is not None  # recorded by the hooks in this step
         weighted = g * factors.view(-1, 1, 1)
         summed = weighted.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
         layer.weight.grad += summed.to(layer.weight.dtype)
     elif isinstance(layer, nn.Embedding) and "weight" in entry.trainable:
         ids, g = entry.inputs, entry.output_grad
+        assert ids is not None and g is not None  # recorded by the hooks in this step
         weighted = (g * factors.view(-1, 1, 1)).reshape(-1, g.shape[-1])
         layer.weight.grad.index_add_(0, ids.reshape(-1), weighted.to(layer.weight.dtype))

@@ -111,7 +111,7 @@ class SiteBudget:
         )
         unchanged = self._stamp() == self._seen
         entry = self.ledger.append(record)
-        if unchanged:  # our own append is all that changed since we read
+        if unchanged and self._releases is not None:  # our own append is all that changed since we read
             self._releases.append(release)
             self._seen = self._stamp()
         else:

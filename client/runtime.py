@@ -132,6 +132,7 @@ class WorkerRuntime:
             self._sites.clear()
             self._model = build_model(config, labels, cache=FeatureCache())
             self._model_key = key
+        assert self._model is not None
         return self._model
 
     def site(self, context: Context, config: FedprivConfig) -> SiteRuntime:

@@ -96,7 +96,7 @@ def _epsilon(key: History, delta: float, accountant: str) -> float:
     with _lock:
         future = _memo.get(memo_key)
         owner = future is None
-        if owner:
+        if future is None:
             if len(_memo) > 4096:
                 _memo.clear()
             future = _memo[memo_key] = Future()

@@ -48,7 +48,7 @@ def storage(path: str | Path, what: str) -> Iterator[None]:
     except StorageError:
         raise
     except OSError as error:
-        cause = _STORAGE.get(error.errno) or error.strerror or str(error)
+        cause = _STORAGE.get(error.errno or 0) or error.strerror or str(error)
         name = errno.errorcode.get(error.errno or 0, "")
         raise StorageError(
             error.errno or 0,

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class ModelBundle:
     """The resident model of a worker: built once, its federated state swapped per call."""
 
     model: FedprivForSequenceClassification
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     tuning: FineTuningMode
     max_length: int
     fingerprint: str

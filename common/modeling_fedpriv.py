@@ -7,6 +7,8 @@ dir, trust_remote_code=True)` then loads and predicts with plain transformers.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
@@ -48,16 +50,18 @@ class FedprivForSequenceClassification(PreTrainedModel):
 
     def __init__(self, config: FedprivClassifierConfig):
         super().__init__(config)
-        self.encoder = AutoModel.from_config(config.encoder)
-        hidden = config.encoder.hidden_size
+        encoder = cast(PreTrainedConfig, config.encoder)  # sub_configs_defaults made it a config
+        self.encoder = AutoModel.from_config(encoder)
+        hidden = encoder.hidden_size
         self.norm = FeatureNorm(hidden, config.feature_scale)
         self.classifier = nn.Linear(hidden, config.num_labels)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if module is getattr(self, "classifier", None):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+        classifier = getattr(self, "classifier", None)
+        if classifier is not None and module is classifier:
+            nn.init.zeros_(classifier.weight)
+            nn.init.zeros_(classifier.bias)
 
     @staticmethod
     def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,7 @@ class FedprivForSequenceClassification(PreTrainedModel):
 
     def embed(self, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
         """The pooled sentence embedding (before `norm`)."""
-        if token_type_ids is None and getattr(self.encoder.config, "type_vocab_size", 0):
+        if token_type_ids is None and getattr(self.encoder.config, "type_vocab_size", None):
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

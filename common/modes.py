@@ -42,6 +42,7 @@ class Prepared:
     def dataset(self) -> torch.utils.data.Dataset:
         if self.features is not None:
             return FeatureDataset(self.features, self.labels)
+        assert self.token_ids is not None  # prepared as features or as tokens
         return TokenDataset(self.token_ids, self.labels)
 
 
@@ -113,8 +114,10 @@ class FineTuningMode:
 
     def eval_batches(self, prepared: Prepared, tokenizer, batch_size: int):
         collate = self.collate_fn(tokenizer)
-        for rows in length_batches(prepared.token_ids, batch_size // 4 or 1):
-            yield collate([(prepared.token_ids[i], int(prepared.labels[i])) for i in rows])
+        token_ids = prepared.token_ids
+        assert token_ids is not None  # this mode prepares tokens
+        for rows in length_batches(token_ids, batch_size // 4 or 1):
+            yield collate([(token_ids[i], int(prepared.labels[i])) for i in rows])
 
     def exportable(self, model: FedprivForSequenceClassification) -> FedprivForSequenceClassification:
         """The model as plain transformers loads it."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -143,7 +143,7 @@ class Instruction:
         return RecordDict({ARRAYS: self.arrays, CONFIG: config})
 
 
-def _site(msg: Message, who: str) -> tuple[str, str]:
+def _site(msg: Message, who: str) -> tuple[str, Status]:
     record = _record(msg, who, SITE, ConfigRecord, "the site's name and status")
     for key in (SITE_NAME, SITE_STATUS):
         if not isinstance(record.get(key), str):
@@ -151,7 +151,7 @@ def _site(msg: Message, who: str) -> tuple[str, str]:
     status = record[SITE_STATUS]
     if status not in (OK, *WITHHELD):
         raise ProtocolError(f"{who}: unknown status '{status}' (expected one of {', '.join((OK, *WITHHELD))})")
-    return record[SITE_NAME], status
+    return record[SITE_NAME], cast(Status, status)
 
 
 def _site_record(name: str, status: str, reason: str = "") -> ConfigRecord:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 from pydantic import (
@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA = "fedpriv.privacy-record/1"
+SCHEMA: Final = "fedpriv.privacy-record/1"
 
 
 class _Frozen(BaseModel):

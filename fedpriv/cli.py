@@ -215,7 +215,7 @@ def audit(
     from fedpriv.audit.render import console_report, html_report
 
     try:
-        report = run_audit(paths, keys=keys, tolerance=tolerance)
+        report = run_audit([*paths], keys=keys, tolerance=tolerance)
     except (FileNotFoundError, ValueError) as error:  # a path or key file that is not there or not JSON
         raise FedprivError(str(error)) from None
     if json_out:

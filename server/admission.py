@@ -77,7 +77,7 @@ def admit(
     """
     site = sender(msg)
     if msg.has_error():
-        return Failed(site, msg.error.reason)
+        return Failed(site, msg.error.reason or f"error code {msg.error.code}")
     try:
         reply = TrainReply.from_message(msg)
     except ProtocolError as error:

@@ -84,6 +84,10 @@ class SecureRound:
             Message(content=r.to_content(), message_type=message_type(stage), dst_node_id=node)
             for node, r in requests.items()
         ]
+        # Who was asked what, before waiting: an operator (or a test) can tell a site that never got a
+        # stage from one that got it and fell silent.
+        asked = sorted(self.names.get(node, str(node)) for node in requests)
+        self.log_event("secure-stage", round=rnd, stage=stage, sites=asked)
         replies: dict[str, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
@@ -224,7 +228,7 @@ def _release_problem(
     record = entry.record
     if not isinstance(record, PrivacyRecord):
         return "the privacy record is not a release"
-    if record.update_sha256 != masked_sha256(reply.masked):
+    if reply.masked is None or record.update_sha256 != masked_sha256(reply.masked):
         return "the masked update differs from the one its privacy record describes"
     if privacy_required and not record.mechanism.noise_multiplier > 0:
         return "update released without DP noise in a private federation"

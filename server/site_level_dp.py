@@ -50,7 +50,7 @@ def replay(strategy: Strategy, releases: int, config: FedprivConfig) -> None:
 def release_record(
     strategy: Strategy, config: FedprivConfig, run_id: str, server_round: int, update_sha256: str
 ) -> PrivacyRecord:
-    spent = strategy.privacy_spent()
+    spent = strategy.privacy_spent()  # type: ignore[attr-defined]  # the wrapper `wrap` returned
     p = config.privacy
     return PrivacyRecord(
         run_id=run_id,

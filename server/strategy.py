@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
@@ -20,16 +21,22 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     federation's privacy is that of its worst-off site.
     """
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    weights = np.array([float(m[weight_key]) for m in metrics])
-    out: dict[str, float | int] = {weight_key: int(weights.sum())}
+    weights = np.array([_number(m[weight_key]) for m in metrics])
+    out: dict[str, int | float | list[int] | list[float]] = {weight_key: int(weights.sum())}
     keys = set().union(*(m.keys() for m in metrics)) - {weight_key, SITE_WEIGHT}
     for key in sorted(keys):
-        values = np.array([float(m[key]) if key in m else math.nan for m in metrics])
+        values = np.array([_number(m[key]) if key in m else math.nan for m in metrics])
         if key == EPSILON:
             out[key] = float(np.max(values))
         elif weights.sum() > 0 and np.isfinite(values).all():
             out[key] = float(np.average(values, weights=weights))
     return MetricRecord(out)
+
+
+def _number(value: int | float | list[int] | list[float]) -> float:
+    if isinstance(value, list):
+        raise TypeError(f"a site's metric is a list ({value!r}), not a number")
+    return float(value)
 
 
 def build_strategy(config: FedprivConfig) -> Strategy:
@@ -45,7 +52,7 @@ def _base_strategy(config: FedprivConfig) -> Strategy:
     s = config.strategy
     # Site-level DP bounds each *site's* influence: every site weighs the same.
     weight = SITE_WEIGHT if config.privacy.site_level_noise > 0 else NUM_EXAMPLES
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_sites,

@@ -295,7 +295,7 @@ def _judge(
 ) -> EmpiricalResult:
     """The bound from the scores, beside the claim the site's verified ledger makes."""
     claimed, delta = _claimed_epsilon(run_dir, site)
-    bound, guesses = best_epsilon_lower_bound(scores, included, delta, CONFIDENCE)
+    bound, guesses = best_epsilon_lower_bound(scores.tolist(), included.tolist(), delta, CONFIDENCE)
     return EmpiricalResult(
         site=site,
         canaries=len(scores),

@@ -1,8 +1,8 @@
 """A deliberately hostile aggregator: a ServerApp that asks the sites for what their policies forbid.
 
-It runs inside a real SuperLink (the test starts the aggregator with this
-folder on PYTHONPATH and submits an app whose serverapp is
-`tests.hostile_server:app`). Which attacks a run makes is read from
+It runs inside a real SuperLink (`LocalFederation.submit(server_app=...)`
+submits a settings-only app whose serverapp is `tests.hostile_server:app`,
+imported from the repository). Which attacks a run makes is read from
 `$FEDPRIV_HOSTILE_DIR/plan.json` (a list of attack names); what every site
 answered goes to `$FEDPRIV_HOSTILE_DIR/result-<run id>.json`:
 

@@ -2,18 +2,46 @@
 
 Shared by the deployment tests and the load test (and `bench/load.py`):
 everything runs as an operator would run it, through the `fedpriv` command.
+
+Waiting. CI runs on loaded 2-core machines, where a step takes anywhere from
+one to many seconds, so nothing here waits on log text or guesses a duration:
+it waits on what the product records (run-directory events, the aggregator's
+`ready.json`, Flower's own list of online nodes) or on process state (a site's
+ClientApp process is running). `WAIT` only bounds a hang; it never paces a test.
+
+Reusing one federation. Starting an aggregator and its agents costs a minute
+on CI; tests that can share one take it from a module-scoped fixture:
+
+    @pytest.fixture(scope="module")
+    def fed(tiny_model_dir, tmp_path_factory):
+        with running(tmp_path_factory.mktemp("mine"), tiny_model_dir, sites=("site-a", "site-b")) as federation:
+            yield federation
+
+Each test then submits its own run (`fed.submit("--run-dir", ..., "--set", ...)`,
+`finish(...)`) and leaves every site online for the next (`fed.wait_online()`
+after restarting one it killed). `fed.submit(..., server_app=PATH)` runs
+another ServerApp (a Python file defining `app = ServerApp(...)`, not named
+test_*.py, which Flower leaves out of bundles) against the same real agents,
+e.g. a hostile aggregator; the sites keep their own fedpriv ClientApp. It
+should end by logging `run-end` in its run directory, as
+tests/server_apps/census.py does: `fedpriv aggregator run` waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -21,20 +49,33 @@ from tests.helpers import LABELS, easy_rows, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")  # the default federation
-ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200")
+# The repository on the import path: a test's own ServerApp (`submit(server_app=...)`) is imported from it.
+ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", COLUMNS="200", PYTHONPATH=str(ROOT))
 # The sites' own policy in most tests: runs of a few rounds at a large epsilon must not be refused.
 PERMISSIVE = {"max-release-epsilon": 1000.0, "min-noise-multiplier": 0.01}
+# Bounds a hang, never paces a test: every wait ends as soon as its event is there.
+WAIT = 600.0
 
 
 def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """`n` distinct ports free now, drawn below the kernel's ephemeral range (32768 up).
+
+    A port the kernel hands out for binding to port 0 comes from the same range as the source ports
+    of outgoing connections, of which a busy machine (many gRPC clients) opens hundreds: one of them
+    can take it before the SuperLink binds it. Below that range only servers bind.
+    """
+    draw = random.Random()  # seeded by the OS: parallel test processes draw different ports
+    ports: list[int] = []
+    while len(ports) < n:
+        port = draw.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -48,14 +89,54 @@ def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
     )
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+def wait_for(condition, timeout: float = WAIT, what: str = "a condition", interval: float = 0.5, alive=None):
+    """Polls `condition` until it holds; fails at once if `alive` (a process) has exited meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: never happened; the process it depended on exited ({alive.returncode})")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Submission:
+    """A run submitted with `fedpriv aggregator run`; its output goes to files (a pipe nobody reads would fill)."""
+
+    process: subprocess.Popen
+    out: Path
+    err: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def output(self) -> tuple[str, str]:
+        return self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+
+
+def wait_event(
+    run_dir: Path, kind: str, match: Callable[[dict], Any] = bool, run: Submission | None = None, timeout: float = WAIT
+) -> dict:
+    """The first event of `kind` in the run directory that `match`es, once the aggregator has logged it."""
+    from fedpriv.common.rundir import RunDirectory
+
+    directory = RunDirectory(run_dir)
+
+    def found():
+        return next((e for e in directory.events(kind) if match(e)), None)
+
+    return wait_for(found, timeout, f"a {kind} event in {run_dir}", interval=0.2, alive=run)
 
 
 class LocalFederation:
@@ -76,6 +157,7 @@ class LocalFederation:
         self.ports = dict(zip(sites, agent_ports, strict=False))  # the rest are spare
         self.spare_ports = agent_ports[len(sites) :]
         self.processes: dict[str, subprocess.Popen] = {}
+        self._submissions = 0  # numbers the output files of each run submitted
         (root / "federation.toml").write_text(
             f"""
 name = "deploy-test"
@@ -153,10 +235,12 @@ round-timeout = 120.0
         )
 
         def ready():
+            # ready.json names the `aggregator start` that wrote it: one left by a killed predecessor does not count.
             assert process.poll() is None, self.log_text("aggregator", since)[-3000:]
-            return "aggregator ready" in self.log_text("aggregator", since)
+            path = self.state / "ready.json"
+            return path.exists() and json.loads(path.read_text() or "{}").get("pid") == process.pid
 
-        wait_for(ready, 120, "the aggregator")
+        wait_for(ready, WAIT, "the aggregator to be ready", interval=0.2)
 
     def start_agent(self, site: str) -> None:
         self._spawn(
@@ -172,6 +256,22 @@ round-timeout = 120.0
             "--port",
             self.ports[site],
         )
+
+    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
+        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message)."""
+        import psutil
+
+        try:
+            family = psutil.Process(self.processes[site].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        for member in family:
+            try:
+                if any("flwr-clientapp" in part for part in member.cmdline()) and member.create_time() >= since:
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def kill(self, name: str) -> None:
         """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""
@@ -210,34 +310,59 @@ round-timeout = 120.0
         names = {v: k for k, v in json.loads((self.state / "registered-nodes.json").read_text()).items()}
         return {names.get(str(n["node-id"]), str(n["node-id"])) for n in nodes if n["status"] == "online"}
 
-    def wait_online(self, sites=None, timeout: float = 150) -> None:
+    def wait_online(self, sites=None, timeout: float = WAIT) -> None:
         sites = self.sites if sites is None else sites
         wait_for(lambda: set(sites) <= self.online(), timeout, f"{', '.join(sites)} to be online", interval=2)
 
     def ledger(self, site: str) -> Path:
         return self.root / f"{site}-state" / "ledgers" / f"{site}.jsonl"
 
-    def submit(self, *args, **extra_env: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedpriv.cli",
-                "aggregator",
-                "run",
-                "--kit",
-                str(self.kits / "aggregator"),
-                "--state",
-                str(self.state),
-                *map(str, args),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=dict(ENV, **extra_env),
-            start_new_session=True,
-        )
+    def submit(self, *args, server_app: str | Path | None = None, **extra_env: str) -> Submission:
+        """`fedpriv aggregator run` with these arguments; `server_app` runs the ServerApp of that Python file."""
+        if server_app is not None:
+            args = ("--app", self.server_app_dir(Path(server_app)), *args)
+        self._submissions += 1
+        out, err = (self.root / f"submit-{self._submissions}.{end}" for end in ("out", "err"))
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedpriv.cli",
+                    "aggregator",
+                    "run",
+                    "--kit",
+                    str(self.kits / "aggregator"),
+                    "--state",
+                    str(self.state),
+                    *map(str, args),
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                cwd=ROOT,
+                env=dict(ENV, **extra_env),
+                start_new_session=True,
+            )
+        return Submission(process, out, err)
+
+    def server_app_dir(self, module: Path) -> Path:
+        """A settings-only Flower App folder whose ServerApp is `module`'s `app`, a file of this repository.
+
+        The bundle carries no code (the sites refuse one that does): the aggregator's processes import the
+        module from the repository (PYTHONPATH in ENV). The sites' ClientApp stays fedpriv's; the run config is
+        fedpriv's, so the module can read it with `FedprivConfig`.
+        """
+        import tomli_w
+
+        from fedpriv.common.flower_app import app_project
+
+        dotted = ".".join(module.resolve().relative_to(ROOT).with_suffix("").parts)
+        folder = self.root / f"app-{module.stem}"
+        folder.mkdir(exist_ok=True)
+        project = app_project()
+        project["tool"]["flwr"]["app"]["components"]["serverapp"] = f"{dotted}:app"
+        (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+        return folder
 
     def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
         return fedpriv(
@@ -273,14 +398,31 @@ def _kill_tree(pid: int, sig: int) -> None:
         pass
 
 
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+def finish(run: Submission, timeout: float = WAIT) -> tuple[int, str, str]:
+    """Waits for a submitted run to end: (exit code, stdout, stderr)."""
     try:
-        out, err = process.communicate(timeout=timeout)
+        run.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
+        os.killpg(run.pid, signal.SIGKILL)
+        run.process.wait()
+        out, err = run.output()
         raise AssertionError(f"run did not finish in {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}") from None
-    return process.returncode, out, err
+    return (run.process.returncode, *run.output())
+
+
+@contextlib.contextmanager
+def running(root: Path, model_dir: str, sites: tuple[str, ...] = SITES, **options) -> Iterator[LocalFederation]:
+    """A provisioned federation with its aggregator and every site online; everything stopped afterwards."""
+    federation = LocalFederation(root, model_dir, sites=sites, **options)
+    try:
+        federation.start_aggregator()
+        for site in sites:
+            federation.start_agent(site)
+        federation.wait_online()
+        yield federation
+    finally:
+        federation.stop_all()
+        sweep(federation.root)
 
 
 def sweep(root: Path) -> None:
@@ -325,8 +467,6 @@ def run_under_load(
     trained in each round, when agents were killed and restarted, the audit's
     verdict, and the processes of this federation still alive at the end.
     """
-    import random
-
     import psutil
 
     from fedpriv.common.rundir import RunDirectory
@@ -343,9 +483,11 @@ def run_under_load(
         fed.start_aggregator()
         for site in names:
             fed.start_agent(site)
-        fed.wait_online(timeout=300)
+        fed.wait_online()
         started = time.monotonic()
-        process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=120")
+        # A killed agent ends its round when Flower reports it unavailable (two missed heartbeats), and is
+        # restarted only after that, so the timeout is a bound on a hang, not a pace.
+        process = fed.submit("--run-dir", run_dir, "--set", f"strategy.round-timeout={WAIT:.0f}")
         run = RunDirectory(run_dir)
         seen = 0
         while process.poll() is None:
@@ -361,7 +503,7 @@ def run_under_load(
                         events.append({"round": rnd, "site": victim, "event": "restarted"})
             seen = len(ended)
             time.sleep(0.5)
-        out, err = process.communicate()
+        _, out, err = finish(process)
         wall = time.monotonic() - started
         audit = fed.audit(run_dir)
         trained: dict[int, list[str]] = {}

@@ -13,7 +13,6 @@ honest-looking round is ever recorded.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -24,20 +23,6 @@ from tests.local_federation import ROOT, LocalFederation, finish, sweep
 
 SITES = ("site-a", "site-b", "site-c")
 REFUSED = "policy-refused"
-
-
-def _app_dir(root: Path) -> Path:
-    """A Flower App folder like fedpriv's, whose ServerApp is the hostile one (settings only, no code)."""
-    import tomli_w
-
-    from fedpriv.common.flower_app import app_project
-
-    project = app_project()
-    project["tool"]["flwr"]["app"]["components"]["serverapp"] = "tests.hostile_server:app"
-    app = root / "hostile-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
-    return app
 
 
 def _releases(fed: LocalFederation, site: str) -> int:
@@ -60,24 +45,23 @@ def test_sites_refuse_a_hostile_aggregator(tiny_model_dir, tmp_path):
     fed = LocalFederation(tmp_path, tiny_model_dir, sites=SITES, rounds=2, min_sites=3, policy={})
     hostile = tmp_path / "hostile"
     hostile.mkdir()
-    app = _app_dir(tmp_path)
 
     def attack(plan: list[str], *settings: str) -> dict:
         (hostile / "plan.json").write_text(json.dumps(plan))
         before = set(hostile.glob("result-*.json"))
-        args = ["--app", app, "--run-dir", tmp_path / f"run-{len(before)}"]
+        args = ["--run-dir", tmp_path / f"run-{len(before)}"]
         for setting in settings:
             args += ["--set", setting]
-        code, out, err = finish(fed.submit(*args, PYTHONPATH=str(ROOT)), 600)
+        code, out, err = finish(fed.submit(*args, server_app=ROOT / "tests" / "hostile_server.py"))
         assert code == 0, out[-3000:] + err[-3000:]
         (result,) = set(hostile.glob("result-*.json")) - before
         return json.loads(result.read_text())
 
     try:
-        fed.start_aggregator(PYTHONPATH=str(ROOT), FEDPRIV_HOSTILE_DIR=str(hostile))
+        fed.start_aggregator(FEDPRIV_HOSTILE_DIR=str(hostile))
         for site in SITES:
             fed.start_agent(site)
-        fed.wait_online(timeout=300)
+        fed.wait_online()
         secure = ["privacy.secure-aggregation=true", "privacy.noise=distributed", "privacy.distributed-batch=200"]
 
         # Settings within every site's policy; what the hostile ServerApp forges is in its messages.
@@ -106,7 +90,7 @@ def test_sites_refuse_a_hostile_aggregator(tiny_model_dir, tmp_path):
         hostile_run = fed.submit(
             "--run-dir", run_dir, "--set", "privacy.noise-multiplier=0.01", "--set", "strategy.round-timeout=600"
         )
-        code, out, err = finish(hostile_run, 900)
+        code, out, err = finish(hostile_run)
         assert code == 0, out[-3000:] + err[-3000:]
         run = RunDirectory(run_dir)
         refusals = run.events("site-refused")

@@ -11,6 +11,7 @@ from tests.local_federation import run_under_load
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a bound on a hang: its time grows with the machine's load
 def test_four_agents_two_killed_and_restarted_every_round_completes_nothing_left_behind(tiny_model_dir, tmp_path):
     result = run_under_load(tmp_path, tiny_model_dir, sites=4, rounds=4, kills=2, seed=3)
     assert result["returncode"] == 0, result["output"]

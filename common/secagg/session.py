@@ -212,9 +212,9 @@ class SiteSession:
         try:
             session = cls(SecAggConfig.from_json(str(state["config"])), str(state["site"]), identity, pinned)
             stage = int(state["stage"])
-            c_sk, s_sk, seed = bytes(state["c_sk"]), bytes(state["s_sk"]), bytes(state["seed"])
+            c_sk, s_sk, seed = _bytes(state["c_sk"]), _bytes(state["s_sk"]), _bytes(state["seed"])
             peers, held = json.loads(str(state["peers"])), json.loads(str(state["held"]))
-            peer_keys, held_shares = bytes(state["peer_keys"]), bytes(state["held_shares"])
+            peer_keys, held_shares = _bytes(state["peer_keys"]), _bytes(state["held_shares"])
             masked_with = tuple(json.loads(str(state["masked_with"])))
         except (KeyError, TypeError, ValueError) as error:
             raise SecAggError(f"secure-aggregation session state is incomplete or corrupt ({error})") from None
@@ -335,3 +335,9 @@ class AggregatorSession:
     @property
     def dropped(self) -> tuple[str, ...]:
         return self._dropped
+
+
+def _bytes(value: StateValue) -> bytes:
+    if not isinstance(value, bytes):  # bytes(3) would be three zero bytes, not an error
+        raise TypeError(f"expected bytes, found {type(value).__name__}")
+    return value

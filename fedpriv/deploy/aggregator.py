@@ -11,6 +11,9 @@ kit (a kit may be a read-only mount):
     <state>/superlink.db     Flower's state: registered nodes, runs, messages
     <state>/flwr-home/       FLWR_HOME: the `flwr` connection, installed app bundles
     <state>/runs/<stamp>/    fedpriv run directories (default place)
+    <state>/ready.json       written once the SuperLink listens and the sites are registered
+                             (the pid of the `aggregator start` that wrote it: a probe for
+                             supervisors and tests; a stale one names a process that is gone)
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from fedpriv.deploy.processes import flower_bin, flower_env
 DATABASE = "superlink.db"
 FLWR_HOME = "flwr-home"
 REGISTERED = "registered-nodes.json"
+READY = "ready.json"
 # Settings an operator may still change when resuming: they affect waiting, not the privacy plan.
 RESUMABLE = {"strategy.min-sites", "strategy.round-timeout", "central-eval-every"}
 GRACE_SECONDS = 20.0
@@ -214,6 +218,7 @@ class Aggregator:
     ) -> int:
         """Runs the SuperLink until it exits or this process gets SIGTERM/SIGINT; returns its exit code."""
         self.prepare()
+        (self.state / READY).unlink(missing_ok=True)  # left by a killed predecessor: not ready yet
         control = control_listen or self.kit.aggregator.control_listen
         if control_listen:
             # `flwr` must dial where the control API really listens.
@@ -243,6 +248,8 @@ class Aggregator:
                     self.register_nodes(log)
                 fleet = fleet_listen or self.kit.aggregator.fleet_listen
                 log(f"aggregator ready: sites connect to {self.kit.aggregator.address} (listening on {fleet})")
+                ready = {"pid": os.getpid(), "superlink-pid": process.pid, "fleet": fleet, "control": _dial(control)}
+                write_atomic(self.state / READY, json.dumps(ready) + "\n")
                 code = processes.wait(process, stop, GRACE_SECONDS)
             except BaseException:
                 processes.stop(process, GRACE_SECONDS)
