@@ -413,7 +413,7 @@ def _check_site(site: str, entries: list[LedgerEntry], tolerance: float, problem
                 )
             )
             epochs.append([])
-        else:
+        elif isinstance(record, PrivacyRecord):
             epochs[-1].append(record)
     recomputed: dict[str, list[float]] = {"pld": [], "rdp": []}
     for epoch in epochs:

@@ -169,8 +169,10 @@ def check_run(
     last_line, last = heads[-1]
     latest: dict[str, tuple[int, LedgerHead]] = {}  # each site's latest head: heads name only what moved
     for number, entry in heads:
-        for site in entry.record.sites:
-            latest[site] = (number, entry.record)
+        head = entry.record
+        assert isinstance(head, LedgerHead)  # `heads` holds the ledger's head entries only
+        for site in head.sites:
+            latest[site] = (number, head)
     if last.record.round < done:
         problems.append(
             Problem(

@@ -28,7 +28,7 @@ from fedpriv.common.accounting import dp_event, epsilon
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.protocol import EPSILON, EPSILON_CAP, EXHAUSTED, NUM_EXAMPLES, REFUSED, SITE_WEIGHT
-from fedpriv.common.records import LedgerEntry, Mechanism
+from fedpriv.common.records import LedgerEntry, Mechanism, PrivacyRecord
 
 log = logging.getLogger(CLIENT_LOG)
 
@@ -68,7 +68,9 @@ class Released:
 
     @property
     def epsilon(self) -> float:
-        spent = self.entry.record.accounting.epsilon
+        record = self.entry.record
+        assert isinstance(record, PrivacyRecord)  # a site records its releases as PrivacyRecords
+        spent = record.accounting.epsilon
         return math.inf if spent is None else spent
 
 

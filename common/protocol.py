@@ -173,10 +173,9 @@ def withheld(msg: Message) -> tuple[str, str] | None:
     if msg.has_error():
         return None
     record = msg.content.config_records.get(SITE)
-    status = None if record is None else record.get(SITE_STATUS)
-    if status not in WITHHELD:
+    if record is None or record.get(SITE_STATUS) not in WITHHELD:
         return None
-    return str(status), str(record.get(SITE_REASON, ""))
+    return str(record[SITE_STATUS]), str(record.get(SITE_REASON, ""))
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,8 @@ class SecureRound:
                 log.warning("round %d: %s refused the round at %s: %s", rnd, site, stage, held[1])
             elif held is not None:
                 outcome.exhausted.append(site)
-                metrics = reply.content.metric_records.get(METRICS, {})
-                self.log_event("site-budget-exhausted", round=rnd, site=site, **dict(metrics))
+                metrics: dict = dict(reply.content.metric_records.get(METRICS) or {})
+                self.log_event("site-budget-exhausted", round=rnd, site=site, **metrics)
             elif stage == SETUP and site in replies:
                 self.log_event("site-rejected", round=rnd, site=site, reason="two nodes claim this site's name")
             elif stage == SETUP or node in self.names:

@@ -332,10 +332,12 @@ def agent_reset_budget(
     data they were made from is gone for good (e.g. the people in it are no
     longer in the data); a changed or grown data file never resets a budget.
     """
+    from fedpriv.common.records import BudgetReset
     from fedpriv.deploy.agent import reset_budget
 
     entry, spent = reset_budget(kit, state, reason)
     record = entry.record
+    assert isinstance(record, BudgetReset)
     _log(
         f"{record.site}: budget reset (ledger seq {entry.seq}); {record.releases_before} earlier release(s), "
         f"epsilon {spent}, no longer count. Reason recorded: {record.reason}"

@@ -150,7 +150,8 @@ def _read_json(path: Path) -> dict:
 
 def flower_processes(flwr_home: Path) -> list[int]:
     """Flower services (by command name) running with this FLWR_HOME, found in /proc (Linux; elsewhere none)."""
-    proc, found, home = Path("/proc"), [], str(flwr_home)
+    proc, home = Path("/proc"), str(flwr_home)
+    found: list[int] = []
     if not proc.is_dir():
         return found
     for entry in proc.iterdir():
