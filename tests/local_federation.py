@@ -267,7 +267,9 @@ round-timeout = 120.0
             return False
         for member in family:
             try:
-                if any("flwr-clientapp" in part for part in member.cmdline()) and member.create_time() >= since:
+                # The agent's guarded flwr-clientapp execs `python -m fedpriv.deploy.clientapp_guard`.
+                command = " ".join(member.cmdline())
+                if ("flwr-clientapp" in command or "clientapp_guard" in command) and member.create_time() >= since:
                     return True
             except psutil.Error:
                 continue
