@@ -257,8 +257,12 @@ round-timeout = 120.0
             self.ports[site],
         )
 
-    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
-        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message)."""
+    def clientapp_running(self, site: str, since: float = 0.0, freeze: bool = False) -> bool:
+        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message).
+
+        With `freeze`, the ClientApp found is stopped (SIGSTOP) at once: it cannot answer before the test kills
+        its site, however fast the machine (its imports alone take seconds, and this is polled every 0.1 s).
+        """
         import psutil
 
         try:
@@ -270,6 +274,8 @@ round-timeout = 120.0
                 # The agent's guarded flwr-clientapp execs `python -m fedpriv.deploy.clientapp_guard`.
                 command = " ".join(member.cmdline())
                 if ("flwr-clientapp" in command or "clientapp_guard" in command) and member.create_time() >= since:
+                    if freeze:
+                        member.suspend()
                     return True
             except psutil.Error:
                 continue

@@ -416,9 +416,14 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
     started = wait_event(run_dir, "round-start", lambda e: e["round"] == 1, process)["time"]
     wait_for(
-        lambda: fed.clientapp_running("site-b", started), what="site-b's round-1 ClientApp", interval=0.1, alive=process
+        lambda: fed.clientapp_running("site-b", started, freeze=True),
+        what="site-b's round-1 ClientApp",
+        interval=0.1,
+        alive=process,
     )
-    fed.kill("site-b")  # mid-round: its ClientApp is training (Flower then reports it unavailable to the aggregator)
+    fed.kill(
+        "site-b"
+    )  # mid-round: its ClientApp was frozen before it could answer (Flower then reports it unavailable)
     since = fed.log_size("site-b")
     fed.start_agent("site-b")  # comes straight back; Flower holds its old session for up to a minute
 
