@@ -106,10 +106,10 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(outcome, Withheld):
         return withheld_reply(msg, site.name, outcome)
     budget = site.budget
-    if planned is not None and site.simulated:
+    if planned is not None:
         # PRV accounting takes about a second per new history; work out next
-        # round's check now, while this (resident) worker waits for the
-        # aggregator. A deployed site runs each round in a fresh process.
+        # round's check now, while this resident worker (a simulation's, or a
+        # deployed site's) waits for the aggregator.
         budget.prefetch(planned)
     metrics = {**outcome.metrics, EPSILON: outcome.epsilon, EPSILON_CAP: budget.cap, DELTA: budget.delta}
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, metrics[TRAIN_LOSS], outcome.epsilon)

@@ -106,6 +106,23 @@ def check() -> None:
         return callable(getattr(run_clientapp, "install_from_fab", None))
 
     probe("flwr.supernode.runtime.run_clientapp.install_from_fab", bundle_installer)
+
+    def clientapp_task() -> bool:
+        from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
+        from flwr.supernode.runtime import run_clientapp
+
+        parser = _parse_args_run_flwr_clientapp()
+        wanted = ("pull_task_input", "push_message", "push_task_output")
+        return callable(parser.parse_args) and all(callable(getattr(run_clientapp, n, None)) for n in wanted)
+
+    def supernode_loop() -> bool:
+        from flwr.supernode import start_client_internal as loop
+
+        source = inspect.getsource(loop)
+        return loop.time is __import__("time") and "time.sleep(3)" in source and "time.sleep(0.5)" in source
+
+    probe("flwr-clientapp's argument parser and runtime calls (the resident site worker)", clientapp_task)
+    probe("the SuperNode loop's polling sleeps (flwr.supernode.start_client_internal)", supernode_loop)
     if problems:
         raise FlowerCompatError(
             f"fedpriv needs flwr {PINNED}* (installed: {version('flwr')}); this Flower lacks: " + "; ".join(problems)
@@ -299,3 +316,119 @@ def run_clientapp_checking_bundles(check_bundle: Callable[[bytes], None]) -> Non
 
     runtime.install_from_fab = checked_install
     flwr_clientapp()
+
+
+def clientapp_arguments(argv: Sequence[str]) -> tuple[str, str, bool, bytes | None]:
+    """`flwr-clientapp`'s command line, read as Flower reads it: (runtime API address, token, insecure, CA)."""
+    from flwr.common.args import try_obtain_flwr_app_token
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
+
+    args = _parse_args_run_flwr_clientapp().parse_args(list(argv))
+    token = try_obtain_flwr_app_token(args)
+    certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
+    return args.runtime_api_address, token, bool(args.insecure), certificates
+
+
+def run_clientapp_task(
+    argv: Sequence[str], client_app: Any, check_bundle: Callable[[bytes], None], on_error: Callable[[str], None]
+) -> int:
+    """One ClientApp task, as Flower's `flwr-clientapp` process runs it, inside a process that stays.
+
+    Flower 1.39 starts a fresh `flwr-clientapp` for every message; a site's
+    resident worker instead receives that command line and does its work
+    here: pull the message, context and app bundle from the SuperNode's
+    runtime API, check the bundle (it is never installed: the site runs only
+    its installed ClientApp), call `client_app`, push the reply and the
+    task's outcome. What Flower's process does to itself (signal handlers,
+    exiting, watching its parent) is left out. Returns the exit status
+    Flower's process would have had.
+    """
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.exit import ExitCode
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    address, token, insecure, certificates = clientapp_arguments(argv)
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=certificates,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=retry,
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    status, details, code = SubStatus.FAILED, "ClientApp task failed due to unknown reason", int(ExitCode.SUCCESS)
+    try:
+        heartbeat.start()
+        message, context, _run, fab = runtime.pull_task_input(client)
+        check_bundle(fab.content)
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as error:  # every failure becomes the error reply Flower's own process would send
+        reason = f"{type(error)}:<'{error}'>"
+        on_error(reason)
+        details, code = reason, int(ExitCode.TASK_PROC_EXCEPTION)
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+    try:
+        if reply is not None and context is not None:
+            runtime.push_message(client, reply, context)
+    except Exception as error:
+        on_error(f"could not push the reply: {error}")
+        code = int(ExitCode.CLIENTAPP_COMMUNICATION_ERROR)
+    finally:
+        retry.max_tries = 1
+        runtime.push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return code
+
+
+# --- The SuperNode's polling -------------------------------------------------------
+
+# Flower 1.39's SuperNode asks the SuperLink for a message every 3 s when it
+# had none, and checks for its ClientApp's reply every 0.5 s. A secure round
+# is several exchanges, so those sleeps alone were seconds a round. The
+# polling SuperNode waits FIRST_POLL after a message, backing off to LAST_POLL
+# while the aggregator is busy or idle.
+FIRST_POLL, LAST_POLL = 0.02, 0.5
+
+
+class _PollingClock:
+    """`time` as the SuperNode's loop sees it, with its sleeps shortened (everything else is `time`'s)."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock, self._pause = clock, FIRST_POLL
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clock, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= 1.0:  # no message came: back off
+            self._clock.sleep(self._pause)
+            self._pause = min(self._pause * 1.5, LAST_POLL)
+        else:  # a message is being answered: the reply, and the next message, come soon
+            self._pause = FIRST_POLL
+            self._clock.sleep(min(seconds, FIRST_POLL))
+
+
+def run_supernode_polling_often() -> None:
+    """Runs Flower's `flower-supernode` (its command line is this process's), with quicker polling."""
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    loop.time = _PollingClock(time)  # type: ignore[assignment]
+    flower_supernode()

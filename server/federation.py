@@ -30,6 +30,7 @@ from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
 from fedpriv.server.distributed_step import ServerOptimizer, normaliser
+from fedpriv.server.exchange import exchange
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.ledger_heads import ReleaseHeads
 from fedpriv.server.secure_round import SecureRound, unflatten
@@ -172,7 +173,7 @@ class Federation:
             self.run.log("site-level-budget-exhausted", round=rnd, reason=str(error))
             log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
             return state, True
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
+        replies = exchange(self.grid, messages, self.config.strategy.round_timeout)
         accepted, exhausted, refused = self._record_train(rnd, replies, context)
         if self._nobody_trains(rnd, bool(accepted), exhausted, refused):
             return state, True
@@ -276,7 +277,7 @@ class Federation:
         messages = list(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
         if not messages:
             return
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.strategy.round_timeout))
+        replies = exchange(self.grid, messages, self.config.strategy.round_timeout)
         answered = []
         for reply in replies:
             if reply.has_error():

@@ -39,6 +39,7 @@ from fedpriv.common.secure_protocol import (
     masked_sha256,
     message_type,
 )
+from fedpriv.server.exchange import exchange
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem
 
 log = logging.getLogger(SERVER_LOG)
@@ -89,7 +90,7 @@ class SecureRound:
         asked = sorted(self.names.get(node, str(node)) for node in requests)
         self.log_event("secure-stage", round=rnd, stage=stage, sites=asked)
         replies: dict[str, Message] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in exchange(self.grid, messages, timeout):
             node = reply.metadata.src_node_id
             site = self.names.get(node) or sender(reply)
             held = withheld(reply)

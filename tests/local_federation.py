@@ -257,11 +257,11 @@ round-timeout = 120.0
             self.ports[site],
         )
 
-    def clientapp_running(self, site: str, since: float = 0.0, freeze: bool = False) -> bool:
+    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
         """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message).
 
-        With `freeze`, the ClientApp found is stopped (SIGSTOP) at once: it cannot answer before the test kills
-        its site, however fast the machine (its imports alone take seconds, and this is polled every 0.1 s).
+        To catch a site mid-message, freeze its resident worker first (`worker(site, suspend=True)`): the
+        message then waits for it, however fast the machine.
         """
         import psutil
 
@@ -271,15 +271,46 @@ round-timeout = 120.0
             return False
         for member in family:
             try:
-                # The agent's guarded flwr-clientapp execs `python -m fedpriv.deploy.clientapp_guard`.
+                # The agent's flwr-clientapp forwards to the site's resident worker (or falls back to
+                # `python -m fedpriv.deploy.clientapp_guard` when none listens).
                 command = " ".join(member.cmdline())
-                if ("flwr-clientapp" in command or "clientapp_guard" in command) and member.create_time() >= since:
-                    if freeze:
-                        member.suspend()
+                found = any(mark in command for mark in ("flwr-clientapp", "forward-to-worker", "clientapp_guard"))
+                if found and member.create_time() >= since:
                     return True
             except psutil.Error:
                 continue
         return False
+
+    def process_named(self, name: str, mark: str):
+        """The first process started by `name` (an agent, "aggregator") whose command line has `mark` (psutil)."""
+        import psutil
+
+        for member in psutil.Process(self.processes[name].pid).children(recursive=True):
+            try:
+                if mark in " ".join(member.cmdline()):
+                    return member
+            except psutil.Error:
+                continue
+        raise AssertionError(f"no process with {mark!r} under {name}")
+
+    def worker(self, site: str, family=None, suspend: bool = False):
+        """The site's resident worker process (psutil), or None; with `suspend`, it is stopped (SIGSTOP)."""
+        import psutil
+
+        if family is None:
+            try:
+                family = psutil.Process(self.processes[site].pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return None
+        for member in family:
+            try:
+                if "fedpriv.deploy.site_worker" in member.cmdline():
+                    if suspend:
+                        member.suspend()
+                    return member
+            except psutil.Error:
+                continue
+        return None
 
     def kill(self, name: str) -> None:
         """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""

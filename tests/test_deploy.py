@@ -28,7 +28,6 @@ from tests.local_federation import (
     fedpriv,
     finish,
     running,
-    wait_event,
     wait_for,
 )
 
@@ -413,17 +412,11 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     fed.wait_online()
     run_dir = fed.root / "run-kill"
     since = fed.log_size("site-b")
+    # Frozen while idle, site-b's worker cannot answer round 1 before the test kills the whole site.
+    assert fed.worker("site-b", suspend=True) is not None
     process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
-    started = wait_event(run_dir, "round-start", lambda e: e["round"] == 1, process)["time"]
-    wait_for(
-        lambda: fed.clientapp_running("site-b", started, freeze=True),
-        what="site-b's round-1 ClientApp",
-        interval=0.1,
-        alive=process,
-    )
-    fed.kill(
-        "site-b"
-    )  # mid-round: its ClientApp was frozen before it could answer (Flower then reports it unavailable)
+    wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's round-1 message", interval=0.1, alive=process)
+    fed.kill("site-b")  # mid-round (Flower then reports it unavailable)
     since = fed.log_size("site-b")
     fed.start_agent("site-b")  # comes straight back; Flower holds its old session for up to a minute
 
@@ -437,6 +430,43 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     assert "refused to activate" in fed.log_text("site-b", since)  # it waited, then rejoined
     assert (run_dir / "model" / "config.json").exists()
     check_audit(fed, run_dir)
+
+
+@pytest.mark.slow
+def test_a_site_worker_killed_mid_message_is_restarted_and_the_run_completes(fed):
+    fed.wait_online()
+    run_dir = fed.root / "run-worker-kill"
+    worker = fed.worker("site-b", suspend=True)  # frozen while idle: site-b's first message waits on it
+    assert worker is not None
+    process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
+    wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's first message", interval=0.1, alive=process)
+    # The aggregator waits (frozen) until site-b has a new worker, so round 2 finds one; round 1 does not.
+    server_app = fed.process_named("aggregator", "flwr-serverapp")
+    server_app.suspend()
+    worker.kill()  # mid-message: the forwarder has handed it over and waits for the answer
+    ready = fed.root / "site-b-state" / "worker" / "ready.json"
+
+    def restarted() -> bool:
+        try:
+            return json.loads(ready.read_text())["pid"] != worker.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    try:
+        wait_for(restarted, what="site-b's agent to start a new worker", alive=process)
+    finally:
+        server_app.resume()
+    code, out, err = finish(process)
+    assert code == 0, out[-3000:] + err[-3000:]
+    run = RunDirectory(run_dir)
+    failed = [e for e in run.events("site-error") if e["site"] == "site-b"]
+    # The message it was answering fails at once, saying why; no other does.
+    assert [e["round"] for e in failed] == [1], failed
+    assert "site worker stopped while it answered this message" in failed[0]["reason"]
+    trained = {(e["site"], e["round"]) for e in run.events("site-train")}
+    assert trained == {("site-a", 1), ("site-a", 2), ("site-b", 2)}  # the new worker answered round 2
+    assert releases(run_dir).count(("site-b", 2)) == 1
+    check_audit(fed, run_dir)  # every ledger intact and complete
 
 
 @pytest.mark.slow

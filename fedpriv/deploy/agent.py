@@ -10,9 +10,13 @@ is passed on to it, the agent waits for it to stop and exits 0, so `docker
 stop`, `systemctl stop` and Kubernetes all shut a site down cleanly. If the
 agent dies without a word (`kill -9`), the kernel stops the SuperNode for it
 (`processes.die_with_parent`), and the next agent on the same state
-directory ends anything still left (`processes.StateLock`). The ClientApp
-process is started through `clientapp_guard`, so the app bundle the
-aggregator submits can carry settings, never code. Its
+directory ends anything still left (`processes.StateLock`). Beside the SuperNode
+runs the site's resident worker (`site_worker`), which answers every
+message in one long-lived process; the per-message ClientApp process Flower
+starts is a forwarder to it (`clientapp_guard`), and the app bundle the
+aggregator submits can carry settings, never code. If the worker dies, the
+agent starts another. The SuperNode runs with quicker polling
+(`flower_compat.run_supernode_polling_often`). Its
 ledger (the site's privacy budget) lives in the state directory and must be
 backed up: it is what keeps the site under its cap across runs.
 """
@@ -23,6 +27,7 @@ import enum
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +38,20 @@ from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.records import LedgerEntry, PrivacyRecord
-from fedpriv.deploy import clientapp_guard, kit_checks, processes
+from fedpriv.deploy import clientapp_guard, kit_checks, processes, site_worker
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
 from fedpriv.deploy.kit import PUBLIC_KEYS as KIT_PUBLIC_KEYS
 
 FLWR_HOME = "flwr-home"
+# Flower's `flower-supernode`, polling the SuperLink more often (see `supernode`).
+SUPERNODE = (sys.executable, "-m", "fedpriv.deploy.supernode")
 DEFAULT_PORT = 9094
 GRACE_SECONDS = 30.0
+WORKER_DIR = "worker"
+WORKER_READY_SECONDS = 600.0  # importing torch and transformers on a loaded machine
+# Flower's SuperExec looks for a new message to start a ClientApp for every second by default.
+SUPEREXEC_POLL = "0.02"
 ACTIVATION_RETRY_SECONDS = 10.0
 # The agent's status when its SuperNode fails. Flower's own codes (305: no connection, ...) are above 255,
 # which no process status can carry, so they are named in the agent's last line instead.
@@ -134,7 +145,7 @@ class Agent:
         max_retries: int | None = None,
     ) -> list[str]:
         command = [
-            processes.flower_bin("flower-supernode"),
+            *SUPERNODE,
             "--superlink",
             superlink or self.kit.superlink,
             "--port",
@@ -187,10 +198,33 @@ class Agent:
         self, command: list[str], max_retries: int | None, log: Callable[[str], None], retry_seconds: float
     ) -> int:
         env = processes.flower_env(self.state / FLWR_HOME)
-        # SuperExec starts `flwr-clientapp` by name: ours first, so the aggregator's bundle cannot bring code.
-        guard = clientapp_guard.write_launcher(self.state / "bin")
-        env["PATH"] = f"{guard}{os.pathsep}{env['PATH']}"
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL
         stop = processes.StopSignals()
+        resident = site_worker.Resident(self.state / WORKER_DIR, env, log, self.kit.site).start()
+        try:
+            log(f"{self.kit.site}: waiting for the site worker (it loads the model runtime once)")
+            if not resident.wait_ready(WORKER_READY_SECONDS, lambda: stop.requested):
+                if stop.requested:
+                    log(f"{self.kit.site}: stopped")
+                    return 0
+                log(f"{self.kit.site}: the site worker did not start within {WORKER_READY_SECONDS:g} s; see above")
+                return EXIT_SUPERNODE_FAILED
+            # SuperExec starts `flwr-clientapp` by name: ours first, a forwarder to the resident worker.
+            guard = clientapp_guard.write_launcher(self.state / "bin", self.state / WORKER_DIR)
+            env["PATH"] = f"{guard}{os.pathsep}{env['PATH']}"
+            return self._run_supernode(command, env, stop, max_retries, log, retry_seconds)
+        finally:
+            resident.stop(GRACE_SECONDS)
+
+    def _run_supernode(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        stop: processes.StopSignals,
+        max_retries: int | None,
+        log: Callable[[str], None],
+        retry_seconds: float,
+    ) -> int:
         superlink = command[command.index("--superlink") + 1]
         attempt = 0
         while True:

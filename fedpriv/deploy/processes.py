@@ -31,6 +31,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FLOWER_SERVICES = frozenset(
     {"flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp"}
 )
+# fedpriv's own long-running processes beside them (`python -m <module>`), found the same way.
+FEDPRIV_SERVICES = frozenset({"fedpriv.deploy.supernode", "fedpriv.deploy.site_worker"})
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -158,12 +160,12 @@ def flower_processes(flwr_home: Path) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")[:2]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[:3]
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue  # gone, or not ours to read
         names = {os.path.basename(a.decode("utf-8", "replace")) for a in argv}
-        if names & FLOWER_SERVICES and f"FLWR_HOME={home}".encode() in environ:
+        if names & (FLOWER_SERVICES | FEDPRIV_SERVICES) and f"FLWR_HOME={home}".encode() in environ:
             found.append(int(entry.name))
     return sorted(found)
 

@@ -1,0 +1,252 @@
+"""The site's resident worker: one long-lived process that answers every message of the site's SuperNode.
+
+Flower 1.39's SuperNode starts a fresh `flwr-clientapp` process for every
+message, and fedpriv's ClientApp needs torch, transformers and the site's
+model, features and budget: seconds of imports and loading per message,
+five messages a secure round. The agent instead runs this worker beside the
+SuperNode. The `flwr-clientapp` the SuperNode starts is a forwarder
+(`clientapp_guard.write_launcher`): a few lines of the standard library
+that hand their command line (the runtime API address and the task's
+token) to this worker over a Unix socket in the worker folder, which only
+the agent's user can enter (0700), with a secret the worker writes anew at
+each start. The worker then does what Flower's ClientApp process would
+(`flower_compat.run_clientapp_task`): it pulls the message, checks the app
+bundle, runs fedpriv's ClientApp in this process (its model and prepared
+data stay resident between messages, `client.runtime.WORKER`), and pushes
+the reply. The forwarder exits with the status Flower's process would have.
+
+Nothing that must survive the worker lives only in it: the ledger is
+written before a release leaves, and the secure-aggregation session is in
+Flower's per-node context, which the SuperNode keeps. If the worker dies,
+the agent starts another; a message that comes while none listens is
+answered at once with an error naming why (the forwarder falls back to the
+guarded Flower process, which refuses the task).
+
+The folder holds:
+
+    socket     the Unix socket (0600)
+    secret     this start's secret (0600); a connection without it is closed
+    ready.json {"pid", "started"}: written once the ClientApp is imported and the socket listens
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import importlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpriv.common.files import write_atomic
+from fedpriv.common.flower_app import CLIENT_APP
+
+SOCKET, SECRET, READY = "socket", "secret", "ready.json"
+MAX_REQUEST = 1 << 16  # a command line, never more
+
+
+def prepare(folder: Path) -> None:
+    """The worker folder, private to this user; what a previous start left is cleared."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    for name in (READY, SOCKET, SECRET):
+        (folder / name).unlink(missing_ok=True)
+
+
+def load_client_app():
+    module, _, attribute = CLIENT_APP.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class SiteWorker:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.secret = secrets.token_hex(32)
+        self.app = load_client_app()
+        self.busy = threading.Lock()  # one message at a time, as the SuperNode sends them
+
+    def serve(self, stop: threading.Event) -> None:
+        from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
+
+        prepare(self.folder)
+        secret = self.folder / SECRET
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(self.secret)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            server.bind(str(self.folder / SOCKET))
+        finally:
+            os.umask(old)
+        server.listen(8)
+        server.settimeout(0.5)
+        write_atomic(self.folder / READY, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
+        print(f"fedpriv site worker: ready (pid {os.getpid()})", flush=True)
+
+        def check(content: bytes) -> None:
+            try:
+                check_fab(content)
+            except ForeignAppError as error:
+                print(f"fedpriv: {error}", file=sys.stderr, flush=True)
+                raise
+
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                self._answer(conn, check)
+        server.close()
+
+    def _answer(self, conn: socket.socket, check) -> None:
+        from fedpriv.common.flower_compat import run_clientapp_task
+
+        conn.settimeout(10.0)  # the forwarder writes its one line at once
+        try:
+            request = json.loads(_read_line(conn))
+            if not hmac.compare_digest(str(request.get("secret", "")), self.secret):
+                raise ValueError("wrong secret")
+            argv = [str(a) for a in request["argv"]]
+            cwd = str(request.get("cwd") or ".")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"fedpriv site worker: refused a connection ({error})", file=sys.stderr, flush=True)
+            return
+        conn.settimeout(None)
+        with self.busy, _working_directory(cwd):
+            code = run_clientapp_task(
+                argv,
+                self.app,
+                check,
+                on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
+            )
+        with contextlib.suppress(OSError):  # a forwarder that went away needs no answer
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    before = os.getcwd()
+    try:
+        os.chdir(path)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+class Resident:
+    """The agent's side: starts the worker, restarts it when it dies, stops it with the agent.
+
+    A worker that dies within `QUICK_DEATH` seconds of its start (it cannot
+    import the ClientApp, say) is restarted after a growing pause, so a
+    broken install does not spin.
+    """
+
+    QUICK_DEATH = 30.0
+
+    def __init__(self, folder: Path, env: dict[str, str], log: Callable[[str], None], site: str) -> None:
+        from fedpriv.deploy import processes
+
+        self.folder, self.env, self.log, self.site = folder, env, log, site
+        self._processes = processes
+        self._stop = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.starts = 0
+        self._thread = threading.Thread(target=self._keep_running, name="site-worker", daemon=True)
+
+    def start(self) -> Resident:
+        prepare(self.folder)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float, stopping: Callable[[], bool]) -> bool:
+        """Whether a worker is listening within `timeout` seconds (False if the agent is asked to stop)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stopping():
+            if (self.folder / READY).exists():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedpriv.deploy.site_worker", str(self.folder)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # a Ctrl-C at the agent's terminal reaches the agent, which stops it
+            preexec_fn=self._processes.die_with_parent(),
+        )
+
+    def _keep_running(self) -> None:
+        pause = 1.0
+        while not self._stop.is_set():
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._process = process = self._spawn()
+            self.starts += 1
+            self.log(f"{self.site}: site worker started (pid {process.pid})")
+            self._processes.PassThrough(process)
+            started = time.monotonic()
+            code = process.wait()
+            (self.folder / READY).unlink(missing_ok=True)
+            if self._stop.is_set():
+                return
+            self.log(f"{self.site}: the site worker exited (status {code}); starting another")
+            if time.monotonic() - started < self.QUICK_DEATH:
+                self._stop.wait(pause)
+                pause = min(pause * 2, 30.0)
+            else:
+                pause = 1.0
+
+    def stop(self, grace: float) -> None:
+        with self._lock:
+            self._stop.set()
+            process = self._process
+        if process is not None:
+            self._processes.stop(process, grace)
+        self._thread.join(timeout=grace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedpriv.deploy.site_worker")
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    SiteWorker(args.folder.resolve()).serve(stop)
+
+
+if __name__ == "__main__":
+    main()
