@@ -9,10 +9,10 @@ two steps. A site's steps and refusals: `site_session`; the aggregator's:
 derivation: `derive`; encoding: `encoding`.
 """
 
+from fedpriv.common.secagg.aggregator_session import AggregatorSession
 from fedpriv.common.secagg.config import SecAggConfig, default_threshold
 from fedpriv.common.secagg.encoding import FixedPoint
 from fedpriv.common.secagg.errors import EncodingOverflowError, RoundAbandoned, SecAggError
-from fedpriv.common.secagg.aggregator_session import AggregatorSession
 from fedpriv.common.secagg.site_session import SiteSession
 
 __all__ = [
