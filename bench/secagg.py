@@ -36,6 +36,8 @@ def _bytes(value) -> int:
         return value.nbytes
     if isinstance(value, dict):
         return sum(_bytes(v) + len(k) for k, v in value.items())
+    if isinstance(value, tuple):  # a masked vector and its sealed seed shares; revealed shares and keys
+        return sum(_bytes(v) for v in value)
     return len(value)
 
 
