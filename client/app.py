@@ -42,7 +42,7 @@ from fedpriv.common.protocol import (
     withheld_content,
 )
 from fedpriv.common.records import canonical_json, state_sha256
-from fedpriv.common.secure_protocol import ADVERTISE, MASK, SETUP, SHARE, UNMASK
+from fedpriv.common.secure_protocol import MASK, QUERY_STAGES
 
 log = logging.getLogger(CLIENT_LOG)
 
@@ -129,7 +129,7 @@ def _secure_stage(msg: Message, context: Context) -> Message:
     return secure_aggregation.handle(msg, context, config, site)
 
 
-for _stage in (SETUP, ADVERTISE, SHARE, UNMASK):
+for _stage in QUERY_STAGES:
     app.query(_stage)(_secure_stage)
 app.train(MASK)(_secure_stage)
 

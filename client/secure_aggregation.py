@@ -1,11 +1,20 @@
-"""A site's side of a secure-aggregation round: five stages, its secrets kept in Flower's per-node state.
+"""A site's side of secure aggregation: keys agreed once per epoch, kept in Flower's per-node state.
 
-The site decides alone what it takes part in: the round's settings must
-match its own policy (it is in the cohort, the threshold and the collusion
-bound are at least what it requires, the vector has its model's length, the
-round is the one it is asked about), its peers' keys must be signed by their
-provisioned identity keys, and its budget must allow the release. Its masked
-vector leaves only after the release is in its signed ledger.
+The session (`SiteSession`: its X25519 keys, its verified peers, the round
+it masked) lives in the node's `context.state` from the key agreement
+(advertise) through every round of the epoch (mask, unmask). A mask request
+for keys it does not hold (its agent restarted and the state is empty, or it
+missed an agreement) is answered `REKEY` before anything is computed, and the
+aggregator agrees keys again.
+
+The site decides alone what it takes part in, at every stage that runs each
+round as at key agreement: the round's settings must match its own policy (it
+is in the cohort, the threshold and the collusion bound are at least what it
+requires, the vector has its model's length, the round is the one it is asked
+about and comes after every round it masked in this run), its peers' keys
+must be signed by their provisioned identity keys, and its budget must allow
+the release (`release.check`, before anything is computed). Its masked vector
+leaves only after the release is in its signed ledger.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, noisy_share
@@ -44,23 +53,26 @@ from fedpriv.common.protocol import (
     from_record,
     withheld_content,
 )
-from fedpriv.common.records import DistributedNoise
+from fedpriv.common.records import DistributedNoise, PrivacyRecord
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
+from fedpriv.common.secagg.site_session import KEYED
 from fedpriv.common.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,
-    SHARE,
     UNMASK,
     StageReply,
     StageRequest,
     masked_sha256,
+    rekey_content,
+    unmask_to_data,
 )
 from fedpriv.common.secure_protocol import advertisements_from_data as read_advertisements
 
 log = logging.getLogger(CLIENT_LOG)
 
 STATE = "fedpriv-secagg"  # the session's record in Flower's per-node context.state
+LAST_ROUND = "fedpriv-secagg-round"  # the last round masked in the run, kept when the keys change
 PUBLIC_KEYS = "public-keys.json"
 
 
@@ -96,6 +108,7 @@ def _check_round(secagg: SecAggConfig, request: StageRequest, site: SiteRuntime,
         (secagg.length != length, f"vector length {secagg.length}, its model has {length}"),
         (secagg.run_id != run_id, f"run {secagg.run_id} is not this run ({run_id})"),
         (secagg.round != request.server_round, f"round {secagg.round} is not the round asked ({request.server_round})"),
+        (request.stage == ADVERTISE and secagg.epoch != secagg.round, "keys are agreed in the round they are for"),
         ((secagg.scale, secagg.bound) != encoding(config), "the encoding is not the one this federation uses"),
     ]
     refused = [why for bad, why in problems if bad]
@@ -103,18 +116,29 @@ def _check_round(secagg: SecAggConfig, request: StageRequest, site: SiteRuntime,
         raise SecAggError(f"{site.name} refuses the secure-aggregation round: " + "; ".join(refused))
 
 
-def _session(context: Context, site: SiteRuntime, config: FedprivConfig, request: StageRequest) -> SiteSession:
+def _session(context: Context, site: SiteRuntime, config: FedprivConfig) -> SiteSession | None:
     record = context.state.config_records.get(STATE)
     if record is None:
-        raise SecAggError(f"{site.name}: no secure-aggregation session for round {request.server_round}")
-    session = SiteSession.from_state(dict(record), site.budget.ledger.key, pinned_keys(site, config))
-    if session.config.to_json() != request.round_config:
-        raise SecAggError(f"{site.name}: the round's settings changed between stages; refusing")
-    return session
+        return None
+    return SiteSession.from_state(dict(record), site.budget.ledger.key, pinned_keys(site, config))
 
 
 def _save(context: Context, session: SiteSession) -> None:
     context.state[STATE] = ConfigRecord(session.to_state())
+
+
+def _last_masked(context: Context, site: SiteRuntime, run_id: str) -> int:
+    """The last round this site masked in this run, whatever keys it used then."""
+    record = context.state.config_records.get(LAST_ROUND)
+    if record is not None and record.get("run") == run_id:
+        return int(str(record["round"]))
+    # No record (its agent restarted, or a first round): its ledger holds every release it made.
+    rounds = [
+        r.round
+        for r in site.budget.ledger.records()
+        if isinstance(r, PrivacyRecord) and r.party == "site" and r.run_id == run_id
+    ]
+    return max(rounds, default=0)
 
 
 def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRuntime) -> Message:
@@ -122,13 +146,14 @@ def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRunt
     request = StageRequest.from_message(msg)
     run_id = str(context.run_id)
     if request.stage == SETUP:
-        context.state.config_records.pop(STATE, None)  # a new round: nothing of the last one is reused
+        context.state.config_records.pop(STATE, None)  # a node new to the aggregator: no keys of before are reused
         return Message(StageReply(site.name).to_content(), reply_to=msg)
+    secagg = SecAggConfig.from_json(request.round_config)
+    _check_round(secagg, request, site, config, run_id)
     if request.stage == ADVERTISE:
-        secagg = SecAggConfig.from_json(request.round_config)
-        _check_round(secagg, request, site, config, run_id)
+        context.state.config_records.pop(STATE, None)  # a new agreement: the old keys serve no round again
         roster = pinned_keys(site, config)
-        # Refused before any key is shared: a site that will not release leaves the round at once.
+        # Refused before any key is made: a site that will not release stays out of the epoch's cohort.
         withheld = check(site, _release_plan(config, site, secagg, roster).proposal, request.server_round)
         if withheld is not None:
             return Message(_withheld(site, withheld), reply_to=msg)
@@ -136,17 +161,12 @@ def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRunt
         advertisement = session.advertise()
         _save(context, session)
         return Message(StageReply(site.name, advertisement).to_content(), reply_to=msg)
-    session = _session(context, site, config, request)
-    if request.stage == SHARE:
-        sealed = session.share_keys(read_advertisements(request.data))
-        _save(context, session)
-        return Message(StageReply(site.name, sealed).to_content(), reply_to=msg)
+    session = _session(context, site, config)
     if request.stage == MASK:
-        content = _mask(request, session, context, config, site)
-        _save(context, session)
-        return Message(content, reply_to=msg)
+        return Message(_mask(request, secagg, session, context, config, site), reply_to=msg)
     if request.stage == UNMASK:
-        secagg = session.config
+        if session is None:
+            raise SecAggError(f"{site.name}: no secure-aggregation session for round {request.server_round}")
         survivors, cohort, t = len(set(request.survivors)), len(secagg.sites), secagg.max_colluding
         if survivors < cohort - t:
             # More than t of the cohort are gone after the noise shares were fixed: the sum of the survivors
@@ -156,11 +176,11 @@ def handle(msg: Message, context: Context, config: FedprivConfig, site: SiteRunt
                 f"t = {t} dropped, so the sum would carry less noise than accounted"
             )
             log.warning("%s round %d: %s", site.name, request.server_round, reason)
-            context.state.config_records.pop(STATE, None)
+            context.state.config_records.pop(STATE, None)  # nothing of this round is ever revealed
             return Message(withheld_content(site.name, REFUSED, reason, {}), reply_to=msg)
-        revealed = session.unmask(request.survivors, request.dropped)
-        context.state.config_records.pop(STATE, None)
-        return Message(StageReply(site.name, revealed).to_content(), reply_to=msg)
+        seed_shares, pair_keys = session.unmask(secagg, request.survivors, request.dropped, request.data)
+        _save(context, session)
+        return Message(StageReply(site.name, unmask_to_data(seed_shares, pair_keys)).to_content(), reply_to=msg)
     raise SecAggError(f"{site.name}: unknown stage {request.stage!r}")
 
 
@@ -222,10 +242,35 @@ def _release_plan(config: FedprivConfig, site: SiteRuntime, secagg: SecAggConfig
     return _ReleasePlan(Proposal("update", planned, **common), plan.sample_rate, plan.steps, dp, plan=plan)
 
 
-def _mask(request: StageRequest, session: SiteSession, context: Context, config: FedprivConfig, site: SiteRuntime):
+def _mask(
+    request: StageRequest,
+    secagg: SecAggConfig,
+    session: SiteSession | None,
+    context: Context,
+    config: FedprivConfig,
+    site: SiteRuntime,
+) -> RecordDict:
     """Trains (local noise) or computes its noisy share (distributed), records the release, masks."""
+    run_id = str(context.run_id)
+    if session is None or session.config != secagg.keys:
+        held = "none" if session is None else f"those of round {session.config.epoch}"
+        reason = f"{site.name} holds no keys of round {secagg.epoch} (it holds {held}); keys must be agreed again"
+        log.warning("%s round %d: %s", site.name, request.server_round, reason)
+        return rekey_content(site.name, reason)
+    if request.data:  # the epoch's first round: the advertisements, to check against the pinned identity keys
+        session.accept_peers(read_advertisements(request.data))
+        _save(context, session)
+    elif session.stage != KEYED:
+        reason = f"{site.name} never received its peers' keys of round {secagg.epoch}; keys must be agreed again"
+        return rekey_content(site.name, reason)
+    last = _last_masked(context, site, run_id)
+    if secagg.round <= last:
+        raise SecAggError(
+            f"{site.name} refuses round {secagg.round}: it already released round {last} of this run "
+            f"(one masked vector per round)"
+        )
+    session.check_round(secagg)
     privacy, bundle, budget = config.privacy, site.model, site.budget
-    secagg = session.config
     release_plan = _release_plan(config, site, secagg, pinned_keys(site, config))
     seed = site.training_seed(request.server_round)
 
@@ -263,7 +308,7 @@ def _mask(request: StageRequest, session: SiteSession, context: Context, config:
                 ]
             )
             loss, taken = result.loss, result.steps
-        masked = session.mask(request.data, vector)
+        masked, sealed = session.mask(secagg, vector)
         mechanism = site.update_mechanism(dp, release_plan.rate, taken, release_plan.shared)
         metrics = {
             TRAIN_LOSS: loss,
@@ -273,19 +318,21 @@ def _mask(request: StageRequest, session: SiteSession, context: Context, config:
             SECONDS: time.time() - started,
         }
         # The record names the very masked vector sent; the aggregator checks it.
-        return Made(masked, mechanism, masked_sha256(masked), metrics)
+        return Made((masked, sealed), mechanism, masked_sha256(masked), metrics)
 
-    outcome = release(
-        site, release_plan.proposal, compute, run_id=str(context.run_id), server_round=request.server_round
-    )
+    outcome = release(site, release_plan.proposal, compute, run_id=run_id, server_round=request.server_round)
     if isinstance(outcome, Withheld):
         return _withheld(site, outcome)
+    # Saved before the reply leaves (Flower keeps the state when the handler returns): no second vector of it.
+    _save(context, session)
+    context.state[LAST_ROUND] = ConfigRecord({"run": run_id, "round": request.server_round})
     planned = release_plan.proposal.planned
     if planned is not None and site.simulated:
         # Next round's budget check, worked out while the aggregator unmasks (as the plain round does).
         budget.prefetch(planned)
     metrics = {**outcome.metrics, EPSILON: outcome.epsilon, EPSILON_CAP: budget.cap, DELTA: budget.delta}
-    return StageReply(site.name, masked=outcome.payload, metrics=metrics, entry=outcome.entry).to_content()
+    masked, sealed = outcome.payload
+    return StageReply(site.name, sealed, masked=masked, metrics=metrics, entry=outcome.entry).to_content()
 
 
 def distributed_noise_multiplier(config: FedprivConfig, length: int) -> float:

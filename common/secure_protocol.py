@@ -1,16 +1,23 @@
-"""The wire format of a secure-aggregation round: one request and one reply shape for its five stages.
+"""The wire format of secure aggregation: one request and one reply shape for its stages.
+
+Keys are agreed once per epoch (the first round, and again when the cohort
+changes); every round then costs two exchanges, mask and unmask.
 
     stage (message type)        aggregator sends                      site answers
-    setup (query.secagg_setup)  the round                             its name
-    advertise (query...)        the round's SecAggConfig              signed ephemeral keys
-    share (query...)            every advertisement                   its shares, sealed per peer
-    mask (train.secagg_mask)    the model + the shares sealed to it   its masked vector, metrics, ledger entry
-    unmask (query...)           survivors and dropped                 its shares of their secrets
+    setup (query.secagg_setup)  the round (only to nodes not yet       its name
+                                named)
+    advertise (query...)        the epoch's SecAggConfig              signed X25519 public keys
+    mask (train.secagg_mask)    the model, the round's SecAggConfig,  its masked vector, metrics, ledger entry,
+                                every advertisement (first round of   its fresh seed's shares sealed per peer;
+                                an epoch only)                        or `REKEY`: it holds no keys of that epoch
+    unmask (query...)           survivors, dropped, the seed shares   its shares of the survivors' seeds, its
+                                sealed to it by the survivors         pair keys of this round with the dropped
 
 Bytes travel in a ConfigRecord "secagg" keyed by site name (or by
-"site/field" for forwarded advertisements), lists as JSON; the masked vector
-is a uint64 Array. Decoding raises `ProtocolError` naming the sender and
-what is wrong; the cryptographic checks are the secagg session's.
+"site/field" for forwarded advertisements, "seed/site" and "pair/site" in an
+unmask answer), lists as JSON; the masked vector is a uint64 Array. Decoding
+raises `ProtocolError` naming the sender and what is wrong; the cryptographic
+checks are the secagg sessions'.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from fedpriv.common.protocol import (
     PRIVACY_ENTRY,
     SERVER_ROUND,
     SITE,
+    SITE_REASON,
+    SITE_STATUS,
     Metrics,
     ProtocolError,
     _entry,
@@ -45,10 +54,14 @@ from fedpriv.common.records import LedgerEntry
 
 SETUP: Final = "secagg_setup"
 ADVERTISE: Final = "secagg_advertise"
-SHARE: Final = "secagg_share"
 MASK: Final = "secagg_mask"
 UNMASK: Final = "secagg_unmask"
-STAGES: Final = (SETUP, ADVERTISE, SHARE, MASK, UNMASK)
+STAGES: Final = (SETUP, ADVERTISE, MASK, UNMASK)
+QUERY_STAGES: Final = (SETUP, ADVERTISE, UNMASK)  # Flower query messages; MASK is a train message
+
+# A site's answer to a mask request of keys it does not hold (its agent restarted, or the keys are of an
+# agreement it missed): nothing was computed; the aggregator agrees keys again before the next round.
+REKEY: Final = "secagg-rekey"
 
 SECAGG: Final = "secagg"  # the record of a stage's bytes
 ROUND_CONFIG: Final = "round-config"  # the SecAggConfig, as JSON
@@ -63,6 +76,20 @@ def message_type(stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown secure-aggregation stage {stage!r}")
     return f"train.{stage}" if stage == MASK else f"query.{stage}"
+
+
+def rekey_content(site: str, reason: str) -> RecordDict:
+    return RecordDict({SITE: _site_record(site, REKEY, reason)})
+
+
+def rekey_reason(msg: Message) -> str | None:
+    """Why a reply asks for key agreement again, or None for any other reply."""
+    if msg.has_error():
+        return None
+    record = msg.content.config_records.get(SITE)
+    if record is None or record.get(SITE_STATUS) != REKEY:
+        return None
+    return str(record.get(SITE_REASON, ""))
 
 
 def _bytes_record(values: Mapping[str, bytes]) -> ConfigRecord:
@@ -170,6 +197,28 @@ class StageReply:
 def masked_sha256(masked: np.ndarray) -> str:
     """What a site's ledger entry names for a masked release: the hash of the very vector sent."""
     return hashlib.sha256(np.ascontiguousarray(masked, dtype=np.uint64).tobytes()).hexdigest()
+
+
+_SEED, _PAIR = "seed/", "pair/"
+
+
+def unmask_to_data(seed_shares: Mapping[str, bytes], pair_keys: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {**{_SEED + s: v for s, v in seed_shares.items()}, **{_PAIR + s: v for s, v in pair_keys.items()}}
+
+
+def unmask_from_data(data: Mapping[str, bytes], who: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(owner -> seed share, dropped -> pair key) from an unmask answer."""
+    seed_shares, pair_keys = {}, {}
+    for key, value in data.items():
+        if key.startswith(_SEED):
+            seed_shares[key.removeprefix(_SEED)] = value
+        elif key.startswith(_PAIR):
+            pair_keys[key.removeprefix(_PAIR)] = value
+        else:
+            raise ProtocolError(
+                f"{who}: unmask answer has an entry {key!r} that is neither a seed share nor a pair key"
+            )
+    return seed_shares, pair_keys
 
 
 def advertisements_to_data(advertisements: Mapping[str, Mapping[str, bytes]]) -> dict[str, bytes]:

@@ -1,13 +1,22 @@
-"""The aggregator's side of a secure-aggregation round: it routes the stages and learns only the sum.
+"""The aggregator's side of secure aggregation: it routes the stages and learns only the sum.
 
 Each stage is one exchange of messages with the cohort (see
-`fedpriv.common.secure_protocol`). A site that does not answer a stage is
-left out of the later ones: before masking it simply drops out; after
-masking its masks are removed with the shares the others hold. Below the
-threshold the round is abandoned: nothing is applied, the run goes on.
-The masked vectors are admitted like plain updates (signed ledger entry, its
-hash of this very masked vector, DP noise in a private federation, a new
-record of this run and round), since they are all the aggregator can check.
+`fedpriv.common.secure_protocol`). Keys are agreed once (advertise, after
+setup for nodes it has not named yet) and serve round after round: a steady
+round is two exchanges, mask and unmask. Keys are agreed again before a round
+when the nodes available are not those they were agreed among (a site joined
+or left), or when the last round did not go cleanly (a site dropped, was
+rejected, refused, asked for new keys because its state is gone, or the round
+was abandoned). A site that answers a mask request for keys it does not hold
+(`REKEY`) computed nothing: it misses that round, counted as dropped, and is
+back after the new agreement.
+
+A site that does not answer a stage is left out of the later ones of the
+round: its masks are removed with what the survivors reveal. Below the
+threshold the round is abandoned: nothing is applied, the run goes on. The
+masked vectors are admitted like plain updates (signed ledger entry, its hash
+of this very masked vector, DP noise in a private federation, a new record of
+this run and round), since they are all the aggregator can check.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ from fedpriv.common.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,
-    SHARE,
     UNMASK,
     StageReply,
     StageRequest,
     advertisements_to_data,
     masked_sha256,
     message_type,
+    rekey_reason,
+    unmask_from_data,
 )
 from fedpriv.server.exchange import exchange
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem
@@ -59,7 +69,19 @@ class SecureOutcome:
     metrics: dict[str, dict] = field(default_factory=dict)
     exhausted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # sites whose own policy refused the round
+    rekey: list[str] = field(default_factory=list)  # sites that held no keys of the round's agreement
     abandoned: str = ""
+
+
+@dataclass
+class _Epoch:
+    """Keys agreed with a cohort: the session, the nodes it was agreed among, and why it may serve no more."""
+
+    session: AggregatorSession
+    nodes: frozenset[int]
+    node_of: dict[str, int]
+    forward: dict[str, bytes]  # the advertisements, sent with the epoch's first mask request
+    stale: str = ""  # why keys must be agreed again before the next round ("" while they serve)
 
 
 class SecureRound:
@@ -75,6 +97,7 @@ class SecureRound:
         self.grid, self.config, self.run_id, self.length = grid, config, run_id, length
         self.history, self.log_event = history, log_event
         self.names: dict[int, str] = {}  # node -> site, learnt at setup and kept for the run
+        self.epoch: _Epoch | None = None
 
     def _exchange(
         self, rnd: int, stage: str, requests: dict[int, StageRequest], timeout: float, outcome: SecureOutcome
@@ -97,6 +120,10 @@ class SecureRound:
             if reply.has_error():
                 self.log_event("site-error", round=rnd, site=site, reason=reply.error.reason, phase=stage)
                 log.warning("round %d: %s failed at %s: %s", rnd, site, stage, reply.error.reason)
+            elif (why := rekey_reason(reply)) is not None:
+                outcome.rekey.append(site)
+                self.log_event("site-rekey", round=rnd, site=site, reason=why, phase=stage)
+                log.warning("round %d: %s holds no keys of this round: %s", rnd, site, why)
             elif held is not None and held[0] == REFUSED:
                 outcome.refused.append(site)
                 self.log_event("site-refused", round=rnd, site=site, reason=held[1], phase=stage)
@@ -124,21 +151,28 @@ class SecureRound:
         try:
             return self._run(rnd, arrays, context, outcome)
         except (RoundAbandoned, SecAggError) as error:
+            if self.epoch is not None:
+                self.epoch.stale = f"round {rnd} was abandoned"
             self.log_event("secure-round-abandoned", round=rnd, reason=str(error))
             log.warning("round %d abandoned: %s", rnd, error)
             outcome.total, outcome.abandoned = None, str(error)
             return outcome
 
-    def _run(self, rnd: int, arrays: ArrayRecord, context: RoundContext, outcome: SecureOutcome) -> SecureOutcome:
-        timeout = self.config.strategy.round_timeout
-        quick = min(timeout, SETUP_TIMEOUT)
-        nodes = self._nodes(timeout)
-        unknown = [n for n in nodes if n not in self.names]
-        if unknown:
-            replies = self._exchange(rnd, SETUP, {n: StageRequest(SETUP, rnd) for n in unknown}, quick, outcome)
-            for site, reply in replies.items():
-                self.names[reply.metadata.src_node_id] = site
-        node_of = {self.names[n]: n for n in nodes if n in self.names}
+    def _why_agree(self, available: frozenset[int]) -> str:
+        """Why keys must be agreed before this round, or "" when the current ones serve."""
+        epoch = self.epoch
+        if epoch is None:
+            return "no keys agreed yet"
+        if available != epoch.nodes:
+            joined = sorted(self.names[n] for n in available - epoch.nodes)
+            left = sorted(self.names.get(n, str(n)) for n in epoch.nodes - available)
+            return f"the sites available changed (joined {joined}, left {left})"
+        return epoch.stale
+
+    def _agree(self, rnd: int, available: frozenset[int], timeout: float, outcome: SecureOutcome) -> _Epoch:
+        """Key agreement among the available sites: each advertises keys signed by its identity key."""
+        self.epoch = None
+        node_of = {self.names[n]: n for n in available}
         sites = sorted(node_of)
         t = self.config.privacy.max_colluding_sites
         if len(sites) < max(2, t + 1):
@@ -154,50 +188,83 @@ class SecureRound:
             bound=BOUND,
         )
         session = AggregatorSession(secagg)
-        round_config = secagg.to_json()
-
-        def request(stage: str, site: str, **fields) -> StageRequest:
-            return StageRequest(stage, rnd, round_config, **fields)
-
-        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request(ADVERTISE, s) for s in sites}, quick, outcome)
+        request = StageRequest(ADVERTISE, rnd, secagg.to_json())
+        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request for s in sites}, timeout, outcome)
         ads = {s: dict(StageReply.from_message(m, ADVERTISE).data) for s, m in replies.items()}
         broadcast = advertisements_to_data(session.collect_advertisements(ads))
-        replies = self._exchange(
-            rnd, SHARE, {node_of[s]: request(SHARE, s, data=broadcast) for s in sorted(ads)}, quick, outcome
-        )
-        routed = session.collect_shares({s: dict(StageReply.from_message(m, SHARE).data) for s, m in replies.items()})
+        self.epoch = _Epoch(session, available, node_of, broadcast)
+        return self.epoch
+
+    def _run(self, rnd: int, arrays: ArrayRecord, context: RoundContext, outcome: SecureOutcome) -> SecureOutcome:
+        timeout = self.config.strategy.round_timeout
+        quick = min(timeout, SETUP_TIMEOUT)
+        nodes = self._nodes(timeout)
+        unknown = [n for n in nodes if n not in self.names]
+        if unknown:
+            replies = self._exchange(rnd, SETUP, {n: StageRequest(SETUP, rnd) for n in unknown}, quick, outcome)
+            for site, reply in replies.items():
+                self.names[reply.metadata.src_node_id] = site
+        available = frozenset(n for n in nodes if n in self.names)
+        why = self._why_agree(available)
+        if why:
+            self.log_event("secure-keys", round=rnd, reason=why)
+            epoch = self._agree(rnd, available, quick, outcome)
+        else:
+            assert self.epoch is not None
+            epoch = self.epoch
+        session, node_of = epoch.session, epoch.node_of
+        secagg = session.config.for_round(rnd)
+        round_config = secagg.to_json()
+        forward, epoch.forward = epoch.forward, {}
+        epoch.stale = f"round {rnd} did not finish"  # until it does, cleanly
         replies = self._exchange(
             rnd,
             MASK,
-            {node_of[s]: request(MASK, s, data=routed[s], arrays=arrays) for s in sorted(routed)},
+            {node_of[s]: StageRequest(MASK, rnd, round_config, data=forward, arrays=arrays) for s in session.group},
             timeout,
             outcome,
         )
         masked: dict[str, np.ndarray] = {}
+        sealed: dict[str, dict[str, bytes]] = {}
         for site, reply in replies.items():
-            vector = self._admit(rnd, site, reply, context, outcome)
-            if vector is not None:
-                masked[site] = vector
-        outcome.survivors, outcome.dropped = session.collect_masked(masked)
+            decoded = self._admit(rnd, site, reply, context, outcome, session.group)
+            if decoded is not None and decoded.masked is not None:
+                masked[site], sealed[site] = decoded.masked, dict(decoded.data)
+        survivors, dropped, routed = session.collect_masked(secagg, masked, sealed)
+        outcome.survivors, outcome.dropped = survivors, dropped
         replies = self._exchange(
             rnd,
             UNMASK,
             {
-                node_of[s]: request(UNMASK, s, survivors=tuple(outcome.survivors), dropped=tuple(outcome.dropped))
-                for s in outcome.survivors
+                node_of[s]: StageRequest(
+                    UNMASK, rnd, round_config, data=routed[s], survivors=tuple(survivors), dropped=tuple(dropped)
+                )
+                for s in survivors
             },
             quick,
             outcome,
         )
-        outcome.total = session.collect_unmask(
-            {s: dict(StageReply.from_message(m, UNMASK).data) for s, m in replies.items()}
-        )
+        seed_shares: dict[str, dict[str, bytes]] = {}
+        pair_keys: dict[str, dict[str, bytes]] = {}
+        for site, reply in replies.items():
+            try:
+                data = StageReply.from_message(reply, UNMASK).data
+                seed_shares[site], pair_keys[site] = unmask_from_data(data, site)
+            except ProtocolError as error:
+                self.log_event("site-rejected", round=rnd, site=site, reason=str(error))
+        outcome.total = session.collect_unmask(seed_shares, pair_keys)
+        if dropped or len(seed_shares) < len(survivors):
+            silent = sorted(set(survivors) - set(seed_shares))
+            epoch.stale = f"round {rnd}: {dropped} dropped, {silent} did not answer the unmask request"
+        else:
+            epoch.stale = ""
         return outcome
 
     def _admit(
-        self, rnd: int, site: str, reply: Message, context: RoundContext, outcome: SecureOutcome
-    ) -> np.ndarray | None:
-        """The site's masked vector if it may enter the sum; else why not is logged and it counts as dropped."""
+        self, rnd: int, site: str, reply: Message, context: RoundContext, outcome: SecureOutcome, group: tuple[str, ...]
+    ) -> StageReply | None:
+        """The site's answer if its masked vector may enter the sum; else why not is logged and it counts as
+        dropped."""
         try:
             decoded = StageReply.from_message(reply, MASK)
         except (ProtocolError, KeyError) as error:
@@ -206,6 +273,9 @@ class SecureRound:
         problem = _release_problem(site, decoded, self.config.privacy.enabled, context, self.history)
         if problem is None:
             problem = metrics_problem(decoded.metrics, context)
+        if problem is None:
+            missing = sorted(set(group) - {site} - set(decoded.data))
+            problem = f"no sealed seed share for {missing}" if missing else None
         if problem:
             self.log_event("site-rejected", round=rnd, site=site, reason=problem)
             log.warning("round %d: masked update of %s rejected: %s", rnd, site, problem)
@@ -214,7 +284,7 @@ class SecureRound:
             self.history.accept(site, decoded.entry)
             outcome.entries[site] = decoded.entry
         outcome.metrics[site] = dict(decoded.metrics)
-        return decoded.masked
+        return decoded
 
 
 def _release_problem(

@@ -33,7 +33,6 @@ from fedpriv.common.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,
-    SHARE,
     UNMASK,
     StageReply,
     StageRequest,
@@ -121,7 +120,8 @@ class Hostile:
         return _answers(self.advertise(self.secagg(rnd, sites=(*self.node_of, "ghost-1", "ghost-2"))), self.names)
 
     def lying_dropout(self, rnd: int) -> dict:
-        """A real round to the mask stage, then each site is told the two others dropped (more than t = 1)."""
+        """A real round to the mask stage (keys agreed, then masked), then each site is told the two others
+        dropped (more than t = 1)."""
         secagg = self.secagg(rnd)
         session = AggregatorSession(secagg)
         ads = {
@@ -129,21 +129,15 @@ class Hostile:
             for r in self.advertise(secagg)
         }
         broadcast = advertisements_to_data(session.collect_advertisements(ads))
-        sealed = self.send(
-            SHARE, {self.node_of[s]: StageRequest(SHARE, rnd, secagg.to_json(), data=broadcast) for s in ads}
-        )
-        routed = session.collect_shares(
-            {self.names[r.metadata.src_node_id]: dict(StageReply.from_message(r, SHARE).data) for r in sealed}
-        )
         arrays = to_record(self.state)
         masked = self.send(
             MASK,
-            {self.node_of[s]: StageRequest(MASK, rnd, secagg.to_json(), data=routed[s], arrays=arrays) for s in routed},
+            {self.node_of[s]: StageRequest(MASK, rnd, secagg.to_json(), data=broadcast, arrays=arrays) for s in ads},
         )
         answers = {f"mask/{k}": v for k, v in _answers(masked, self.names).items()}
         requests = {}
-        for site in routed:
-            others = tuple(s for s in routed if s != site)
+        for site in ads:
+            others = tuple(s for s in ads if s != site)
             requests[self.node_of[site]] = StageRequest(
                 UNMASK, rnd, secagg.to_json(), survivors=(site,), dropped=others
             )

@@ -7,6 +7,7 @@ import pytest
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.records import PrivacyRecord
 from fedpriv.common.rundir import RunDirectory, summarize
+from fedpriv.common.secure_protocol import ADVERTISE, MASK, SETUP, UNMASK
 
 
 def _run(config):
@@ -27,6 +28,18 @@ def test_secure_aggregation_with_local_noise_learns_and_the_aggregator_sees_only
     assert summary["rounds-completed"] == 3 and summary["central-accuracy"] > 0.6
     aggregates = run.events("train-aggregate")
     assert [e["secure"] for e in aggregates] == [True] * 3 and all(e["sites"] == 3 for e in aggregates)
+    # Keys agreed in round 1; rounds 2 and 3 are two exchanges each.
+    stages = [(e["round"], e["stage"]) for e in run.events("secure-stage")]
+    assert stages == [
+        (1, SETUP),
+        (1, ADVERTISE),
+        (1, MASK),
+        (1, UNMASK),
+        (2, MASK),
+        (2, UNMASK),
+        (3, MASK),
+        (3, UNMASK),
+    ]
     # Each site's ledger names the hash of the masked vector it sent; the aggregator's receipts hold the same.
     receipts = [
         r
@@ -64,7 +77,7 @@ def test_distributed_dp_records_its_noise_share_audits_and_learns(tiny_config):
 
 
 @pytest.mark.slow
-def test_a_site_whose_budget_is_spent_leaves_before_the_keys_and_the_round_completes(tiny_config):
+def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys_leave_it_out(tiny_config):
     from fedpriv.client.site import noise_multiplier  # noqa: F401 (the local plan's noise)
     from fedpriv.client.site import noise_multiplier as sigma_of
     from fedpriv.common.accounting import epsilon, poisson_gaussian, steps_per_round
@@ -72,7 +85,7 @@ def test_a_site_whose_budget_is_spent_leaves_before_the_keys_and_the_round_compl
     config = tiny_config.replace(
         **{
             "privacy.secure-aggregation": True,
-            "rounds": 2,
+            "rounds": 3,
             "privacy.target-epsilon": 30.0,
             "simulation.sites": 4,
             "strategy.min-sites": 4,
@@ -82,13 +95,18 @@ def test_a_site_whose_budget_is_spent_leaves_before_the_keys_and_the_round_compl
         sigma_of(config), config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
     )
     one_round = epsilon([step], config.privacy.delta, config.privacy.accountant)
-    # site-003 can afford one round: in round 2 its budget check refuses at the first stage, before any key is
-    # shared, so the round goes on with the other three and nothing of site-003 needs recovering. (A site lost
-    # after sharing its keys is recovered from the others' shares: tests/test_secure_deploy.py kills one then.)
+    # site-003 can afford one round. Round 2 runs on round 1's keys: its budget check refuses at the mask
+    # stage, before anything is computed, while the others mask with it; it counts as dropped and its masks
+    # are removed with the pair keys of round 2 the others reveal. Round 3 agrees keys again, and site-003
+    # refuses at once: the keys are agreed among the other three and nothing of site-003 needs recovering.
     config = config.replace(**{"simulation.site-caps": f"site-003={one_round * 1.01:.6f}"})
     run = RunDirectory(_run(config).path)
     aggregates = {e["round"]: e for e in run.events("train-aggregate")}
     assert aggregates[1]["sites"] == 4 and aggregates[1]["dropped"] == 0
-    assert aggregates[2]["sites"] == 3 and aggregates[2]["dropped"] == 0
-    assert [(e["round"], e["site"]) for e in run.events("site-budget-exhausted")] == [(2, "site-003")]
-    assert summarize(run)["rounds-completed"] == 2 and summarize(run)["central-accuracy"] > 0.6
+    assert aggregates[2]["sites"] == 3 and aggregates[2]["dropped"] == 1
+    assert aggregates[3]["sites"] == 3 and aggregates[3]["dropped"] == 0
+    assert [(e["round"], e["site"]) for e in run.events("site-budget-exhausted")] == [(2, "site-003"), (3, "site-003")]
+    stages = [(e["round"], e["stage"]) for e in run.events("secure-stage")]
+    assert [s for r, s in stages if r == 2] == [MASK, UNMASK]  # steady state: two exchanges
+    assert [s for r, s in stages if r == 3] == [ADVERTISE, MASK, UNMASK]
+    assert summarize(run)["rounds-completed"] == 3 and summarize(run)["central-accuracy"] > 0.6

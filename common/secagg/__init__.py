@@ -2,14 +2,18 @@
 
 The aggregator learns the sum of the sites' vectors and nothing else about
 any one of them, as long as no more than `max_colluding` sites side with it;
-sites drop out and the round survives while `threshold` remain. Stages and
-refusals: `session`; threshold rule: `config`; encoding: `encoding`.
+sites drop out and the round survives while `threshold` remain. Keys are
+agreed once per epoch (run, or until the cohort changes), then each round is
+two steps. A site's steps and refusals: `site_session`; the aggregator's:
+`aggregator_session`; threshold rule and trust model: `config`; key
+derivation: `derive`; encoding: `encoding`.
 """
 
+from fedpriv.common.secagg.aggregator_session import AggregatorSession
 from fedpriv.common.secagg.config import SecAggConfig, default_threshold
 from fedpriv.common.secagg.encoding import FixedPoint
 from fedpriv.common.secagg.errors import EncodingOverflowError, RoundAbandoned, SecAggError
-from fedpriv.common.secagg.session import AggregatorSession, SiteSession
+from fedpriv.common.secagg.site_session import SiteSession
 
 __all__ = [
     "AggregatorSession",

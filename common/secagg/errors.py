@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedpriv.common.errors import FedprivError
+
+if TYPE_CHECKING:
+    from fedpriv.common.secagg.config import SecAggConfig
 
 
 class SecAggError(FedprivError):
@@ -15,3 +20,10 @@ class RoundAbandoned(SecAggError):
 
 class EncodingOverflowError(SecAggError, OverflowError):
     """A value (or the unmasked sum) lies outside what the fixed-point ring carries without wrapping."""
+
+
+def too_few(config: SecAggConfig, count: int, what: str) -> RoundAbandoned:
+    return RoundAbandoned(
+        f"round {config.round}: {count} of {len(config.sites)} sites {what}, below the threshold "
+        f"{config.threshold}; the round is abandoned and nothing is released"
+    )

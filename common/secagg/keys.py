@@ -1,10 +1,11 @@
-"""Per-round ephemeral keys and their advertisements, signed with each site's provisioned identity key.
+"""Per-epoch X25519 keys and their advertisements, signed with each site's provisioned identity key.
 
 A site checks every peer's advertisement against the Ed25519 public key pinned
 for that peer at provisioning (its ledger key), not against anything the
 aggregator sends, so an aggregator cannot slip in a key of its own and read
-shares or masks. The signed message also binds the round's configuration, so
-all sites provably run the same cohort, threshold and encoding.
+shares or masks. The signed message also binds the configuration the keys are
+agreed under (`SecAggConfig.keys`: run, epoch, cohort, threshold, encoding), so
+all sites provably agree on the same cohort for every round of the epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ KEY_BYTES = 32
 
 @dataclass(frozen=True)
 class EphemeralKeys:
-    """c: agrees the AEAD keys that carry shares; s: agrees the pairwise masks (its secret is shared)."""
+    """c: agrees the AEAD keys that carry seed shares; s: agrees the pairwise masks (never revealed)."""
 
     c_sk: bytes
     s_sk: bytes
@@ -59,7 +60,8 @@ class PeerKeys:
 
 
 def advertisement_message(config: SecAggConfig, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
-    fields = ["advertise", config.run_id, config.round, site, config.digest().hex(), c_pk.hex(), s_pk.hex()]
+    keys = config.keys
+    fields = ["advertise", keys.run_id, keys.epoch, site, keys.digest().hex(), c_pk.hex(), s_pk.hex()]
     return b"fedpriv-secagg\0" + json.dumps(fields, separators=(",", ":")).encode()
 
 
