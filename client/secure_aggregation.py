@@ -327,8 +327,9 @@ def _mask(
     _save(context, session)
     context.state[LAST_ROUND] = ConfigRecord({"run": run_id, "round": request.server_round})
     planned = release_plan.proposal.planned
-    if planned is not None and site.simulated:
-        # Next round's budget check, worked out while the aggregator unmasks (as the plain round does).
+    if planned is not None:
+        # Next round's budget check, worked out while the aggregator unmasks (as the plain round does); a
+        # deployed site's resident worker keeps it for the next message.
         budget.prefetch(planned)
     metrics = {**outcome.metrics, EPSILON: outcome.epsilon, EPSILON_CAP: budget.cap, DELTA: budget.delta}
     masked, sealed = outcome.payload

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from queue import Queue
@@ -122,6 +123,15 @@ def check() -> None:
         return loop.time is __import__("time") and "time.sleep(3)" in source and "time.sleep(0.5)" in source
 
     probe("flwr-clientapp's argument parser and runtime calls (the resident site worker)", clientapp_task)
+
+    def object_pulls() -> bool:
+        from flwr.supercore.inflatable import inflatable_utils
+
+        wanted = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
+        functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+        return all(wanted <= set(f.__kwdefaults__ or {}) for f in functions)
+
+    probe("the retries of Flower's object pulls (inflatable_utils)", object_pulls)
     probe("the SuperNode loop's polling sleeps (flwr.supernode.start_client_internal)", supernode_loop)
     if problems:
         raise FlowerCompatError(
@@ -230,9 +240,28 @@ def fast_dispatch() -> Iterator[bool]:
 
 
 def quicken(grid: Any) -> None:
-    """Lets a simulation's ServerApp see replies within POLL_SECONDS (a deployment's grid is left alone)."""
+    """A ServerApp's waits, shortened: the simulation grid's poll, and (deployed) its pulls of message objects."""
     if type(grid).__name__ == "InMemoryGrid" and hasattr(grid, "pull_interval"):
         grid.pull_interval = POLL_SECONDS
+    quicken_object_pulls()
+
+
+# A message travels as a head and its objects (arrays, records), pushed after
+# the head. Whoever pulls it early finds objects not there yet and, in Flower
+# 1.39, waits 1 s, then 2, 4 ... up to 10 s before asking again: a second or
+# more per exchange in each direction, most of a deployed round. Retrying from
+# FIRST_RETRY up to LAST_RETRY (bounded by Flower's own PULL_MAX_TIME, not a
+# count of tries) sees them as soon as they land.
+FIRST_RETRY, LAST_RETRY = 0.02, 1.0
+
+
+def quicken_object_pulls() -> None:
+    """Shortens this process's retries when pulling a message's objects (see FIRST_RETRY)."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = function.__kwdefaults__
+        defaults.update(initial_backoff=FIRST_RETRY, backoff_cap=LAST_RETRY, max_tries_per_object=None)
 
 
 # --- Site-level DP accounting ----------------------------------------------------
@@ -330,9 +359,25 @@ def clientapp_arguments(argv: Sequence[str]) -> tuple[str, str, bool, bytes | No
     return args.runtime_api_address, token, bool(args.insecure), certificates
 
 
+def message_bytes(message: Any) -> int:
+    """The size of a message as Flower sends it: its serialised objects (metadata, records, arrays)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+@dataclass
+class TaskOutcome:
+    """What one ClientApp task came to: the exit status Flower's process would have had, and the bytes moved."""
+
+    code: int
+    received: int = 0
+    sent: int = 0
+
+
 def run_clientapp_task(
     argv: Sequence[str], client_app: Any, check_bundle: Callable[[bytes], None], on_error: Callable[[str], None]
-) -> int:
+) -> TaskOutcome:
     """One ClientApp task, as Flower's `flwr-clientapp` process runs it, inside a process that stays.
 
     Flower 1.39 starts a fresh `flwr-clientapp` for every message; a site's
@@ -341,8 +386,7 @@ def run_clientapp_task(
     runtime API, check the bundle (it is never installed: the site runs only
     its installed ClientApp), call `client_app`, push the reply and the
     task's outcome. What Flower's process does to itself (signal handlers,
-    exiting, watching its parent) is left out. Returns the exit status
-    Flower's process would have had.
+    exiting, watching its parent) is left out.
     """
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
@@ -366,33 +410,36 @@ def run_clientapp_task(
         retry_invoker=retry,
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    outcome = TaskOutcome(int(ExitCode.SUCCESS))
     message = context = reply = None
-    status, details, code = SubStatus.FAILED, "ClientApp task failed due to unknown reason", int(ExitCode.SUCCESS)
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
         heartbeat.start()
         message, context, _run, fab = runtime.pull_task_input(client)
+        outcome.received = message_bytes(message)
         check_bundle(fab.content)
         reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as error:  # every failure becomes the error reply Flower's own process would send
         reason = f"{type(error)}:<'{error}'>"
         on_error(reason)
-        details, code = reason, int(ExitCode.TASK_PROC_EXCEPTION)
+        details, outcome.code = reason, int(ExitCode.TASK_PROC_EXCEPTION)
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     try:
         if reply is not None and context is not None:
+            outcome.sent = message_bytes(reply)
             runtime.push_message(client, reply, context)
     except Exception as error:
         on_error(f"could not push the reply: {error}")
-        code = int(ExitCode.CLIENTAPP_COMMUNICATION_ERROR)
+        outcome.code = int(ExitCode.CLIENTAPP_COMMUNICATION_ERROR)
     finally:
         retry.max_tries = 1
         runtime.push_task_output(client=client, context=context, sub_status=status, details=details)
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
-    return code
+    return outcome
 
 
 # --- The SuperNode's polling -------------------------------------------------------
@@ -402,7 +449,7 @@ def run_clientapp_task(
 # is several exchanges, so those sleeps alone were seconds a round. The
 # polling SuperNode waits FIRST_POLL after a message, backing off to LAST_POLL
 # while the aggregator is busy or idle.
-FIRST_POLL, LAST_POLL = 0.02, 0.5
+FIRST_POLL, LAST_POLL = 0.02, 0.2
 
 
 class _PollingClock:
@@ -431,4 +478,5 @@ def run_supernode_polling_often() -> None:
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PollingClock(time)  # type: ignore[assignment]
+    quicken_object_pulls()
     flower_supernode()

@@ -150,7 +150,12 @@ class LocalFederation:
         rounds: int = 2,
         min_sites: int = 2,
         policy: dict | None = None,
+        labels: list[str] | None = None,
+        data: dict[str, Path] | None = None,
+        declared_rows: int = 150,
+        run_settings: str = "",
     ):
+        """`labels`, `data` (a CSV per site) and `run_settings` (TOML under [run]) replace the tests' tiny task."""
         self.root = root
         self.sites = sites
         self.fleet, self.control, *agent_ports = free_ports(2 + len(sites) + 6)
@@ -167,10 +172,10 @@ hosts = ["localhost"]
 fleet-listen = "127.0.0.1:{self.fleet}"
 control-listen = "127.0.0.1:{self.control}"
 [data]
-labels = {json.dumps(LABELS)}
+labels = {json.dumps(labels or LABELS)}
 [site-defaults]
 epsilon-cap = 1000.0
-declared-rows = 150
+declared-rows = {declared_rows}
 [site-defaults.policy]
 {tomli_w.dumps(PERMISSIVE if policy is None else policy)}
 [run]
@@ -183,6 +188,7 @@ max-length = 32
 min-sites = {min_sites}
 fraction-evaluate = 0.0
 round-timeout = 120.0
+{run_settings}
 """
             + "".join(f'[[sites]]\nname = "{s}"\n' for s in sites),
             encoding="utf-8",
@@ -191,7 +197,7 @@ round-timeout = 120.0
         assert result.returncode == 0, result.stdout + result.stderr
         self.kits = root / "kits"
         self.state = root / "aggregator-state"
-        self.data = {s: write_csv(root / f"{s}.csv", easy_rows(150, seed=10 + i)) for i, s in enumerate(sites)}
+        self.data = data or {s: write_csv(root / f"{s}.csv", easy_rows(150, seed=10 + i)) for i, s in enumerate(sites)}
         self.test = write_csv(root / "test.csv", easy_rows(90, seed=2))
 
     # -- processes ---------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedpriv.deploy import clientapp_guard, processes
+from fedpriv.deploy import clientapp_guard, processes, site_worker
 from fedpriv.deploy.kit import KitError
 from tests.helpers import LABELS, easy_rows, write_csv
 from tests.local_federation import ENV, ROOT, LocalFederation, fedpriv, free_ports, sweep, wait_for
@@ -246,13 +246,42 @@ def test_fedpriv_bundles_pass_and_bundles_with_code_or_another_clientapp_are_ref
         clientapp_guard.check_fab(_fab(tmp_path, {"pyproject.toml": _pyproject("os:system")}))
 
 
-def test_the_agent_puts_the_guarded_clientapp_first_for_flower(tmp_path):
-    folder = clientapp_guard.write_launcher(tmp_path / "bin")
+def test_the_agent_puts_its_forwarder_first_and_without_a_worker_it_is_flowers_guarded_clientapp(tmp_path):
+    folder = clientapp_guard.write_launcher(tmp_path / "bin", tmp_path / "worker")
     launcher = folder / "flwr-clientapp"
-    assert os.access(launcher, os.X_OK) and "fedpriv.deploy.clientapp_guard" in launcher.read_text()
-    # It really starts Flower's ClientApp process (its argument parser answers).
+    assert os.access(launcher, os.X_OK) and "forward-to-worker" in launcher.read_text()
+    # No worker listens: the forwarder becomes Flower's ClientApp process (its argument parser answers).
     result = subprocess.run([launcher, "--help"], capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 0 and "--runtime-api-address" in result.stdout + result.stderr
+
+
+def test_the_forwarder_hands_its_command_line_and_the_secret_to_the_worker_and_exits_with_its_status(tmp_path):
+    import json
+    import socket
+    import threading
+
+    worker = tmp_path / "worker"
+    site_worker.prepare(worker)
+    (worker / site_worker.SECRET).write_text("s3cret")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(worker / site_worker.SOCKET))
+    server.listen(1)
+    got: list[dict] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            got.append(json.loads(site_worker._read_line(conn)))
+            conn.sendall(b'{"exit": 7}\n')
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    launcher = clientapp_guard.write_launcher(tmp_path / "bin", worker) / "flwr-clientapp"
+    result = subprocess.run([launcher, "--token", "t0k"], capture_output=True, text=True, timeout=60, env=ENV)
+    thread.join(10)
+    server.close()
+    assert result.returncode == 7, result.stderr
+    assert got[0]["secret"] == "s3cret" and got[0]["argv"] == ["--token", "t0k"]
 
 
 # -- one agent per state directory; a killed one's leftovers are ended -----------------
@@ -292,7 +321,7 @@ def test_taking_over_a_state_ends_the_flower_processes_a_killed_agent_left(tmp_p
 
 
 @pytest.mark.slow
-def test_kill_9_of_an_agent_takes_its_supernode_and_superexec_with_it(kits, tmp_path):
+def test_kill_9_of_an_agent_takes_its_supernode_superexec_and_worker_with_it(kits, tmp_path):
     """No aggregator needed: a SuperNode starts its SuperExec at once and keeps retrying the connection."""
     data = write_csv(tmp_path / "north.csv", easy_rows(30, seed=1))
     [closed] = free_ports(1)
@@ -314,20 +343,25 @@ def test_kill_9_of_an_agent_takes_its_supernode_and_superexec_with_it(kits, tmp_
         except psutil.NoSuchProcess:
             return []
         names = {p.pid: " ".join(p.cmdline()) for p in family if p.is_running()}
-        found = [p for p in family if "flower-supernode" in names.get(p.pid, "")]
+        found = [p for p in family if "fedpriv.deploy.supernode" in names.get(p.pid, "")]
         found += [p for p in family if "flower-superexec" in names.get(p.pid, "")]
-        return found if len(found) == 2 else []
+        found += [p for p in family if "fedpriv.deploy.site_worker" in names.get(p.pid, "")]
+        return found if len(found) == 3 else []
 
     agent = start()
     try:
-        supernode, superexec = wait_for(lambda: flower(agent), 120, "the SuperNode and its SuperExec")
+        supernode, superexec, worker = wait_for(lambda: flower(agent), 300, "the SuperNode, SuperExec and worker")
         agent.kill()  # kill -9: no handler runs
         agent.wait(10)
-        wait_for(lambda: _gone(supernode.pid) and _gone(superexec.pid), 60, "the SuperNode and SuperExec to end")
+        wait_for(
+            lambda: _gone(supernode.pid) and _gone(superexec.pid) and _gone(worker.pid),
+            60,
+            "the SuperNode, SuperExec and site worker to end",
+        )
 
         again = start()  # the restart is not locked out: it runs its own SuperNode
         try:
-            wait_for(lambda: flower(again), 120, "the restarted agent's SuperNode")
+            wait_for(lambda: flower(again), 300, "the restarted agent's SuperNode")
         finally:
             again.send_signal(signal.SIGTERM)
             assert again.wait(60) == 0

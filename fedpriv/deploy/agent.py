@@ -51,7 +51,7 @@ GRACE_SECONDS = 30.0
 WORKER_DIR = "worker"
 WORKER_READY_SECONDS = 600.0  # importing torch and transformers on a loaded machine
 # Flower's SuperExec looks for a new message to start a ClientApp for every second by default.
-SUPEREXEC_POLL = "0.02"
+SUPEREXEC_POLL = "0.05"
 ACTIVATION_RETRY_SECONDS = 10.0
 # The agent's status when its SuperNode fails. Flower's own codes (305: no connection, ...) are above 255,
 # which no process status can carry, so they are named in the agent's last line instead.

@@ -27,6 +27,7 @@ The folder holds:
     socket     the Unix socket (0600)
     secret     this start's secret (0600); a connection without it is closed
     ready.json {"pid", "started"}: written once the ClientApp is imported and the socket listens
+    stats.json what this worker has answered: messages, failed, bytes received and sent, busy seconds
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from pathlib import Path
 from fedpriv.common.files import write_atomic
 from fedpriv.common.flower_app import CLIENT_APP
 
-SOCKET, SECRET, READY = "socket", "secret", "ready.json"
+SOCKET, SECRET, READY, STATS = "socket", "secret", "ready.json", "stats.json"
 MAX_REQUEST = 1 << 16  # a command line, never more
 
 
@@ -58,7 +59,7 @@ def prepare(folder: Path) -> None:
     """The worker folder, private to this user; what a previous start left is cleared."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    for name in (READY, SOCKET, SECRET):
+    for name in (READY, SOCKET, SECRET, STATS):
         (folder / name).unlink(missing_ok=True)
 
 
@@ -73,10 +74,14 @@ class SiteWorker:
         self.secret = secrets.token_hex(32)
         self.app = load_client_app()
         self.busy = threading.Lock()  # one message at a time, as the SuperNode sends them
+        self.stats = {"pid": os.getpid(), "messages": 0, "failed": 0, "bytes-received": 0, "bytes-sent": 0}
+        self.stats["busy-seconds"] = 0.0
 
     def serve(self, stop: threading.Event) -> None:
+        from fedpriv.common.flower_compat import quicken_object_pulls
         from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
 
+        quicken_object_pulls()
         prepare(self.folder)
         secret = self.folder / SECRET
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -124,14 +129,26 @@ class SiteWorker:
             return
         conn.settimeout(None)
         with self.busy, _working_directory(cwd):
-            code = run_clientapp_task(
+            started = time.monotonic()
+            outcome = run_clientapp_task(
                 argv,
                 self.app,
                 check,
                 on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
             )
+            self._count(outcome, time.monotonic() - started)
         with contextlib.suppress(OSError):  # a forwarder that went away needs no answer
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            conn.sendall(json.dumps({"exit": outcome.code}).encode() + b"\n")
+
+    def _count(self, outcome, seconds: float) -> None:
+        stats = self.stats
+        stats["messages"] += 1
+        stats["failed"] += int(outcome.code != 0)
+        stats["bytes-received"] += outcome.received
+        stats["bytes-sent"] += outcome.sent
+        stats["busy-seconds"] = round(stats["busy-seconds"] + seconds, 3)
+        with contextlib.suppress(Exception):  # counters for the operator; never a reason to fail a message
+            write_atomic(self.folder / STATS, json.dumps(stats) + "\n")
 
 
 def _read_line(conn: socket.socket) -> bytes:
