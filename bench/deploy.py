@@ -162,6 +162,7 @@ def deployed(root: Path, args, data, labels, rows, job: Path) -> dict:
         labels=labels,
         data=data,
         declared_rows=rows,
+        policy={},  # each site's default policy, as provisioned by the deploy guide's quick start
     )
     try:
         fed.start_aggregator()

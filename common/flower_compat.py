@@ -35,7 +35,7 @@ from fedpriv.common.errors import FedprivError
 
 PINNED = "1.39."
 # Both ends of the Simulation Engine poll (Flower's default is 0.1 s each way):
-# a secure-aggregation round is five exchanges, so polling would dominate it.
+# a secure-aggregation round is several exchanges, so polling would dominate it.
 POLL_SECONDS = 0.01
 ADAM_MOMENTS = ("m_t", "v_t")
 
