@@ -260,7 +260,8 @@ def quicken_object_pulls() -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
     for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = function.__kwdefaults__
+        defaults = function.__kwdefaults__ or {}
+        function.__kwdefaults__ = defaults
         defaults.update(initial_backoff=FIRST_RETRY, backoff_cap=LAST_RETRY, max_tries_per_object=None)
 
 

@@ -74,8 +74,8 @@ class SiteWorker:
         self.secret = secrets.token_hex(32)
         self.app = load_client_app()
         self.busy = threading.Lock()  # one message at a time, as the SuperNode sends them
-        self.stats = {"pid": os.getpid(), "messages": 0, "failed": 0, "bytes-received": 0, "bytes-sent": 0}
-        self.stats["busy-seconds"] = 0.0
+        self.stats: dict[str, float] = {"pid": os.getpid(), "messages": 0, "failed": 0, "busy-seconds": 0.0}
+        self.stats.update({"bytes-received": 0, "bytes-sent": 0})
 
     def serve(self, stop: threading.Event) -> None:
         from fedpriv.common.flower_compat import quicken_object_pulls
@@ -115,7 +115,7 @@ class SiteWorker:
         server.close()
 
     def _answer(self, conn: socket.socket, check) -> None:
-        from fedpriv.common.flower_compat import run_clientapp_task
+        from fedpriv.common.flower_compat import TaskOutcome, run_clientapp_task
 
         conn.settimeout(10.0)  # the forwarder writes its one line at once
         try:
@@ -130,12 +130,16 @@ class SiteWorker:
         conn.settimeout(None)
         with self.busy, _working_directory(cwd):
             started = time.monotonic()
-            outcome = run_clientapp_task(
-                argv,
-                self.app,
-                check,
-                on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
-            )
+            try:
+                outcome = run_clientapp_task(
+                    argv,
+                    self.app,
+                    check,
+                    on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
+                )
+            except (Exception, SystemExit) as error:  # a bad command line (argparse exits): that task fails, not us
+                print(f"fedpriv site worker: could not run the task ({error!r})", file=sys.stderr, flush=True)
+                outcome = TaskOutcome(code=1)
             self._count(outcome, time.monotonic() - started)
         with contextlib.suppress(OSError):  # a forwarder that went away needs no answer
             conn.sendall(json.dumps({"exit": outcome.code}).encode() + b"\n")
