@@ -250,8 +250,8 @@ def quicken(grid: Any) -> None:
 # the head. Whoever pulls it early finds objects not there yet and, in Flower
 # 1.39, waits 1 s, then 2, 4 ... up to 10 s before asking again: a second or
 # more per exchange in each direction, most of a deployed round. Retrying from
-# FIRST_RETRY up to LAST_RETRY (bounded by Flower's own PULL_MAX_TIME, not a
-# count of tries) sees them as soon as they land.
+# FIRST_RETRY up to LAST_RETRY (Flower's 500 tries still bound a pull that
+# will never succeed, to minutes) sees them as soon as they land.
 FIRST_RETRY, LAST_RETRY = 0.02, 1.0
 
 
@@ -262,7 +262,7 @@ def quicken_object_pulls() -> None:
     for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = function.__kwdefaults__ or {}
         function.__kwdefaults__ = defaults
-        defaults.update(initial_backoff=FIRST_RETRY, backoff_cap=LAST_RETRY, max_tries_per_object=None)
+        defaults.update(initial_backoff=FIRST_RETRY, backoff_cap=LAST_RETRY)
 
 
 # --- Site-level DP accounting ----------------------------------------------------

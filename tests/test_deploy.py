@@ -460,9 +460,11 @@ def test_a_site_worker_killed_mid_message_is_restarted_and_the_run_completes(fed
     assert code == 0, out[-3000:] + err[-3000:]
     run = RunDirectory(run_dir)
     failed = [e for e in run.events("site-error") if e["site"] == "site-b"]
-    # The message it was answering fails at once, saying why; no other does.
+    # The message it was handed fails at once, saying why (killed before or after the forwarder got through);
+    # no other does.
     assert [e["round"] for e in failed] == [1], failed
-    assert "site worker stopped while it answered this message" in failed[0]["reason"]
+    reason = failed[0]["reason"]
+    assert "site worker stopped while it answered this message" in reason or "site worker is not running" in reason
     trained = {(e["site"], e["round"]) for e in run.events("site-train")}
     assert trained == {("site-a", 1), ("site-a", 2), ("site-b", 2)}  # the new worker answered round 2
     assert releases(run_dir).count(("site-b", 2)) == 1

@@ -73,7 +73,11 @@ class SiteWorker:
         self.folder = folder
         self.secret = secrets.token_hex(32)
         self.app = load_client_app()
-        self.busy = threading.Lock()  # one message at a time, as the SuperNode sends them
+        # Each message is answered in its own thread, as Flower runs each in its own process: a task stuck
+        # pulling a message that will never come (its run was stopped) must not hold up the next one. The
+        # ClientApp itself runs one message at a time (one resident model).
+        self.app_lock = threading.Lock()
+        self.stats_lock = threading.Lock()
         self.stats: dict[str, float] = {"pid": os.getpid(), "messages": 0, "failed": 0, "busy-seconds": 0.0}
         self.stats.update({"bytes-received": 0, "bytes-sent": 0})
 
@@ -110,9 +114,16 @@ class SiteWorker:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
-            with conn:
-                self._answer(conn, check)
+            threading.Thread(target=self._answer_and_close, args=(conn, check), daemon=True).start()
         server.close()
+
+    def _answer_and_close(self, conn: socket.socket, check) -> None:
+        with conn:
+            self._answer(conn, check)
+
+    def _run_app(self, message, context):
+        with self.app_lock:
+            return self.app(message=message, context=context)
 
     def _answer(self, conn: socket.socket, check) -> None:
         from fedpriv.common.flower_compat import TaskOutcome, run_clientapp_task
@@ -122,37 +133,36 @@ class SiteWorker:
             request = json.loads(_read_line(conn))
             if not hmac.compare_digest(str(request.get("secret", "")), self.secret):
                 raise ValueError("wrong secret")
-            argv = [str(a) for a in request["argv"]]
-            cwd = str(request.get("cwd") or ".")
+            argv = _absolute_paths([str(a) for a in request["argv"]], str(request.get("cwd") or "."))
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f"fedpriv site worker: refused a connection ({error})", file=sys.stderr, flush=True)
             return
         conn.settimeout(None)
-        with self.busy, _working_directory(cwd):
-            started = time.monotonic()
-            try:
-                outcome = run_clientapp_task(
-                    argv,
-                    self.app,
-                    check,
-                    on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
-                )
-            except (Exception, SystemExit) as error:  # a bad command line (argparse exits): that task fails, not us
-                print(f"fedpriv site worker: could not run the task ({error!r})", file=sys.stderr, flush=True)
-                outcome = TaskOutcome(code=1)
-            self._count(outcome, time.monotonic() - started)
+        started = time.monotonic()
+        try:
+            outcome = run_clientapp_task(
+                argv,
+                self._run_app,
+                check,
+                on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
+            )
+        except (Exception, SystemExit) as error:  # a bad command line (argparse exits): that task fails, not us
+            print(f"fedpriv site worker: could not run the task ({error!r})", file=sys.stderr, flush=True)
+            outcome = TaskOutcome(code=1)
+        self._count(outcome, time.monotonic() - started)
         with contextlib.suppress(OSError):  # a forwarder that went away needs no answer
             conn.sendall(json.dumps({"exit": outcome.code}).encode() + b"\n")
 
     def _count(self, outcome, seconds: float) -> None:
-        stats = self.stats
-        stats["messages"] += 1
-        stats["failed"] += int(outcome.code != 0)
-        stats["bytes-received"] += outcome.received
-        stats["bytes-sent"] += outcome.sent
-        stats["busy-seconds"] = round(stats["busy-seconds"] + seconds, 3)
-        with contextlib.suppress(Exception):  # counters for the operator; never a reason to fail a message
-            write_atomic(self.folder / STATS, json.dumps(stats) + "\n")
+        with self.stats_lock:
+            stats = self.stats
+            stats["messages"] += 1
+            stats["failed"] += int(outcome.code != 0)
+            stats["bytes-received"] += outcome.received
+            stats["bytes-sent"] += outcome.sent
+            stats["busy-seconds"] = round(stats["busy-seconds"] + seconds, 3)
+            with contextlib.suppress(Exception):  # counters for the operator; never a reason to fail a message
+                write_atomic(self.folder / STATS, json.dumps(stats) + "\n")
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -167,17 +177,13 @@ def _read_line(conn: socket.socket) -> bytes:
     return data
 
 
-@contextlib.contextmanager
-def _working_directory(path: str):
-    before = os.getcwd()
-    try:
-        os.chdir(path)
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        os.chdir(before)
+def _absolute_paths(argv: list[str], cwd: str) -> list[str]:
+    """The forwarder's command line with its file arguments made absolute (the worker does not share its cwd)."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in ("--root-certificates", "--token-file") and not os.path.isabs(out[i + 1]):
+            out[i + 1] = os.path.join(cwd, out[i + 1])
+    return out
 
 
 class Resident:
