@@ -263,60 +263,48 @@ round-timeout = 120.0
             self.ports[site],
         )
 
-    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
-        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message).
-
-        To catch a site mid-message, freeze its resident worker first (`worker(site, suspend=True)`): the
-        message then waits for it, however fast the machine.
-        """
+    def _find(self, name: str, matches):
+        """The first process started by `name` (an agent, "aggregator") for which `matches(command, process)`."""
         import psutil
 
         try:
-            family = psutil.Process(self.processes[site].pid).children(recursive=True)
+            family = psutil.Process(self.processes[name].pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            return False
+            return None
         for member in family:
             try:
-                # The agent's flwr-clientapp forwards to the site's resident worker (or falls back to
-                # `python -m fedpriv.deploy.clientapp_guard` when none listens).
-                command = " ".join(member.cmdline())
-                found = any(mark in command for mark in ("flwr-clientapp", "forward-to-worker", "clientapp_guard"))
-                if found and member.create_time() >= since:
-                    return True
-            except psutil.Error:
-                continue
-        return False
-
-    def process_named(self, name: str, mark: str):
-        """The first process started by `name` (an agent, "aggregator") whose command line has `mark` (psutil)."""
-        import psutil
-
-        for member in psutil.Process(self.processes[name].pid).children(recursive=True):
-            try:
-                if mark in " ".join(member.cmdline()):
-                    return member
-            except psutil.Error:
-                continue
-        raise AssertionError(f"no process with {mark!r} under {name}")
-
-    def worker(self, site: str, family=None, suspend: bool = False):
-        """The site's resident worker process (psutil), or None; with `suspend`, it is stopped (SIGSTOP)."""
-        import psutil
-
-        if family is None:
-            try:
-                family = psutil.Process(self.processes[site].pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return None
-        for member in family:
-            try:
-                if "fedpriv.deploy.site_worker" in member.cmdline():
-                    if suspend:
-                        member.suspend()
+                if matches(" ".join(member.cmdline()), member):
                     return member
             except psutil.Error:
                 continue
         return None
+
+    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
+        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message).
+
+        The agent's flwr-clientapp forwards to the site's resident worker (or falls back to `python -m
+        fedpriv.deploy.clientapp_guard` when none listens). To catch a site mid-message, freeze its worker first
+        (`worker(site, suspend=True)`): the message then waits for it, however fast the machine.
+        """
+        marks = ("flwr-clientapp", "forward-to-worker", "clientapp_guard")
+        return (
+            self._find(site, lambda command, p: any(m in command for m in marks) and p.create_time() >= since)
+            is not None
+        )
+
+    def process_named(self, name: str, mark: str):
+        """The first process started by `name` whose command line has `mark` (psutil)."""
+        found = self._find(name, lambda command, _: mark in command)
+        if found is None:
+            raise AssertionError(f"no process with {mark!r} under {name}")
+        return found
+
+    def worker(self, site: str, suspend: bool = False):
+        """The site's resident worker process (psutil), or None; with `suspend`, it is stopped (SIGSTOP)."""
+        found = self._find(site, lambda command, _: "fedpriv.deploy.site_worker" in command)
+        if found is not None and suspend:
+            found.suspend()
+        return found
 
     def kill(self, name: str) -> None:
         """SIGKILL to the process and everything it started: the crash of a machine, not a shutdown."""
