@@ -131,8 +131,15 @@ def check() -> None:
         functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
         return all(wanted <= set(f.__kwdefaults__ or {}) for f in functions)
 
+    def forgotten_node() -> bool:
+        from flwr.supernode import start_client_internal as loop
+
+        invoker = loop.make_simple_grpc_retry_invoker()
+        return callable(invoker.should_giveup) and "Invalid node ID" in _node_auth_source()
+
     probe("the retries of Flower's object pulls (inflatable_utils)", object_pulls)
     probe("the SuperNode loop's polling sleeps (flwr.supernode.start_client_internal)", supernode_loop)
+    probe("the SuperNode's retry invoker and the SuperLink's 'Invalid node ID' refusal", forgotten_node)
     if problems:
         raise FlowerCompatError(
             f"fedpriv needs flwr {PINNED}* (installed: {version('flwr')}); this Flower lacks: " + "; ".join(problems)
@@ -471,13 +478,56 @@ class _PollingClock:
             self._clock.sleep(min(seconds, FIRST_POLL))
 
 
+# A SuperLink that restarted without its node registry (the aggregator keeps
+# Flower's state in memory) assigns every site a new node id at registration.
+# Flower's SuperNode keeps the id it activated with; every call is then
+# refused with UNAUTHENTICATED "Invalid node ID" and the SuperNode hangs in
+# its own shutdown. Exiting with this code lets the agent start a new one,
+# which activates under the new id.
+EXIT_NODE_FORGOTTEN = 75
+
+
+def _node_auth_source() -> str:
+    from flwr.server.superlink.fleet.grpc_rere import node_auth_server_interceptor
+
+    return inspect.getsource(node_auth_server_interceptor)
+
+
+def _exit_when_the_node_is_forgotten(make_invoker: Callable[[], Any]) -> Callable[[], Any]:
+    def make() -> Any:
+        invoker = make_invoker()
+        give_up = invoker.should_giveup
+
+        def should_giveup(error: Exception) -> bool:
+            details = getattr(error, "details", None)
+            if callable(details) and "Invalid node ID" in str(details()):
+                import os
+                import sys
+
+                print(
+                    "fedpriv: the aggregator no longer knows this node id (it restarted)", file=sys.stderr, flush=True
+                )
+                os._exit(EXIT_NODE_FORGOTTEN)  # Flower's own shutdown path would hang (see above)
+            return bool(give_up(error)) if give_up else True
+
+        invoker.should_giveup = should_giveup
+        return invoker
+
+    return make
+
+
 def run_supernode_polling_often() -> None:
-    """Runs Flower's `flower-supernode` (its command line is this process's), with quicker polling."""
+    """Runs Flower's `flower-supernode` (its command line is this process's), with quicker polling.
+
+    It also exits with `EXIT_NODE_FORGOTTEN` when the aggregator no longer
+    knows its node id, so that the agent starts it again.
+    """
     import time
 
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PollingClock(time)  # type: ignore[assignment]
+    loop.make_simple_grpc_retry_invoker = _exit_when_the_node_is_forgotten(loop.make_simple_grpc_retry_invoker)
     quicken_object_pulls()
     flower_supernode()

@@ -372,7 +372,6 @@ def test_full_run_over_tls_with_node_authentication(fed):
         "--ssl-certfile",
         "--ssl-keyfile",
         "--enable-supernode-auth",
-        "--database",
         "--disable-runtime-dependency-installation",
     ):
         assert flag in log
@@ -490,6 +489,7 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2_with_the_same_weight
     assert releases(run_dir) == [("site-a", 1), ("site-b", 1)]
 
     fed.start_aggregator()
+    fed.wait_online()  # each agent's SuperNode starts again under the node id the new SuperLink gave it
     resumed = fed.submit("--resume", run_dir)
     code, out, err = finish(resumed)
     assert code == 0, out[-3000:] + err[-3000:]

@@ -113,6 +113,52 @@ def test_a_corrupted_ca_certificate_is_named_before_flower_starts(kits):
         agent.supernode_command(agent.node_config(kit / "kit.toml"))
 
 
+def test_flowers_state_is_kept_in_memory_unless_the_operator_names_a_database(kits, tmp_path):
+    from fedpriv.deploy.aggregator import Aggregator
+
+    aggregator = Aggregator(kits / "aggregator", tmp_path / "state")
+    assert "--database" not in aggregator.superlink_command()
+    command = aggregator.superlink_command(database=tmp_path / "flower.db")
+    assert command[command.index("--database") + 1] == str(tmp_path / "flower.db")
+
+
+def test_a_supernode_the_restarted_aggregator_no_longer_knows_exits_for_the_agent_to_restart_it():
+    import grpc
+
+    from fedpriv.common import flower_compat
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    class Invoker:
+        should_giveup = staticmethod(lambda error: error.code() != grpc.StatusCode.UNAVAILABLE)
+
+    invoker = flower_compat._exit_when_the_node_is_forgotten(Invoker)()
+    assert invoker.should_giveup(Refused(grpc.StatusCode.UNAVAILABLE, "down")) is False  # Flower's own choice
+    assert invoker.should_giveup(Refused(grpc.StatusCode.INTERNAL, "boom")) is True
+    # The SuperLink's refusal of a node id it does not know: the process exits at once, with the agent's code.
+    code = """
+import grpc
+from fedpriv.common import flower_compat
+class Refused(grpc.RpcError):
+    def code(self): return grpc.StatusCode.UNAUTHENTICATED
+    def details(self): return "Invalid node ID"
+class Invoker:
+    should_giveup = None
+flower_compat._exit_when_the_node_is_forgotten(Invoker)().should_giveup(Refused())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == flower_compat.EXIT_NODE_FORGOTTEN, result.stderr
+    assert "no longer knows this node id" in result.stderr
+
+
 def test_a_corrupted_aggregator_certificate_is_named(kits):
     from fedpriv.deploy.aggregator import Aggregator
 

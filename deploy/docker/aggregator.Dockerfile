@@ -1,4 +1,4 @@
-# fedpriv aggregator: a Flower SuperLink with TLS, node authentication and persistent state.
+# fedpriv aggregator: a Flower SuperLink with TLS and node authentication; runs are kept in the state volume.
 #
 #   docker build -f deploy/docker/aggregator.Dockerfile -t fedpriv-aggregator .   (from the repository root)
 #   docker run -d --name fedpriv-aggregator -p 9092:9092 -v $PWD/kits/aggregator:/kit:ro \

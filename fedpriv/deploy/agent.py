@@ -254,6 +254,10 @@ class Agent:
                 return 0
             if code == 0:
                 return 0
+            if code == flower_compat.EXIT_NODE_FORGOTTEN:
+                log(f"{self.kit.site}: the aggregator restarted and gave this site a new node id; reconnecting")
+                attempt = 0
+                continue
             if failure is Failure.ACTIVATION_REFUSED and (max_retries is None or attempt < max_retries):
                 attempt += 1
                 log(

@@ -165,12 +165,21 @@ def aggregator_start(
     control_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT for the control API (operator), default from the kit.")
     ] = None,
+    flower_database: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep Flower's own state (node registry, its run list) in this SQLite file instead of memory. "
+            "Slower rounds; fedpriv needs none of it: runs live in their run directories, sites are registered "
+            "again at every start."
+        ),
+    ] = None,
 ) -> None:
-    """Run the SuperLink (TLS, node authentication, persistent state) and register the provisioned sites."""
+    """Run the SuperLink (TLS, node authentication) and register the provisioned sites."""
     if insecure:
         _warn_insecure("The aggregator")
     aggregator = _aggregator(kit, state, insecure)
-    raise typer.Exit(aggregator.start(fleet_listen, control_listen, log=_log))
+    database = flower_database.expanduser().resolve() if flower_database else None
+    raise typer.Exit(aggregator.start(fleet_listen, control_listen, log=_log, flower_database=database))
 
 
 @aggregator_app.command("register")
