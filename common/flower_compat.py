@@ -131,6 +131,14 @@ def check() -> None:
         functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
         return all(wanted <= set(f.__kwdefaults__ or {}) for f in functions)
 
+    def heartbeats() -> bool:
+        from flwr.client.grpc_rere_client import connection
+        from flwr.supercore import heartbeat
+
+        return all(isinstance(m.HEARTBEAT_DEFAULT_INTERVAL, int | float) for m in (connection, heartbeat))
+
+    probe("the SuperNode's heartbeat interval (grpc_rere_client.connection, supercore.heartbeat)", heartbeats)
+
     def forgotten_node() -> bool:
         from flwr.supernode import start_client_internal as loop
 
@@ -478,6 +486,15 @@ class _PollingClock:
             self._clock.sleep(min(seconds, FIRST_POLL))
 
 
+# The interval the SuperNode promises its heartbeats at (Flower's: 30 s); the
+# SuperLink counts a node offline after two missed ones. A site killed
+# mid-round held the round for a minute, and a restarted one was refused for
+# as long (its old session looked alive). At 12 s both take about 24 s; a
+# heartbeat is sent every ~5.6 s, so 18 s of delay on a loaded machine is
+# tolerated.
+HEARTBEAT_SECONDS = 12
+
+
 # A SuperLink that restarted without its node registry (the aggregator keeps
 # Flower's state in memory) assigns every site a new node id at registration.
 # Flower's SuperNode keeps the id it activated with; every call is then
@@ -519,15 +536,19 @@ def _exit_when_the_node_is_forgotten(make_invoker: Callable[[], Any]) -> Callabl
 def run_supernode_polling_often() -> None:
     """Runs Flower's `flower-supernode` (its command line is this process's), with quicker polling.
 
-    It also exits with `EXIT_NODE_FORGOTTEN` when the aggregator no longer
-    knows its node id, so that the agent starts it again.
+    It also promises heartbeats every `HEARTBEAT_SECONDS`, and exits with
+    `EXIT_NODE_FORGOTTEN` when the aggregator no longer knows its node id, so
+    that the agent starts it again.
     """
     import time
 
+    from flwr.client.grpc_rere_client import connection
+    from flwr.supercore import heartbeat
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PollingClock(time)  # type: ignore[assignment]
+    connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
     loop.make_simple_grpc_retry_invoker = _exit_when_the_node_is_forgotten(loop.make_simple_grpc_retry_invoker)
     quicken_object_pulls()
     flower_supernode()

@@ -417,7 +417,7 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's round-1 message", interval=0.1, alive=process)
     fed.kill("site-b")  # mid-round (Flower then reports it unavailable)
     since = fed.log_size("site-b")
-    fed.start_agent("site-b")  # comes straight back; Flower holds its old session for up to a minute
+    fed.start_agent("site-b")  # straight back; Flower holds its old session for two missed heartbeats
 
     code, out, err = finish(process)
     assert code == 0, out[-3000:] + err[-3000:]
