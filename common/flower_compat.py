@@ -13,7 +13,11 @@ fedpriv uses Flower's public message API (`flwr.app`, `flwr.clientapp`,
 - FedAdam's moments, which a resumed run must restore;
 - the SuperNode's error numbers, which appear only in its log;
 - the ClientApp process's bundle installer, which a site wraps to refuse a
-  bundle that carries code (`run_clientapp_checking_bundles`).
+  bundle that carries code (`run_clientapp_checking_bundles`);
+- what a deployed round waits on: `flwr-clientapp`'s task calls (run inside
+  the resident site worker), the SuperNode's polling sleeps, heartbeat
+  interval and retries (it exits when a restarted aggregator no longer knows
+  its node id), and the retries of object pulls.
 
 `check()` says, in one message, which of these the installed Flower no longer
 has; `tests/test_compat.py` runs it, so moving the pin fails there first.
