@@ -42,25 +42,28 @@ BUILD=$(torch_build)
 if [ -n "${FEDPRIV_SETUP_DRY_RUN:-}" ]; then echo "torch==$TORCH_VERSION $BUILD"; exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# --no-compile: Python compiles what is imported when it is first imported; compiling every module of
+# torch and transformers up front doubled the time of this script.
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+INSTALL=(install --no-compile)
 
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   if [ "$BUILD" != cpu ]; then
     echo "setup: GPU found, installing torch==$TORCH_VERSION for CUDA ($BUILD)"
     # Offline machines (a PyPI mirror only) get PyPI's own CUDA build instead.
-    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$BUILD" \
-      --extra-index-url https://pypi.org/simple || "${PIP[@]}" install "torch==$TORCH_VERSION"
+    "${PIP[@]}" "${INSTALL[@]}" "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$BUILD" \
+      --extra-index-url https://pypi.org/simple || "${PIP[@]}" "${INSTALL[@]}" "torch==$TORCH_VERSION"
     "$VENV/bin/python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' \
       || echo "setup: warning: torch cannot use the GPU with this driver; rm -rf $VENV and rerun with FEDPRIV_TORCH_CUDA (e.g. cu126)" >&2
-  elif "${PIP[@]}" install --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  elif "${PIP[@]}" "${INSTALL[@]}" --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
     echo "setup: no GPU, using the local CPU wheel of torch==$TORCH_VERSION"
   else
     echo "setup: no GPU, installing CPU torch==$TORCH_VERSION from download.pytorch.org"
-    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+    "${PIP[@]}" "${INSTALL[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
       --extra-index-url https://pypi.org/simple
   fi
 fi
 
-"${PIP[@]}" install -e ".[dev]"
+"${PIP[@]}" "${INSTALL[@]}" -e ".[dev]"
 "$VENV/bin/fedpriv" --help >/dev/null
 echo "setup: done. Activate with: source $VENV/bin/activate"

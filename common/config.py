@@ -225,8 +225,15 @@ class SimulationConfig(_Section):
     site_caps: str = Field(
         "", description="Per-site epsilon caps, e.g. 'site-001=2.5,site-004=4' (others: privacy.epsilon-cap)."
     )
-    cpus_per_site: float = Field(1.0, gt=0.0, description="CPU cores per simulation worker (workers = cores / this).")
-    gpus_per_site: float = Field(0.0, ge=0.0, description="GPU share per worker, e.g. 0.25 for four workers per GPU.")
+    backend: Literal["ray", "in-process"] = Field(
+        "ray",
+        description="Where sites train: ray (Ray actors, sized by cpus-per-site and gpus-per-site, sites in "
+        "parallel) or in-process (one site at a time in the simulation's own process: no start-up cost).",
+    )
+    cpus_per_site: float = Field(1.0, gt=0.0, description="backend ray: CPU cores per worker (workers = cores / this).")
+    gpus_per_site: float = Field(
+        0.0, ge=0.0, description="backend ray: GPU share per worker, e.g. 0.25 for four per GPU."
+    )
 
     @field_validator("site_caps")
     @classmethod

@@ -6,6 +6,8 @@ fedpriv uses Flower's public message API (`flwr.app`, `flwr.clientapp`,
 - running a simulation from an app directory with its run config, in process
   (`flwr run` does the same through a background SuperLink that can outlive
   the command; the public `run_simulation` takes no run config);
+- a Simulation Engine backend that runs the ClientApps in the simulation's own
+  process, instead of Ray actors (see `in_process_workers`);
 - a message dispatcher for the Simulation Engine that is O(messages) rather
   than O(sites x messages) per poll (see `fast_dispatch`);
 - the RDP accountant the message-API DP strategies accept
@@ -97,7 +99,16 @@ def check() -> None:
 
         return bool(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED and ExitCode.SUPERNODE_CONNECTION_ERROR)
 
+    def engine_backend() -> bool:
+        from flwr.server.superlink.fleet.vce import vce_api
+        from flwr.server.superlink.fleet.vce.backend import Backend
+
+        wanted = {"build", "process_message", "is_worker_idle", "terminate"}
+        parameters = list(inspect.signature(vce_api.run_api).parameters)
+        return parameters[:2] == ["app_fn", "backend_fn"] and wanted <= Backend.__abstractmethods__
+
     probe("flwr.simulation.run_simulation._run_simulation with app_dir and run", simulation_entry)
+    probe("the Simulation Engine's run_api(app_fn, backend_fn, ...) and Backend", engine_backend)
     probe("the Simulation Engine's in-memory link state (message_ins_store, lock)", link_state)
     probe("flwr.supercore.privacy_accounting.RdpAccountant", accountant)
     probe(f"FedAdam's moments {ADAM_MOMENTS}", adam)
@@ -113,12 +124,18 @@ def check() -> None:
     probe("flwr.supernode.runtime.run_clientapp.install_from_fab", bundle_installer)
 
     def clientapp_task() -> bool:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # noqa: F401
+        from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
         from flwr.supernode.runtime import run_clientapp
 
         parser = _parse_args_run_flwr_clientapp()
         wanted = ("pull_task_input", "push_message", "push_task_output")
-        return callable(parser.parse_args) and all(callable(getattr(run_clientapp, n, None)) for n in wanted)
+        return (
+            callable(parser.parse_args)
+            and all(callable(getattr(run_clientapp, n, None)) for n in wanted)
+            and callable(getattr(RuntimeHttpClient, "SendTaskHeartbeat", None))
+        )
 
     def supernode_loop() -> bool:
         from flwr.supernode import start_client_internal as loop
@@ -207,6 +224,72 @@ def run_simulation(
             verbose_logging=verbose,
             is_app=True,
         )
+
+
+# Flower 1.39's Simulation Engine runs every ClientApp in a Ray actor: a
+# cluster to start, and in each actor torch, transformers and fedpriv to import
+# again, before the first round (about 20 s for a tiny model on 2 cores, more
+# than a hundred rounds of it). `in_process_workers` gives the engine a backend
+# that runs the ClientApp in the simulation's own process instead: one resident
+# model, as in pfl-research, with what the ClientApp is handed copied as Ray's
+# transport would (a ClientApp can then change its message without the
+# ServerApp seeing it; array payloads are immutable bytes, shared, not copied).
+
+
+def _in_process_backend() -> Any:
+    import copy
+
+    from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
+    class InProcessBackend(Backend):
+        def __init__(self) -> None:
+            self._app_fn: Callable[[], Any] | None = None
+            self._busy = threading.Lock()
+
+        def build(self, app_fn: Callable[[], Any]) -> None:
+            self._app_fn = app_fn
+
+        @property
+        def num_workers(self) -> int:
+            return 1  # the ClientApp keeps one resident model per process
+
+        def is_worker_idle(self) -> bool:
+            return not self._busy.locked()
+
+        def terminate(self) -> None:
+            pass
+
+        def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+            assert self._app_fn is not None, "build() first"
+            with self._busy:
+                try:
+                    app = self._app_fn()
+                    reply = app(message=copy.deepcopy(message), context=context)
+                except LoadClientAppError:
+                    raise
+                except Exception as error:
+                    raise ClientAppException(str(error)) from error
+                return reply, context
+
+    return InProcessBackend()
+
+
+@contextlib.contextmanager
+def in_process_workers() -> Iterator[None]:
+    """While open, the Simulation Engine runs ClientApps in this process (see above), not in Ray actors."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.run_api
+
+    def run_api(app_fn: Callable, backend_fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return original(app_fn, _in_process_backend, *args, **kwargs)
+
+    vce_api.run_api = run_api
+    try:
+        yield
+    finally:
+        vce_api.run_api = original
 
 
 # Flower 1.39's Simulation Engine moves messages from its in-memory link state
@@ -411,7 +494,7 @@ def run_clientapp_task(
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.exit import ExitCode
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -429,7 +512,7 @@ def run_clientapp_task(
         ],
         retry_invoker=retry,
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(_task_heartbeat(client, on_error))
     outcome = TaskOutcome(int(ExitCode.SUCCESS))
     message = context = reply = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
@@ -455,11 +538,46 @@ def run_clientapp_task(
         outcome.code = int(ExitCode.CLIENTAPP_COMMUNICATION_ERROR)
     finally:
         retry.max_tries = 1
-        runtime.push_task_output(client=client, context=context, sub_status=status, details=details)
-        if heartbeat.is_running:
+        if heartbeat.is_running:  # before the task ends: a heartbeat for an ended task is refused
             heartbeat.stop()
+        runtime.push_task_output(client=client, context=context, sub_status=status, details=details)
         client.close()
     return outcome
+
+
+def _task_heartbeat(client: Any, on_error: Callable[[str], None]) -> Callable[[], bool]:
+    """Flower's task heartbeat, for a process that outlives the task.
+
+    Flower's own (`make_task_heartbeat_fn_http`) raises SIGINT in its process
+    when the SuperNode no longer knows the task: a stopped run, a restarted
+    SuperNode, or a heartbeat that crossed the task's end. In the resident
+    worker that stopped the worker itself, and the site refused messages until
+    another had loaded. Here it ends that task's heartbeats only; the
+    SuperNode refuses the task's reply as it would refuse the process's.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+    abandoned = threading.Event()
+
+    def beat() -> bool:
+        if abandoned.is_set():
+            return True
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False  # retried
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False  # retried
+            response = None
+        if response is None or not response.success:
+            abandoned.set()
+            on_error("the SuperNode no longer knows this task (its run stopped, or the SuperNode restarted)")
+        return True
+
+    return beat
 
 
 # --- The SuperNode's polling -------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Running the fedpriv Flower app on Flower's Simulation Engine (Ray), in-process.
+"""Running the fedpriv Flower app on Flower's Simulation Engine, in this process.
 
 This does what `flwr run` does for a local simulation — fuse the app's config
 with the overrides, start the ServerApp and the virtual SuperNodes — without a
 background SuperLink that outlives the command. The app sees its settings as
-an ordinary Flower run config, exactly as in a deployment.
+an ordinary Flower run config, exactly as in a deployment. The sites' ClientApps
+run in this process too (`simulation.backend = "in-process"`, see
+`flower_compat.in_process_workers`) or in Ray actors (`"ray"`).
 """
 
 from __future__ import annotations
@@ -33,20 +35,25 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     sim = config.simulation
-    # A private Ray temp dir: a stale cluster file from a killed run can hang Ray.
-    ray_dir = tempfile.mkdtemp(prefix="fpray-")
-    backend_config = {
-        "client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "logging_level": "DEBUG" if verbose else "ERROR",
-            "log_to_driver": verbose,
-            "_temp_dir": ray_dir,
-            "include_dashboard": False,
-        },
-    }
+    ray_dir = None
+    workers: contextlib.AbstractContextManager = flower_compat.in_process_workers()
+    backend_config: dict = {}
+    if sim.backend == "ray":
+        # A private Ray temp dir: a stale cluster file from a killed run can hang Ray.
+        ray_dir = tempfile.mkdtemp(prefix="fpray-")
+        workers = contextlib.nullcontext()
+        backend_config = {
+            "client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "logging_level": "DEBUG" if verbose else "ERROR",
+                "log_to_driver": verbose,
+                "_temp_dir": ray_dir,
+                "include_dashboard": False,
+            },
+        }
     try:
-        with _workers_stop_with_us(ray_dir):
+        with _workers_stop_with_us(ray_dir), workers:
             flower_compat.run_simulation(
                 app_dir,
                 server_app_attr=SERVER_APP,
@@ -56,7 +63,8 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
                 verbose=verbose,
             )
     finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        if ray_dir:
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 # SIGTERM to `fedpriv simulate` must stop its Ray workers too. Ray's own SIGTERM
@@ -69,7 +77,7 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def _workers_stop_with_us(ray_dir: str) -> Iterator[None]:
+def _workers_stop_with_us(ray_dir: str | None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only; whoever runs us there owns them
         return
@@ -86,18 +94,19 @@ def _workers_stop_with_us(ray_dir: str) -> Iterator[None]:
         os.close(write_fd)  # the watcher reads the end of the pipe and stops
 
 
-def _watch(read_fd: int, ray_dir: str) -> None:
+def _watch(read_fd: int, ray_dir: str | None) -> None:
     with open(read_fd, "rb", buffering=0) as pipe:
         while signals := pipe.read(16):
             if signal.SIGTERM in signals:
                 _terminate(signal.SIGTERM, ray_dir)
 
 
-def _terminate(signum: int, ray_dir: str) -> None:
+def _terminate(signum: int, ray_dir: str | None) -> None:
     for pid in descendants(os.getpid()):  # parents first: Ray's raylet starts no worker once it is gone
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(ray_dir, ignore_errors=True)
+    if ray_dir:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     sys.stderr.write(
         "fedpriv simulate: terminated; its workers were stopped with it "
         "(continue the run with: fedpriv simulate --resume RUN_DIR)\n"

@@ -16,16 +16,6 @@ import pytest
 
 from tests.helpers import LABELS, easy_rows, write_csv
 
-# Deployed federations (real SuperLink, SuperNodes, TLS) spend most of their time waiting on Flower's
-# timers and sessions; they run in a lane of their own beside the rest (pytest-xdist, two workers).
-DEPLOY_LANE = {"test_deploy.py", "test_secure_deploy.py", "test_load.py", "test_hostile_deploy.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        lane = "deploy" if item.path.name in DEPLOY_LANE else "main"
-        item.add_marker(pytest.mark.xdist_group(lane))
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
@@ -61,5 +51,7 @@ def tiny_config(tiny_model_dir, easy_task, tmp_path):
             "simulation.partitioner": "iid",
             "strategy.min-sites": 3,
             "simulation.cpus-per-site": 1,
+            # No Ray start-up (seconds of imports per worker) for runs of a few rounds of a tiny model.
+            "simulation.backend": "in-process",
         }
     )

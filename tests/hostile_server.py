@@ -39,6 +39,7 @@ from fedpriv.common.secure_protocol import (
     advertisements_to_data,
     message_type,
 )
+from fedpriv.server.exchange import exchange
 from fedpriv.server.summary import write_summary
 
 app = ServerApp()
@@ -78,7 +79,7 @@ class Hostile:
             Message(content=r.to_content(), message_type=message_type(stage), dst_node_id=n)
             for n, r in requests.items()
         ]
-        return list(self.grid.send_and_receive(messages, timeout=TIMEOUT))
+        return exchange(self.grid, messages, TIMEOUT)  # polls often, as fedpriv's own ServerApp does
 
     def secagg(self, rnd: int, sites=None, t: int = 1) -> SecAggConfig:
         sites = tuple(sorted(sites or self.node_of))
@@ -105,7 +106,7 @@ class Hostile:
         """A plain training round with the run's settings (its DP settings are the attack)."""
         content = Instruction(to_record(self.state), server_round=rnd).to_content()
         messages = [Message(content=content, message_type="train", dst_node_id=n) for n in self.nodes]
-        return _answers(list(self.grid.send_and_receive(messages, timeout=TIMEOUT)), self.names)
+        return _answers(exchange(self.grid, messages, TIMEOUT), self.names)
 
     def secure_advertise(self, rnd: int) -> dict:
         """An honest-looking secure round's first stage with the run's settings."""

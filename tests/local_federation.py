@@ -89,8 +89,13 @@ def fedpriv(*args, timeout=120) -> subprocess.CompletedProcess:
     )
 
 
-def wait_for(condition, timeout: float = WAIT, what: str = "a condition", interval: float = 0.5, alive=None):
-    """Polls `condition` until it holds; fails at once if `alive` (a process) has exited meanwhile."""
+def wait_for(
+    condition, timeout: float = WAIT, what: str = "a condition", interval: float = 0.5, alive=None, explain=None
+):
+    """Polls `condition` until it holds; fails at once if `alive` (a process) has exited meanwhile.
+
+    `explain` (a callable) adds what it returns to the failure: the state the wait ended in.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -99,7 +104,7 @@ def wait_for(condition, timeout: float = WAIT, what: str = "a condition", interv
         if alive is not None and alive.poll() is not None:
             raise AssertionError(f"{what}: never happened; the process it depended on exited ({alive.returncode})")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {explain()}" if explain else ""))
 
 
 @dataclass

@@ -73,6 +73,67 @@ def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
     assert vce_api.add_messages_to_queue is original
 
 
+def test_in_process_workers_run_the_clientapp_on_a_copy_of_its_message_and_are_undone(monkeypatch):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # as the simulation sets them
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+    seen = []
+
+    def app(message, context):  # a ClientApp that writes into what it was handed
+        message.content["config"]["touched"] = True
+        context.state["config"] = ConfigRecord({"calls": len(seen) + 1})
+        seen.append(message)
+        if len(seen) > 1:
+            raise ValueError("the second call fails")
+        return "the reply"
+
+    message = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    backend = flower_compat._in_process_backend()
+    backend.build(lambda: app)
+    assert backend.num_workers == 1 and backend.is_worker_idle()
+    reply, kept = backend.process_message(message, context)
+    assert reply == "the reply"
+    assert "touched" not in message.content["config"] and seen[0] is not message  # the ServerApp's stays as sent
+    assert kept is context and kept.state["config"]["calls"] == 1  # the site's context carries over
+    with pytest.raises(ClientAppException, match="the second call fails"):
+        backend.process_message(message, context)  # Flower's worker turns it into an error reply
+    assert backend.is_worker_idle()
+
+    original = vce_api.run_api
+    with flower_compat.in_process_workers():
+        assert vce_api.run_api is not original
+    assert vce_api.run_api is original
+
+
+@pytest.mark.parametrize("refusal", ["unknown task", "401"])
+def test_a_refused_task_heartbeat_ends_that_tasks_heartbeats_not_the_worker(refusal):
+    """Flower's own heartbeat raises SIGINT in its process here: in the resident worker, that stopped it."""
+    from types import SimpleNamespace
+
+    import httpx
+
+    calls = []
+
+    class Client:
+        def SendTaskHeartbeat(self, request):
+            calls.append(request)
+            if refusal == "401":
+                response = httpx.Response(401, request=httpx.Request("POST", "http://127.0.0.1/heartbeat"))
+                raise httpx.HTTPStatusError("401 Unauthorized", request=response.request, response=response)
+            return SimpleNamespace(success=False)
+
+    errors: list[str] = []
+    beat = flower_compat._task_heartbeat(Client(), errors.append)
+    assert beat() is True and beat() is True  # no retry, no signal (pytest would stop on a SIGINT)
+    assert len(calls) == 1
+    assert len(errors) == 1 and "no longer knows this task" in errors[0]
+
+
 def test_fedadam_moments_survive_a_round_trip():
     from flwr.serverapp.strategy import FedAdam
 

@@ -22,6 +22,9 @@ from fedpriv.common.ledger import GENESIS, entry_hash
 from fedpriv.common.records import canonical_json
 from tests.helpers import LABELS, easy_rows, write_csv
 
+# Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.
+pytestmark = pytest.mark.xdist_group("test_completeness")
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "site-001"
 
@@ -52,6 +55,7 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
             "simulation.partitioner": "iid",
             "strategy.min-sites": 2,
             "simulation.cpus-per-site": 1,
+            "simulation.backend": "in-process",
             "privacy.target-epsilon": 8.0,
         }
     )

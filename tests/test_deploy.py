@@ -31,6 +31,9 @@ from tests.local_federation import (
     wait_for,
 )
 
+# Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.
+pytestmark = pytest.mark.xdist_group("test_deploy")
+
 
 @pytest.fixture(scope="module")
 def fed(tiny_model_dir, tmp_path_factory):

@@ -25,6 +25,9 @@ from fedpriv.deploy.kit import KitError
 from tests.helpers import LABELS, easy_rows, write_csv
 from tests.local_federation import ENV, ROOT, LocalFederation, fedpriv, free_ports, sweep, wait_for
 
+# Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.
+pytestmark = pytest.mark.xdist_group("test_deploy_hardening")
+
 FEDERATION = f"""
 name = "hardening"
 [aggregator]
@@ -399,10 +402,11 @@ def test_kill_9_of_an_agent_takes_its_supernode_superexec_and_worker_with_it(kit
         supernode, superexec, worker = wait_for(lambda: flower(agent), 300, "the SuperNode, SuperExec and worker")
         agent.kill()  # kill -9: no handler runs
         agent.wait(10)
+        left = {"SuperNode": supernode, "SuperExec": superexec, "site worker": worker}
         wait_for(
-            lambda: _gone(supernode.pid) and _gone(superexec.pid) and _gone(worker.pid),
-            60,
-            "the SuperNode, SuperExec and site worker to end",
+            lambda: all(_gone(p.pid) for p in left.values()),
+            what="the SuperNode, SuperExec and site worker to end",
+            explain=lambda: "still running: " + ", ".join(n for n, p in left.items() if not _gone(p.pid)),
         )
 
         again = start()  # the restart is not locked out: it runs its own SuperNode

@@ -251,14 +251,18 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
 
 @pytest.mark.slow
 def test_sigterm_stops_the_simulation_and_every_process_it_started(tiny_config, tmp_path):
-    """SIGTERM once left the command waiting on its ServerApp thread and Ray's workers training for minutes."""
+    """SIGTERM once left the command waiting on its ServerApp thread and Ray's workers training for minutes.
+
+    Run on the Ray backend, the default (the in-process one starts no process to leave behind).
+    """
     import os
     import signal
     import time
 
     import psutil
 
-    path = write_config(tmp_path, tiny_config, **{"rounds": 500, "train.local-epochs": 20.0})
+    changes = {"rounds": 500, "train.local-epochs": 20.0, "simulation.backend": "ray"}
+    path = write_config(tmp_path, tiny_config, **changes)
     process = subprocess.Popen(
         [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", str(path)],
         cwd=ROOT,

@@ -269,10 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedpriv.deploy.site_worker")
     parser.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
+    # The agent stops its worker with SIGTERM, and a Ctrl-C at its terminal reaches the agent only (the worker
+    # has a session of its own). A SIGINT here comes from library code that expects to be its own process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = SiteWorker(args.folder.resolve())  # loading the runtime: SIGTERM's default action ends it at once
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    SiteWorker(args.folder.resolve()).serve(stop)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker.serve(stop)
 
 
 if __name__ == "__main__":
