@@ -42,8 +42,9 @@ BUILD=$(torch_build)
 if [ -n "${FEDPRIV_SETUP_DRY_RUN:-}" ]; then echo "torch==$TORCH_VERSION $BUILD"; exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# --no-compile: Python compiles what is imported when it is first imported; compiling every module of
-# torch and transformers up front doubled the time of this script.
+# pip compiles every module it installs, one at a time: most of this script's time. It installs without,
+# and compileall does it once at the end on every core (compiled files matter: with PYTHONDONTWRITEBYTECODE
+# set, every process would otherwise compile torch and transformers again).
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 INSTALL=(install --no-compile)
 
@@ -65,5 +66,6 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 
 "${PIP[@]}" "${INSTALL[@]}" -e ".[dev]"
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null || true
 "$VENV/bin/fedpriv" --help >/dev/null
 echo "setup: done. Activate with: source $VENV/bin/activate"
