@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
 def _audit_fault(dp: DpSettings | None, site) -> DpSettings | None:
     if dp is None:
         return dp
-    added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
+    added = noise_actually_added(dp.noise_multiplier, site.name, site.noise_divisor)
     return dp if added == dp.noise_multiplier else dataclasses.replace(dp, noise_multiplier=added)
 
 

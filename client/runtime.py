@@ -28,7 +28,7 @@ from fedpriv.common.data import DataError, LabelSet, TextDataset, load_configure
 from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
-from fedpriv.common.node_config import DECLARED_ROWS
+from fedpriv.common.node_config import AUDIT_FAULT, DECLARED_ROWS, audit_fault_divisor
 from fedpriv.common.partition import split_for
 from fedpriv.common.records import DistributedNoise, Mechanism, data_sha256
 from fedpriv.common.resources import resolve_path
@@ -55,6 +55,8 @@ class SiteRuntime:
     node_config: Mapping[str, Any] = field(default_factory=dict, repr=False)
     # Public: the simulation's partition size, or what a deployed site's operator declared.
     declared_rows: int | None = None
+    # What its noise is divided by: 1, unless the harness broke a simulated run on purpose (audit_fault.py).
+    noise_divisor: float = 1.0
 
     @property
     def allows_non_private(self) -> bool:
@@ -180,7 +182,7 @@ class WorkerRuntime:
                 raise DataError(
                     full.source, f"simulated {name} has {len(dataset)} rows, fewer than data.min-rows={data.min_rows}"
                 )
-        simulated = partition is not None
+        simulated = not isinstance(source, DeployedSource)  # declared by the harness (site.is_simulated)
         train, validation = split_validation(dataset, data.validation_fraction, seed=config.seed + (partition or 0))
         log.info("%s: %d training and %d validation rows", name, len(train), len(validation))
         return SiteRuntime(
@@ -197,6 +199,7 @@ class WorkerRuntime:
             node_config=node,
             # A simulation's split is its operator's design, public to it.
             declared_rows=len(train) if simulated else declared_rows(node),
+            noise_divisor=audit_fault_divisor(node.get(AUDIT_FAULT)) if simulated else 1.0,
         )
 
     def _partitioned(self, config: FedprivConfig, labels: LabelSet, sites: int):

@@ -288,7 +288,7 @@ def _mask(
                 seed=seed,
                 max_physical_batch=config.train.max_physical_batch,
             )
-            added = noise_actually_added(share.noise_multiplier, site.name, site.simulated)
+            added = noise_actually_added(share.noise_multiplier, site.name, site.noise_divisor)
             vector = noisy_share(
                 vector, dataclasses.replace(share, noise_multiplier=added), np.random.default_rng(seed)
             )
@@ -297,7 +297,7 @@ def _mask(
             assert release_plan.plan is not None
             noised = dp
             if dp is not None:
-                added = noise_actually_added(dp.noise_multiplier, site.name, site.simulated)
+                added = noise_actually_added(dp.noise_multiplier, site.name, site.noise_divisor)
                 noised = dataclasses.replace(dp, noise_multiplier=added)
             result = train_local(bundle, site.train, release_plan.plan, dp=noised, seed=seed, anchor=global_state)
             trained = bundle.get_state()

@@ -2,9 +2,11 @@
 
 Only the *source* of the data differs between a deployment and a simulation:
 a deployed site names its own file in its node config (`data-path`); a
-simulated one gets a `partition-id` and cuts its share out of the run's
-dataset with the same seeded partitioner every worker uses. Which of the two
-a node is, is decided once, here, from its node config.
+simulated one is declared so by the harness (`fedpriv-simulated`), gets a
+`partition-id` and cuts its share out of the run's dataset with the same
+seeded partitioner every worker uses. Which of the two a node is, is decided
+once, here, from what its node config declares, never guessed from which keys
+are missing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fedpriv.common.node_config import (
     LEDGER_PATH,
     NUM_PARTITIONS,
     PARTITION_ID,
+    SIMULATED,
     SITE_NAME,
     TEXT_COLUMN,
 )
@@ -69,9 +72,19 @@ def data_source(node: Mapping[str, Any], node_id: int, config: FedprivConfig) ->
             label_column=str(node.get(LABEL_COLUMN, data.label_column)),
             delimiter=str(node.get(DELIMITER, data.delimiter)),
         )
-    if PARTITION_ID in node:
+    if is_simulated(node):
+        if PARTITION_ID not in node:
+            raise DataError("node config", f"{SIMULATED} is set but {PARTITION_ID} is not: which share is this site's?")
         return SimulatedSource(int(node[PARTITION_ID]), int(node.get(NUM_PARTITIONS, config.simulation.sites)))
-    raise DataError("node config", f'this node names no data: set {DATA_PATH}="/path/to/site.csv" in its node config')
+    why = f" ({PARTITION_ID} alone does not make a node a simulated site)" if PARTITION_ID in node else ""
+    raise DataError(
+        "node config", f'this node names no data: set {DATA_PATH}="/path/to/site.csv" in its node config{why}'
+    )
+
+
+def is_simulated(node: Mapping[str, Any]) -> bool:
+    """Declared by the simulation harness, on the virtual nodes it starts (see `node_config.SIMULATED`)."""
+    return node.get(SIMULATED) is True
 
 
 def noise_multiplier(config: FedprivConfig) -> float:

@@ -27,25 +27,3 @@ def apply_quiet_defaults(environ: dict[str, str] | None = None) -> dict[str, str
     for key, value in QUIET.items():
         target.setdefault(key, value)
     return target  # type: ignore[return-value]
-
-
-# A deliberately broken run, for showing that the empirical audit catches one
-# (`fedpriv audit --empirical --fault noise/10`): simulated sites train with
-# their noise multiplier divided by N while their ledgers record the planned
-# one. Deployed sites ignore it.
-AUDIT_FAULT = "FEDPRIV_AUDIT_FAULT"
-
-
-def audit_fault_noise_divisor(environ: dict[str, str] | None = None) -> float:
-    """N from `FEDPRIV_AUDIT_FAULT=noise/N`; 1.0 when unset."""
-    value = (os.environ if environ is None else environ).get(AUDIT_FAULT, "").strip()
-    if not value:
-        return 1.0
-    kind, _, number = value.partition("/")
-    try:
-        divisor = float(number)
-    except ValueError:
-        divisor = 0.0
-    if kind != "noise" or not divisor >= 1.0:
-        raise ValueError(f"{AUDIT_FAULT}={value!r}: expected noise/N with N >= 1 (e.g. noise/10)")
-    return divisor

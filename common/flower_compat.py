@@ -8,6 +8,8 @@ fedpriv uses Flower's public message API (`flwr.app`, `flwr.clientapp`,
   the command; the public `run_simulation` takes no run config);
 - a Simulation Engine backend that runs the ClientApps in the simulation's own
   process, instead of Ray actors (see `in_process_workers`);
+- the virtual nodes' node config, which the harness extends to declare them
+  simulated (see `virtual_node_config`);
 - a message dispatcher for the Simulation Engine that is O(messages) rather
   than O(sites x messages) per poll (see `fast_dispatch`);
 - the RDP accountant the message-API DP strategies accept
@@ -107,7 +109,15 @@ def check() -> None:
         parameters = list(inspect.signature(vce_api.run_api).parameters)
         return parameters[:2] == ["app_fn", "backend_fn"] and wanted <= Backend.__abstractmethods__
 
+    def virtual_nodes() -> bool:
+        from flwr.server.superlink.fleet.vce import vce_api
+
+        code = vce_api._register_node_info_stores.__code__
+        made = inspect.signature(vce_api.DeprecatedRunInfoStore).parameters
+        return "DeprecatedRunInfoStore" in code.co_names and {"node_id", "node_config"} <= set(made)
+
     probe("flwr.simulation.run_simulation._run_simulation with app_dir and run", simulation_entry)
+    probe("the Simulation Engine's virtual node config (vce_api.DeprecatedRunInfoStore)", virtual_nodes)
     probe("the Simulation Engine's run_api(app_fn, backend_fn, ...) and Backend", engine_backend)
     probe("the Simulation Engine's in-memory link state (message_ins_store, lock)", link_state)
     probe("flwr.supercore.privacy_accounting.RdpAccountant", accountant)
@@ -290,6 +300,27 @@ def in_process_workers() -> Iterator[None]:
         yield
     finally:
         vce_api.run_api = original
+
+
+@contextlib.contextmanager
+def virtual_node_config(extra: dict[str, Any]) -> Iterator[None]:
+    """While open, every virtual node the Simulation Engine makes has `extra` in its node config too.
+
+    Flower gives a virtual node only its partition keys, which a deployed node
+    may carry as well; the harness declares its nodes simulated through this.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.DeprecatedRunInfoStore
+
+    def store(node_id: int, node_config: dict[str, Any]) -> Any:
+        return original(node_id=node_id, node_config={**node_config, **extra})
+
+    vce_api.DeprecatedRunInfoStore = store
+    try:
+        yield
+    finally:
+        vce_api.DeprecatedRunInfoStore = original
 
 
 # Flower 1.39's Simulation Engine moves messages from its in-memory link state

@@ -21,6 +21,31 @@ ALLOW_NON_PRIVATE = "allow-non-private"
 DECLARED_ROWS = "declared-rows"
 # The federation's identity public keys (JSON: site -> Ed25519 key), pinned for secure aggregation.
 PEER_KEYS = "peer-keys"
-# Set by Flower's Simulation Engine for each virtual node.
+# Set by Flower's Simulation Engine for each virtual node. They do not make a
+# node a simulated site: Flower's own deployment examples set them too.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+# Set only by fedpriv's simulation harness, on every virtual node it starts:
+# this node is a simulated site (it cuts its data from the run's dataset, and
+# the harness's operator is its operator). Never inferred.
+SIMULATED = "fedpriv-simulated"
+# A deliberately broken run (`fedpriv audit --empirical --fault noise/N`), set
+# by the harness beside SIMULATED: the site adds its noise / N while its ledger
+# claims the planned noise, to show that the audit catches a false claim. A
+# node that is not simulated ignores it.
+AUDIT_FAULT = "audit-fault"
+
+
+def audit_fault_divisor(value: object) -> float:
+    """N from an AUDIT_FAULT value `noise/N` (N >= 1); 1.0 when empty."""
+    text = str(value or "").strip()
+    if not text:
+        return 1.0
+    kind, _, number = text.partition("/")
+    try:
+        divisor = float(number)
+    except ValueError:
+        divisor = 0.0
+    if kind != "noise" or not divisor >= 1.0:
+        raise ValueError(f"{AUDIT_FAULT}={text!r}: expected noise/N with N >= 1 (e.g. noise/10)")
+    return divisor

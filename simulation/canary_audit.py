@@ -24,10 +24,8 @@ canaries, the coins' seed, the scores, the run) is written to the output.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +38,9 @@ from fedpriv.audit.auditor import audit
 from fedpriv.audit.empirical_bound import best_epsilon_lower_bound
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_configured, read_column
-from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import write_atomic
+from fedpriv.common.node_config import audit_fault_divisor
 from fedpriv.common.partition import split_for
 from fedpriv.simulation.harness import simulate
 
@@ -147,24 +145,6 @@ def label_log_probs(model_dir: Path, texts: list[str], label_ids: np.ndarray, ma
     return out
 
 
-@contextmanager
-def injected_fault(fault: str | None):
-    """Sets FEDPRIV_AUDIT_FAULT for the run (its workers inherit it); restores the old value after."""
-    if fault is None:
-        yield
-        return
-    audit_fault_noise_divisor({AUDIT_FAULT: fault})  # a bad value fails here, before anything runs
-    before = os.environ.get(AUDIT_FAULT)
-    os.environ[AUDIT_FAULT] = fault
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(AUDIT_FAULT, None)
-        else:
-            os.environ[AUDIT_FAULT] = before
-
-
 @dataclass(frozen=True)
 class EmpiricalResult:
     site: str
@@ -230,6 +210,10 @@ def empirical_audit(
     console = console or Console()
     if not config.privacy.enabled:
         raise EmpiricalAuditError("privacy.enabled: the run claims no epsilon; there is nothing to audit")
+    try:
+        audit_fault_divisor(fault)
+    except ValueError as error:
+        raise EmpiricalAuditError(f"--fault: {error}") from None
     output = Path(output).expanduser().resolve()
     if output.exists() and any(output.iterdir()):
         raise EmpiricalAuditError(f"--output: {output} is not empty; an audit never writes over an earlier one")
@@ -266,11 +250,9 @@ def empirical_audit(
     )
     # Each run prints its own summary ("Final test accuracy" ...): a rule says whose it is.
     console.rule("The audited run (with canaries)")
-    with injected_fault(fault):
-        run = simulate(run_config, console=console)
+    run = simulate(run_config, console=console, audit_fault=fault)
     console.rule("The auditor's reference run (no canaries, no noise, other sampling)")
-    with injected_fault(NOISE_FREE):
-        reference = simulate(reference_config, console=console)
+    reference = simulate(reference_config, console=console, audit_fault=NOISE_FREE)
     before = label_log_probs(reference.path / "model", made.texts, made.labels, data.max_length)
     after = label_log_probs(run.path / "model", made.texts, made.labels, data.max_length)
     scores = after - before

@@ -22,13 +22,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedpriv.common import flower_compat
+from fedpriv.common import node_config as node_keys
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.flower_app import CLIENT_APP, SERVER_APP
 
 
-def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
+def run(config: FedprivConfig, app_dir: Path, verbose: bool = False, audit_fault: str | None = None) -> None:
+    """Runs the federation; every virtual node is declared a simulated site, `audit_fault` breaks them on purpose."""
     from fedpriv.common.environment import apply_quiet_defaults
 
+    node_config: dict = {node_keys.SIMULATED: True}
+    if audit_fault:
+        node_keys.audit_fault_divisor(audit_fault)  # a bad value fails here, before anything runs
+        node_config[node_keys.AUDIT_FAULT] = audit_fault
     flower_compat.check()
     apply_quiet_defaults()  # Ray and Flower read these when they start
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -53,7 +59,7 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False) -> None:
             },
         }
     try:
-        with _workers_stop_with_us(ray_dir), workers:
+        with _workers_stop_with_us(ray_dir), workers, flower_compat.virtual_node_config(node_config):
             flower_compat.run_simulation(
                 app_dir,
                 server_app_attr=SERVER_APP,

@@ -87,9 +87,17 @@ def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
 
 
 def simulate(
-    config: FedprivConfig, console: Console | None = None, verbose: bool = False, resume: bool = False
+    config: FedprivConfig,
+    console: Console | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    audit_fault: str | None = None,
 ) -> RunDirectory:
-    """Runs a simulated federation in `config.run_dir`; `resume` continues one cut short there."""
+    """Runs a simulated federation in `config.run_dir`; `resume` continues one cut short there.
+
+    `audit_fault` (`noise/N`, for `fedpriv audit --empirical --fault`) has every site add its noise / N
+    while its ledger claims the planned noise.
+    """
     console = console or Console()
     check_model(config.model.name)  # before any site is built or anything is written
     run = RunDirectory.create(config.run_dir)
@@ -101,7 +109,7 @@ def simulate(
             )
         if resume and run.finished():
             raise RunDirectoryError(f"{run.path}: this run already finished; start a new one")
-        return _simulate(run, config, console, verbose)
+        return _simulate(run, config, console, verbose, audit_fault)
 
 
 def _stopped(run: RunDirectory, console: Console, reason: str | None = None) -> None:
@@ -128,7 +136,9 @@ def resume_config(run_dir: Path) -> FedprivConfig:
     )
 
 
-def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbose: bool) -> RunDirectory:
+def _simulate(
+    run: RunDirectory, config: FedprivConfig, console: Console, verbose: bool, audit_fault: str | None = None
+) -> RunDirectory:
     config = config.replace(**{"run-dir": str(run.path)})
     labels = LabelSet.load(config.data.labels)
     config, sites_table, site_names = plan_sites(config, labels)
@@ -163,7 +173,7 @@ def _simulate(run: RunDirectory, config: FedprivConfig, console: Console, verbos
     started = time.time()
     try:
         with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
-            engine.run(config, app_dir, verbose=verbose)
+            engine.run(config, app_dir, verbose=verbose, audit_fault=audit_fault)
     except FedprivError as error:  # the ServerApp runs in this process: its error arrives here
         _stopped(run, console, str(error))
     if not run.finished():

@@ -73,6 +73,22 @@ def test_fast_dispatch_fits_the_pinned_flower_and_is_undone():
     assert vce_api.add_messages_to_queue is original
 
 
+def test_virtual_nodes_get_the_harness_node_config_beside_flowers_and_it_is_undone():
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.run import Run
+
+    run = Run.create_empty(run_id=5)
+    with flower_compat.virtual_node_config({"fedpriv-simulated": True}):
+        stores = vce_api._register_node_info_stores({11: 0, 12: 1}, run)
+    contexts = {node: store.retrieve_context(5) for node, store in stores.items()}
+    assert {node: dict(c.node_config) for node, c in contexts.items()} == {
+        11: {"partition-id": 0, "num-partitions": 2, "fedpriv-simulated": True},
+        12: {"partition-id": 1, "num-partitions": 2, "fedpriv-simulated": True},
+    }
+    after = vce_api._register_node_info_stores({13: 0}, run)
+    assert "fedpriv-simulated" not in after[13].retrieve_context(5).node_config
+
+
 def test_in_process_workers_run_the_clientapp_on_a_copy_of_its_message_and_are_undone(monkeypatch):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.clientapp.client_app import ClientAppException

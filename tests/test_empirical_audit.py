@@ -11,15 +11,29 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import Context, RecordDict
 
 from fedpriv.client.app import _audit_fault
+from fedpriv.client.runtime import WORKER, WorkerRuntime
 from fedpriv.client.training import DpSettings
-from fedpriv.common.data import LabelSet, load_dataset
-from fedpriv.common.environment import AUDIT_FAULT, audit_fault_noise_divisor
+from fedpriv.common.data import DataError, LabelSet, load_dataset
+from fedpriv.common.node_config import (
+    AUDIT_FAULT,
+    DATA_PATH,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    SIMULATED,
+    SITE_NAME,
+    audit_fault_divisor,
+)
 from fedpriv.common.partition import split_for
 from fedpriv.simulation import canary_audit as empirical
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def context(config, node_config) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config.to_run_config())
 
 
 def test_canaries_are_distinct_repeatable_and_each_coin_is_fair():
@@ -62,45 +76,47 @@ def test_only_included_canaries_join_and_only_the_chosen_site(tiny_config):
         empirical.audit_dataset(tiny_config, labels, canaries, site=3)
 
 
-def test_the_fault_setting_is_parsed_strictly():
-    assert audit_fault_noise_divisor({}) == 1.0
-    assert audit_fault_noise_divisor({AUDIT_FAULT: "noise/10"}) == 10.0
+def test_the_fault_setting_is_parsed_strictly(tiny_config, tmp_path):
+    assert audit_fault_divisor(None) == audit_fault_divisor("") == 1.0
+    assert audit_fault_divisor("noise/10") == 10.0
     for bad in ("noise/0.5", "noise/x", "clip/10", "10"):
         with pytest.raises(ValueError, match=AUDIT_FAULT):
-            audit_fault_noise_divisor({AUDIT_FAULT: bad})
+            audit_fault_divisor(bad)
+    # checked before the audit writes anything
+    with pytest.raises(empirical.EmpiricalAuditError, match="--fault"):
+        empirical.empirical_audit(tiny_config, tmp_path / "out", fault="noise/zero")
+    assert not (tmp_path / "out").exists()
 
 
-def test_injected_fault_is_scoped_to_the_audit_and_checked_first():
-    assert AUDIT_FAULT not in os.environ
-    with empirical.injected_fault("noise/10"):
-        assert os.environ[AUDIT_FAULT] == "noise/10"
-    assert AUDIT_FAULT not in os.environ
-    with pytest.raises(ValueError), empirical.injected_fault("noise/zero"):
-        pass
-    assert AUDIT_FAULT not in os.environ
-
-
-def test_the_fault_divides_the_noise_of_simulated_sites_only(monkeypatch):
+def test_the_fault_is_read_from_the_node_config_of_declared_simulated_sites_only(tiny_config):
     from fedpriv.client.audit_fault import noise_actually_added
 
-    assert noise_actually_added(4.0, "site-000", simulated=True) == 4.0
-    monkeypatch.setenv(AUDIT_FAULT, "noise/100")
-    assert noise_actually_added(4.0, "site-000", simulated=True) == pytest.approx(0.04)
-    assert noise_actually_added(4.0, "branch", simulated=False) == 4.0
+    assert noise_actually_added(4.0, "site-000", 1.0) == 4.0
+    assert noise_actually_added(4.0, "site-000", 100.0) == pytest.approx(0.04)
+    # The harness declares its nodes simulated and sets the fault; a deployed node that names its data
+    # ignores a fault in its node config, and so does a node with only Flower's partition keys (refused).
+    simulated = {PARTITION_ID: 0, NUM_PARTITIONS: 3, SIMULATED: True, AUDIT_FAULT: "noise/10"}
+    site = WorkerRuntime().site(context(tiny_config, simulated), tiny_config)
+    assert site.simulated and site.noise_divisor == 10.0
+    deployed = {DATA_PATH: tiny_config.data.path, SITE_NAME: "branch", AUDIT_FAULT: "noise/10"}
+    site = WorkerRuntime().site(context(tiny_config, deployed), tiny_config)
+    assert not site.simulated and site.noise_divisor == 1.0
+    with pytest.raises(DataError, match="partition-id alone does not make a node a simulated site"):
+        WorkerRuntime().site(
+            context(tiny_config, {PARTITION_ID: 0, NUM_PARTITIONS: 3, AUDIT_FAULT: "noise/10"}), tiny_config
+        )
     # Both paths of a secure round (local noise, distributed share) ask it; so does the plain round.
     for module in ("client/secure_aggregation.py", "client/app.py"):
         assert "noise_actually_added(" in (ROOT / module).read_text()
 
 
-def test_the_fault_weakens_only_simulated_sites(monkeypatch):
+def test_the_fault_weakens_the_noise_it_is_set_for():
     dp = DpSettings(1.2, 1.0, normaliser=30)
-    simulated = SimpleNamespace(name="site-000", simulated=True)
-    deployed = SimpleNamespace(name="branch", simulated=False)
-    assert _audit_fault(dp, simulated) is dp
-    monkeypatch.setenv(AUDIT_FAULT, "noise/10")
-    assert _audit_fault(dp, simulated).noise_multiplier == pytest.approx(0.12)
-    assert _audit_fault(dp, deployed) is dp
-    assert _audit_fault(None, simulated) is None
+    honest = SimpleNamespace(name="site-000", noise_divisor=1.0)
+    broken = SimpleNamespace(name="site-000", noise_divisor=10.0)
+    assert _audit_fault(dp, honest) is dp
+    assert _audit_fault(dp, broken).noise_multiplier == pytest.approx(0.12)
+    assert _audit_fault(None, broken) is None
 
 
 def test_an_empirical_audit_refuses_what_it_cannot_test(tiny_config, tmp_path):
@@ -144,6 +160,10 @@ def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(ti
     assert not set(reference["text"]) & set(table["text"])
     assert len(reference) + result.included == len(pd.read_csv(tmp_path / "audit" / "data.csv"))
     assert (tmp_path / "audit" / "reference" / "model").is_dir()
+    # The reference run's fault (no noise) reached its sites through Flower's engine, in their node config
+    # (the in-process backend serves them from this process's resident runtime).
+    reference_sites = [s for s in WORKER._sites.values() if s.config.run_dir == str(tmp_path / "audit" / "reference")]
+    assert reference_sites and all(s.simulated and s.noise_divisor == 1e9 for s in reference_sites)
     again = empirical.recompute(tmp_path / "audit")
     assert (again.lower_bound, again.guesses, again.correct) == (
         result.lower_bound,

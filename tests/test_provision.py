@@ -383,6 +383,7 @@ def test_node_config_reaches_flower_unchanged(kits, tmp_path):
     assert parsed["declared-rows"] == 400  # from the federation file, through the kit
     assert agent.node_config(data, declared_rows=900)["declared-rows"] == 900  # the operator's option wins
     assert parsed["allow-non-private"] == "false"  # the site's policy travels whole, its defaults spelled out
+    assert "fedpriv-simulated" not in parsed and "audit-fault" not in parsed  # the simulation harness's keys only
     assert SitePolicy.from_node_config(parsed) == SitePolicy()
     assert agent.node_config(data, allow_non_private=True)["allow-non-private"] == "true"
 

@@ -10,7 +10,7 @@ from fedpriv.client.runtime import WorkerRuntime
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.protocol import to_record
 
-SIMULATED = {"partition-id": 1, "num-partitions": 3}
+SIMULATED = {"partition-id": 1, "num-partitions": 3, "fedpriv-simulated": True}
 
 
 def context(config, node_config=SIMULATED, run_id=1, node_id=7) -> Context:

@@ -58,7 +58,7 @@ def federation(tmp_path, tiny_config):
     context = Context(
         run_id=7,
         node_id=2,
-        node_config={"partition-id": 0, "num-partitions": 3},
+        node_config={"partition-id": 0, "num-partitions": 3, "fedpriv-simulated": True},
         state=RecordDict(),
         run_config=config.to_run_config(),
     )

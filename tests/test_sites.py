@@ -8,6 +8,7 @@ from flwr.app import Context, RecordDict
 from fedpriv.client.runtime import WorkerRuntime
 from fedpriv.common.config import ConfigError
 from fedpriv.common.data import DataError, LabelSet
+from fedpriv.common.node_config import SIMULATED
 from fedpriv.simulation.harness import plan_sites
 from tests.helpers import LABELS, easy_rows, write_csv
 
@@ -44,7 +45,9 @@ def test_column_partition_makes_one_site_per_value(tiny_config, departments):
     worker = WorkerRuntime()
     sizes = {}
     for partition, name in enumerate(names):
-        site = worker.site(context({"partition-id": partition, "num-partitions": 3}, node_id=partition), planned)
+        site = worker.site(
+            context({"partition-id": partition, "num-partitions": 3, SIMULATED: True}, node_id=partition), planned
+        )
         assert site.name == name and site.simulated
         sizes[name] = len(site.train) + len(site.validation)
     assert sizes == {"east": 15, "north": 15, "south": 30}
@@ -92,7 +95,9 @@ def test_column_values_are_data_not_paths(tiny_config, tmp_path):
     provision_simulated_keys(run, names)
     worker = WorkerRuntime()
     for partition, name in enumerate(names):
-        site = worker.site(context({"partition-id": partition, "num-partitions": 3}, node_id=partition), planned)
+        site = worker.site(
+            context({"partition-id": partition, "num-partitions": 3, SIMULATED: True}, node_id=partition), planned
+        )
         assert site.name == name
         assert site.budget.ledger.path == run.path / "ledgers" / f"{name}.jsonl"
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p not in before}
