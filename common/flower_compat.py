@@ -309,8 +309,9 @@ def virtual_node_config(extra: dict[str, Any]) -> Iterator[None]:
     Flower gives a virtual node only its partition keys, which a deployed node
     may carry as well; the harness declares its nodes simulated through this.
     """
-    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce import vce_api as engine
 
+    vce_api: Any = engine  # its store class is replaced by a function making the same objects
     original = vce_api.DeprecatedRunInfoStore
 
     def store(node_id: int, node_config: dict[str, Any]) -> Any:
