@@ -23,9 +23,9 @@ from fedpriv.audit.recompute import cumulative_epsilons
 from fedpriv.common import signing
 from fedpriv.common.ledger import Problem, verify_entry, verify_ledger
 from fedpriv.common.records import BudgetReset, LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
+from fedpriv.common.rundir import PUBLIC_KEYS, RunDirectory
 
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation
-PUBLIC_KEYS = "public-keys.json"
 # `fedpriv audit` exit codes: passed, a violation, no violation but completeness not proven.
 EXIT_PASSED, EXIT_VIOLATION, EXIT_INCOMPLETE = 0, 1, 3
 
@@ -229,13 +229,13 @@ def _inputs(paths: list[Path]) -> tuple[list[Path], dict[str, str], list[Path], 
         if path.is_dir():
             # A run directory keeps them in ledgers/; any other folder is taken as a folder of ledgers.
             if is_run_directory(path):
-                found = sorted((path / "ledgers").glob("*.jsonl"))
+                found = sorted(RunDirectory(path).ledgers.glob("*.jsonl"))
                 runs.append(path)
                 in_runs.update(found)
             else:
                 found = sorted(path.glob("*.jsonl"))
             files += found
-            for keys in (path / "keys" / PUBLIC_KEYS, path / PUBLIC_KEYS):
+            for keys in (RunDirectory(path).public_keys, path / PUBLIC_KEYS):
                 if keys.exists():
                     pins.update(json.loads(keys.read_text(encoding="utf-8")))
         elif path.exists():

@@ -27,11 +27,13 @@ from typing import Any
 
 from fedpriv.common.ledger import Problem
 from fedpriv.common.records import LedgerEntry, LedgerHead, SiteReleaseReceipt
-from fedpriv.common.rundir import CHECKPOINTS, METRICS, MODEL, RunDirectory
+from fedpriv.common.run_events import LedgerKey, RoundEnd, RunEnd, SiteBudgetExhausted, SiteEvaluate, SiteTrain
+from fedpriv.common.rundir import CHECKPOINTS, FEDERATION_LEDGER, METRICS, RunDirectory
 
-FEDERATION = "federation.jsonl"
+# The audit reads the run log as raw lines, never trusting it to fit its types: it may have been tampered with.
+FEDERATION = FEDERATION_LEDGER
 # Events in which a site reports the epsilon it has spent.
-REPORTING = ("site-train", "site-evaluate", "site-budget-exhausted")
+REPORTING = (SiteTrain.KIND, SiteEvaluate.KIND, SiteBudgetExhausted.KIND)
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.safetensors$")
 
 
@@ -53,33 +55,34 @@ class RunEvidence:
 
     @property
     def federation(self) -> Path:
-        return self.path / "ledgers" / FEDERATION
+        return RunDirectory(self.path).federation_ledger
 
     @property
     def simulated(self) -> bool:
         """Sites' ledgers live in the run directory (a simulation), so a missing one was removed from it."""
-        ledgers = self.path / "ledgers"
-        return (self.path / "keys").is_dir() or any(p.name != FEDERATION for p in ledgers.glob("*.jsonl"))
+        run = RunDirectory(self.path)
+        return run.keys.is_dir() or any(p.name != FEDERATION for p in run.ledgers.glob("*.jsonl"))
 
 
 def is_run_directory(path: Path) -> bool:
-    return (path / METRICS).exists() or (path / "ledgers").is_dir() or (path / CHECKPOINTS).is_dir()
+    run = RunDirectory(path)
+    return run.metrics_path.exists() or run.ledgers.is_dir() or run.checkpoints.is_dir()
 
 
 def run_evidence(path: Path) -> RunEvidence:
     run = RunDirectory(path)
     evidence = RunEvidence(path)
-    for checkpoint in sorted((path / CHECKPOINTS).glob("round-*.safetensors")):
+    for checkpoint in sorted(run.checkpoints.glob("round-*.safetensors")):
         match = _CHECKPOINT.search(checkpoint.name)
         if match:
             evidence.rounds.add(int(match.group(1)))
             signer = _checkpoint_signer(checkpoint)
             if signer:
                 evidence.signers.setdefault(signer, f"{CHECKPOINTS}/{checkpoint.name}")
-    evidence.rounds |= {e["round"] for e in run.events("round-end") if isinstance(e.get("round"), int)}
-    model = path / MODEL
-    evidence.ended = bool(run.events("run-end")) or (model.is_dir() and any(model.iterdir()))
-    for event in run.events("ledger-key"):
+    evidence.rounds |= {e["round"] for e in run.events(RoundEnd.KIND) if isinstance(e.get("round"), int)}
+    model = run.model_dir
+    evidence.ended = bool(run.events(RunEnd.KIND)) or (model.is_dir() and any(model.iterdir()))
+    for event in run.events(LedgerKey.KIND):
         evidence.heads_expected = True
         if event.get("signer"):
             evidence.signers.setdefault(str(event["signer"]), f"{METRICS} (ledger-key)")
@@ -237,7 +240,7 @@ def _check_signers(evidence: RunEvidence, signer: str | None, problems: list[Pro
                     f"signed by {signer}, but {seen} names the aggregator's key {named}: the ledger was re-signed",
                 )
             )
-    keys = evidence.path / "keys" / "public-keys.json"
+    keys = RunDirectory(evidence.path).public_keys
     if evidence.keys_sha256 and keys.exists() and file_sha256(keys) != evidence.keys_sha256:
         problems.append(
             Problem(str(keys), "differs from the public keys the run started with (run log): the keys were replaced")

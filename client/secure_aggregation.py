@@ -54,6 +54,7 @@ from fedpriv.common.protocol import (
     withheld_content,
 )
 from fedpriv.common.records import DistributedNoise, PrivacyRecord
+from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
 from fedpriv.common.secagg.site_session import KEYED
 from fedpriv.common.secure_protocol import (
@@ -73,7 +74,6 @@ log = logging.getLogger(CLIENT_LOG)
 
 STATE = "fedpriv-secagg"  # the session's record in Flower's per-node context.state
 LAST_ROUND = "fedpriv-secagg-round"  # the last round masked in the run, kept when the keys change
-PUBLIC_KEYS = "public-keys.json"
 
 
 def encoding(config: FedprivConfig) -> tuple[float, int]:
@@ -86,7 +86,7 @@ def pinned_keys(site: SiteRuntime, config: FedprivConfig) -> dict[str, str]:
     if PEER_KEYS in site.node_config:
         path = Path(str(site.node_config[PEER_KEYS])).expanduser()
     elif site.simulated and config.run_dir:
-        path = Path(config.run_dir) / "keys" / PUBLIC_KEYS
+        path = RunDirectory(config.run_dir).public_keys
     else:
         raise SecAggError(
             f"{site.name}: secure aggregation needs the federation's public keys; set {PEER_KEYS} in its node config"

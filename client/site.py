@@ -20,7 +20,7 @@ from typing import Any
 
 from fedpriv.client.budget import SiteBudget
 from fedpriv.client.training import LocalPlan
-from fedpriv.common import signing, site_names
+from fedpriv.common import signing
 from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
@@ -40,6 +40,7 @@ from fedpriv.common.node_config import (
     TEXT_COLUMN,
 )
 from fedpriv.common.records import Mechanism
+from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.site_policy import SitePolicy
 
 
@@ -153,12 +154,12 @@ def planned_evaluations(config: FedprivConfig) -> tuple:
     return tuple(event for _ in config.federated_evaluation_rounds())
 
 
-def simulation_dir(config: FedprivConfig, run_id: int) -> Path:
+def simulation_dir(config: FedprivConfig, run_id: int) -> RunDirectory:
     """Where simulated sites keep ledgers and keys: the run directory, when known."""
     if config.run_dir:
-        return Path(config.run_dir)
+        return RunDirectory(config.run_dir)
     state = Path(os.environ.get("FEDPRIV_STATE_DIR", Path.home() / ".local" / "state" / "fedpriv"))
-    return state / f"flower-run-{run_id}"
+    return RunDirectory(state / f"flower-run-{run_id}")
 
 
 def open_budget(
@@ -171,10 +172,9 @@ def open_budget(
             raise signing.SigningKeyError(f"node config names {LEDGER_PATH} but no {LEDGER_KEY} to sign it with")
         key = signing.read_private_key(Path(str(node[LEDGER_KEY])).expanduser())
     else:
-        base = simulation_dir(config, run_id)
-        site_names.check(name)  # it becomes two paths under the run directory
-        ledger_path = base / "ledgers" / f"{name}.jsonl"
-        key = signing.load_or_create(base / "keys" / f"{name}.key")
+        run = simulation_dir(config, run_id)
+        ledger_path = run.ledger_path(name)  # both check the name: it becomes paths under the run directory
+        key = signing.load_or_create(run.key_path(name))
     if simulated:
         cap = config.simulation.caps().get(name, config.privacy.cap())
         delta = config.privacy.delta

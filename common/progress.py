@@ -13,13 +13,12 @@ from pathlib import Path
 
 from fedpriv.common import site_names
 from fedpriv.common.files import write_atomic
-
-PROGRESS = "progress"
+from fedpriv.common.rundir import RunDirectory
 
 
 class ProgressWriter:
     def __init__(self, run_dir: str | Path, site: str, server_round: int, steps: int, every: float = 0.5):
-        self.path = Path(run_dir) / PROGRESS / f"{site_names.check(site)}.json"
+        self.path = RunDirectory(run_dir).progress / f"{site_names.check(site)}.json"
         self.round, self.steps, self.every = server_round, steps, every
         self._last = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +34,7 @@ class ProgressWriter:
 def read_progress(run_dir: str | Path, server_round: int) -> tuple[int, int]:
     """(steps done, steps planned) of the sites that have started this round."""
     done = planned = 0
-    for path in (Path(run_dir) / PROGRESS).glob("*.json"):
+    for path in RunDirectory(run_dir).progress.glob("*.json"):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

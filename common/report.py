@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedpriv.common.run_events import SiteTrain
 from fedpriv.common.rundir import RunDirectory, summarize
 
 
@@ -60,7 +61,7 @@ def summary_tables(run: RunDirectory, every_round: bool = False) -> list[Table]:
     sites.add_column("site")
     sites.add_column("training rows", justify="right")
     sites.add_column("epsilon spent", justify="right")
-    delta = next((e.get("delta") for e in run.events("site-train") if e.get("delta")), None)
+    delta = next((e.metrics["delta"] for e in run.read(SiteTrain) if e.metrics.get("delta")), None)
     undisclosed = False
     for name, info in summary["sites"].items():
         rows = info["train-examples"]

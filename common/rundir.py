@@ -1,14 +1,24 @@
 """The run directory: what a run leaves behind, in one place, append-only.
 
     config.toml              the resolved configuration of the run
-    metrics.jsonl            one JSON object per event (site updates, evaluations)
+    metrics.jsonl            the run log: one typed event per line (run_events.py)
     checkpoints/             federated state after each round (safetensors)
+    ledgers/                 signed privacy ledgers: federation.jsonl (the aggregator's),
+                             and one per simulated site (SITE.jsonl)
+    keys/                    ledger keys of a simulation (SITE.key, aggregator.key) and
+                             public-keys.json, which pins them for the audit
+    progress/                a simulated site's current step (SITE.json), for the console
+    flower-app/              the Flower app a simulation runs (pyproject.toml and settings)
+    nodes.json               Flower node id -> site (a deployed aggregator's registrations)
     model/                   the exported global model (plain transformers)
     plots/                   accuracy and epsilon per round (PNG)
     summary.json             final numbers
+    audit.html               the run's own audit (a simulation writes it at the end)
+    run.lock                 held by the process writing the run
 
-The aggregator writes it; the simulation harness and `fedpriv` commands read
-it, so it lives in `common`.
+The aggregator writes it; sites of a simulation write their ledgers, keys and
+progress into it; the simulation harness, the auditor and `fedpriv` commands
+read it, so it lives in `common`. Every path in it comes from here.
 """
 
 from __future__ import annotations
@@ -23,8 +33,22 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from fedpriv.common import site_names
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import storage, write_atomic
+from fedpriv.common.run_events import (
+    CentralEvaluate,
+    E,
+    FederatedEvaluate,
+    RoundEnd,
+    RunEnd,
+    RunEvent,
+    RunStart,
+    SiteTrain,
+    parse,
+)
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
@@ -34,6 +58,14 @@ MODEL = "model"
 PLOTS = "plots"
 LOCK = "run.lock"
 NODE_NAMES = "nodes.json"  # Flower node id -> site, written by a deployed aggregator from its registrations
+LEDGERS = "ledgers"
+KEYS = "keys"
+PUBLIC_KEYS = "public-keys.json"
+PROGRESS = "progress"
+FLOWER_APP = "flower-app"
+AUDIT_HTML = "audit.html"
+FEDERATION_LEDGER = "federation.jsonl"  # the aggregator's ledger
+AGGREGATOR = "aggregator"  # the aggregator's key (keys/aggregator.key)
 
 
 class RunDirectoryError(FedprivError):
@@ -111,10 +143,75 @@ class RunDirectory:
     def plots(self) -> Path:
         return self.path / PLOTS
 
-    def log(self, kind: str, **fields: Any) -> None:
-        append_jsonl(self.metrics_path, {"kind": kind, "time": round(time.time(), 3), **fields})
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def ledgers(self) -> Path:
+        return self.path / LEDGERS
+
+    def ledger_path(self, owner: str) -> Path:
+        """A simulated site's ledger (`ledgers/SITE.jsonl`)."""
+        return self.ledgers / f"{site_names.check(owner)}.jsonl"
+
+    @property
+    def federation_ledger(self) -> Path:
+        """The aggregator's ledger: receipts, round heads and site-level releases."""
+        return self.ledgers / FEDERATION_LEDGER
+
+    @property
+    def keys(self) -> Path:
+        return self.path / KEYS
+
+    def key_path(self, owner: str) -> Path:
+        """A simulation's ledger key of `owner` (a site, or `aggregator`)."""
+        return self.keys / f"{site_names.check(owner) if owner != AGGREGATOR else owner}.key"
+
+    @property
+    def public_keys(self) -> Path:
+        """The ledger public keys a simulation was provisioned with; the audit pins its ledgers to them."""
+        return self.keys / PUBLIC_KEYS
+
+    @property
+    def progress(self) -> Path:
+        return self.path / PROGRESS
+
+    @property
+    def flower_app(self) -> Path:
+        return self.path / FLOWER_APP
+
+    @property
+    def node_names_path(self) -> Path:
+        return self.path / NODE_NAMES
+
+    @property
+    def audit_html(self) -> Path:
+        return self.path / AUDIT_HTML
+
+    def log(self, event: RunEvent) -> None:
+        """Appends one event to the run log, stamped with the time now."""
+        append_jsonl(self.metrics_path, {"kind": event.KIND, "time": round(time.time(), 3), **event.fields()})
+
+    def read(self, event_type: type[E]) -> list[E]:
+        """The run log's events of one kind, typed; a line whose fields do not fit is an error naming it."""
+        found = []
+        for line in self.events(event_type.KIND):
+            try:
+                found.append(parse(line, event_type))
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise RunDirectoryError(
+                    f"{self.metrics_path}: a {event_type.KIND} event does not fit: {problems}"
+                ) from None
+        return found  # type: ignore[return-value]
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The run log's lines as written, untyped: for the auditor, which trusts no log to fit its types."""
         try:
             stat = self.metrics_path.stat()
         except FileNotFoundError:
@@ -126,7 +223,7 @@ class RunDirectory:
 
     def node_names(self) -> dict[int, str]:
         """Which site each Flower node id is (deployments); names the sites whose replies carry no name."""
-        path = self.path / NODE_NAMES
+        path = self.node_names_path
         try:
             names = json.loads(path.read_text(encoding="utf-8"))
             return {int(node): str(site) for node, site in names.items()}
@@ -138,10 +235,10 @@ class RunDirectory:
     def started(self) -> bool:
         """Whether a run has already begun here (its config or a checkpoint was written)."""
         checkpoints = self.checkpoints
-        return (self.path / CONFIG).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        return self.config_path.exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
     def finished(self) -> bool:
-        return bool(self.events("run-end"))
+        return bool(self.read(RunEnd))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -184,34 +281,34 @@ class RunDirectory:
                 handle.truncate(end)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        write_atomic(self.path / SUMMARY, json.dumps(_jsonable(summary), indent=2))
+        write_atomic(self.summary_path, json.dumps(_jsonable(summary), indent=2))
 
     def summary(self) -> dict[str, Any] | None:
-        path = self.path / SUMMARY
+        path = self.summary_path
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def summarize(run: RunDirectory) -> dict[str, Any]:
     """The run's headline numbers, derived only from its recorded events."""
-    central = {e["round"]: e for e in run.events("central-evaluate")}
-    federated = {e["round"]: e for e in run.events("federated-evaluate")}
+    central = {e.round: e for e in run.read(CentralEvaluate)}
+    federated = {e.round: e for e in run.read(FederatedEvaluate)}
     epsilons: dict[str, dict[int, float | None]] = {}
     examples: dict[str, int] = {}  # absent for a site that never sent its row count (secure aggregation)
-    for e in run.events("site-train"):
-        epsilons.setdefault(e["site"], {})[e["round"]] = e.get("epsilon")
-        if "num-examples" in e:
-            examples[e["site"]] = e["num-examples"]
-    start = run.events("run-start")
-    end = run.events("run-end")
-    rounds = sorted({e["round"] for e in run.events("round-end")})
+    for e in run.read(SiteTrain):
+        epsilons.setdefault(e.site, {})[e.round] = e.metrics.get("epsilon")
+        if "num-examples" in e.metrics:
+            examples[e.site] = e.metrics["num-examples"]
+    start = run.read(RunStart)
+    end = run.read(RunEnd)
+    rounds = sorted({e.round for e in run.read(RoundEnd)})
     last_central = central[max(central)] if central else None
     return {
         "rounds-completed": len(rounds),
-        "seconds": end[-1]["seconds"] if end else None,
-        "started": start[0]["time"] if start else None,
-        "central-accuracy": last_central["accuracy"] if last_central else None,
-        "central-accuracy-by-round": {r: e["accuracy"] for r, e in sorted(central.items())},
-        "federated-accuracy-by-round": {r: e.get("accuracy") for r, e in sorted(federated.items())},
+        "seconds": end[-1].seconds if end else None,
+        "started": start[0].time if start else None,
+        "central-accuracy": last_central.accuracy if last_central else None,
+        "central-accuracy-by-round": {r: e.accuracy for r, e in sorted(central.items())},
+        "federated-accuracy-by-round": {r: e.metrics.get("accuracy") for r, e in sorted(federated.items())},
         "sites": {
             site: {
                 "epsilon": by_round[max(by_round)],

@@ -14,7 +14,8 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.run_events import LedgerKey, RunEnd, RunFailed, RunStart
+from fedpriv.common.rundir import AGGREGATOR, RunDirectory
 from fedpriv.server.federation import Federation
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.ledger_heads import ledger_keys
@@ -28,7 +29,7 @@ def aggregator_key(config: FedprivConfig, run: RunDirectory):
     """The aggregator's ledger-signing key: its kit's, or one made for this run."""
     if config.aggregator_key:
         return signing.read_private_key(config.aggregator_key)
-    return signing.load_or_create(run.path / "keys" / "aggregator.key")
+    return signing.load_or_create(run.key_path(AGGREGATOR))
 
 
 app = ServerApp()
@@ -42,21 +43,21 @@ def main(grid: Grid, context: Context) -> None:
     write_run_config(run, config)
     labels = LabelSet.load(config.data.labels)
     started = time.time()
-    run.log("run-start", run_id=context.run_id, rounds=config.rounds, labels=len(labels))
+    run.log(RunStart(run_id=context.run_id, rounds=config.rounds, labels=len(labels)))
     try:
         key = aggregator_key(config, run)
         # The fingerprint of the key that signs the aggregator's ledger: the audit checks the ledger against it.
-        run.log("ledger-key", **ledger_keys(run, key))
+        run.log(LedgerKey(**ledger_keys(run, key)))
         model = GlobalModel(config, labels)
-        ledger = Ledger(run.path / "ledgers" / "federation.jsonl", key)
+        ledger = Ledger(run.federation_ledger, key)
         federation = Federation(config, grid, build_strategy(config), model, run, ledger, run_id=str(context.run_id))
         final_state = federation.run_rounds()
         exported = model.export(final_state, run.model_dir)
     except Exception as error:
         # Whoever started the run (the simulation, an operator) reads why it stopped here.
         with contextlib.suppress(Exception):  # the disk may be what failed
-            run.log("run-failed", error=str(error), type=type(error).__name__)
+            run.log(RunFailed(error=str(error), type=type(error).__name__))
         raise
-    run.log("run-end", seconds=round(time.time() - started, 3), model=str(exported))
+    run.log(RunEnd(seconds=round(time.time() - started, 3), model=str(exported)))
     write_summary(run)
     log.info("run finished: %s", run.path)

@@ -26,6 +26,24 @@ from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.protocol import EPSILON, OK, REFUSED, EvaluateReply, ProtocolError, from_record, sender, to_record
 from fedpriv.common.records import PrivacyRecord, SiteExhausted, state_sha256
+from fedpriv.common.run_events import (
+    AllBudgetsExhausted,
+    AllSitesRefused,
+    CentralEvaluate,
+    FederatedEvaluate,
+    Resumed,
+    RoundEnd,
+    RoundStart,
+    SiteBudgetExhausted,
+    SiteError,
+    SiteEvaluate,
+    SiteLevelBudgetExhausted,
+    SiteLevelRelease,
+    SiteRefused,
+    SiteRejected,
+    SiteTrain,
+    TrainAggregate,
+)
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
@@ -112,10 +130,10 @@ class Federation:
         )
         site_level_dp.replay(self.strategy, self._site_level_releases, self.config)
         self.average.mean, self.average.count = saved.average, saved.averaged_rounds
-        if saved.round not in {e["round"] for e in self.run.events("round-end")}:
+        if saved.round not in {e.round for e in self.run.read(RoundEnd)}:
             # Stopped between writing the round's checkpoint and logging its end: the round is complete.
-            self.run.log("round-end", round=saved.round, seconds=None, recovered=True)
-        self.run.log("resumed", round=saved.round)
+            self.run.log(RoundEnd(round=saved.round, seconds=None, recovered=True))
+        self.run.log(Resumed(round=saved.round))
         log.info("resuming after round %d from %s", saved.round, self.run.checkpoints)
         return saved.round + 1, saved.state
 
@@ -124,7 +142,7 @@ class Federation:
         for rnd in range(first, self.config.rounds + 1):
             started = time.time()
             # The hash of the model sent out ties a resumed round to the checkpoint it continued from.
-            self.run.log("round-start", round=rnd, rounds=self.config.rounds, **{"global-sha256": state_sha256(state)})
+            self.run.log(RoundStart(round=rnd, rounds=self.config.rounds, **{"global-sha256": state_sha256(state)}))
             arrays = to_record(state)
             context = RoundContext(
                 run_id=self.run_id,
@@ -160,7 +178,7 @@ class Federation:
                 ),
                 keep=self.config.keep_checkpoints,
             )
-            self.run.log("round-end", round=rnd, seconds=round(time.time() - started, 3))
+            self.run.log(RoundEnd(round=rnd, seconds=round(time.time() - started, 3)))
         return self.average.release(state)
 
     def _plain_train(
@@ -170,7 +188,7 @@ class Federation:
         try:
             messages = self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid)
         except PrivacyBudgetExhausted as error:
-            self.run.log("site-level-budget-exhausted", round=rnd, reason=str(error))
+            self.run.log(SiteLevelBudgetExhausted(round=rnd, reason=str(error)))
             log.info("round %d: the federation's site-level privacy budget is spent; ending the run", rnd)
             return state, True
         replies = exchange(self.grid, messages, self.config.strategy.round_timeout)
@@ -183,7 +201,7 @@ class Federation:
         else:
             state = from_record(new_arrays)
             self._record_site_level_release(rnd, state)
-        self.run.log("train-aggregate", round=rnd, sites=len(accepted), **dict(aggregated or {}))
+        self.run.log(TrainAggregate(round=rnd, sites=len(accepted), **dict(aggregated or {})))
         return state, False
 
     def _secure_train(
@@ -195,7 +213,7 @@ class Federation:
         for site, entry in sorted(outcome.entries.items()):
             self.heads.receipt(rnd, site, entry)
             self.heads.reported_in(site, outcome.metrics.get(site, {}))
-            self.run.log("site-train", round=rnd, site=site, **outcome.metrics.get(site, {}))
+            self.run.log(SiteTrain(round=rnd, site=site, **outcome.metrics.get(site, {})))
         for site in outcome.exhausted:
             self.ledger.append(SiteExhausted(round=rnd, site=site))
         if outcome.total is None:
@@ -208,9 +226,7 @@ class Federation:
         else:
             count = len(outcome.survivors)
             state = {k: (v + summed[k] / count).astype(v.dtype) if k in summed else v for k, v in state.items()}
-        self.run.log(
-            "train-aggregate", round=rnd, sites=len(outcome.survivors), dropped=len(outcome.dropped), secure=True
-        )
+        self.run.log(TrainAggregate(round=rnd, sites=len(outcome.survivors), dropped=len(outcome.dropped), secure=True))
         return state, False
 
     def _record_site_level_release(self, rnd: int, state: dict[str, np.ndarray]) -> None:
@@ -220,7 +236,7 @@ class Federation:
         self._site_level_releases = spent.num_releases
         record = site_level_dp.release_record(self.strategy, self.config, self.run_id, rnd, state_sha256(state))
         self.ledger.append(record)
-        self.run.log("site-level-release", round=rnd, epsilon=spent.epsilon, delta=spent.delta)
+        self.run.log(SiteLevelRelease(round=rnd, epsilon=spent.epsilon, delta=spent.delta))
 
     def _nobody_trains(self, rnd: int, accepted: bool, exhausted: int, refused: int) -> bool:
         """Whether the run must end: no update came, and every site that answered will say the same next round."""
@@ -228,10 +244,10 @@ class Federation:
             return False
         if refused:
             # The same settings meet the same policies next round: say so once and stop.
-            self.run.log("all-sites-refused", round=rnd, sites=refused, exhausted=exhausted)
+            self.run.log(AllSitesRefused(round=rnd, sites=refused, exhausted=exhausted))
             log.warning("round %d: no site accepts this run's settings (see the site-refused events); ending", rnd)
         else:
-            self.run.log("all-budgets-exhausted", round=rnd, sites=exhausted)
+            self.run.log(AllBudgetsExhausted(round=rnd, sites=exhausted))
             log.info("round %d: every site has exhausted its privacy budget; ending the run", rnd)
         return True
 
@@ -245,27 +261,27 @@ class Federation:
             site = verdict.site
             if isinstance(verdict, Failed):
                 site = self._name(reply, site)
-                self.run.log("site-error", round=rnd, site=site, reason=verdict.reason)
+                self.run.log(SiteError(round=rnd, site=site, reason=verdict.reason))
                 log.warning("round %d: %s failed: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Exhausted):
                 exhausted += 1
                 metrics = dict(verdict.reply.metrics)
-                self.run.log("site-budget-exhausted", round=rnd, site=site, **metrics)
+                self.run.log(SiteBudgetExhausted(round=rnd, site=site, **metrics))
                 self.ledger.append(SiteExhausted(round=rnd, site=site, epsilon=metrics.get(EPSILON)))
                 self.heads.reported_in(site, metrics)
                 log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
             elif isinstance(verdict, Refused):
                 refused += 1
-                self.run.log("site-refused", round=rnd, site=site, reason=verdict.reason, phase="train")
+                self.run.log(SiteRefused(round=rnd, site=site, reason=verdict.reason, phase="train"))
                 log.warning("round %d: %s refused the round: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Admitted):
                 if verdict.entry is not None:
                     self.heads.receipt(rnd, site, verdict.entry)
                 self.heads.reported_in(site, dict(verdict.reply.metrics))
-                self.run.log("site-train", round=rnd, site=site, **dict(verdict.reply.metrics))
+                self.run.log(SiteTrain(round=rnd, site=site, **dict(verdict.reply.metrics)))
                 accepted.append(reply)
             else:
-                self.run.log("site-rejected", round=rnd, site=site, reason=verdict.reason)
+                self.run.log(SiteRejected(round=rnd, site=site, reason=verdict.reason))
                 log.warning("round %d: update of %s rejected: %s", rnd, site, verdict.reason)
         return accepted, exhausted, refused
 
@@ -282,27 +298,27 @@ class Federation:
         for reply in replies:
             if reply.has_error():
                 site = self._name(reply, sender(reply))
-                self.run.log("site-error", round=rnd, site=site, reason=reply.error.reason, phase="evaluate")
+                self.run.log(SiteError(round=rnd, site=site, reason=reply.error.reason, phase="evaluate"))
                 continue
             try:
                 decoded = EvaluateReply.from_message(reply)
             except ProtocolError as error:
-                self.run.log("site-error", round=rnd, site=sender(reply), reason=str(error), phase="evaluate")
+                self.run.log(SiteError(round=rnd, site=sender(reply), reason=str(error), phase="evaluate"))
                 continue
             if decoded.status == REFUSED:
-                self.run.log("site-refused", round=rnd, site=decoded.site, reason=decoded.reason, phase="evaluate")
+                self.run.log(SiteRefused(round=rnd, site=decoded.site, reason=decoded.reason, phase="evaluate"))
                 log.warning("round %d: %s refused to evaluate: %s", rnd, decoded.site, decoded.reason)
                 continue
-            self.run.log("site-evaluate", round=rnd, site=decoded.site, status=decoded.status, **dict(decoded.metrics))
+            self.run.log(SiteEvaluate(round=rnd, site=decoded.site, status=decoded.status, **dict(decoded.metrics)))
             self.heads.reported_in(decoded.site, dict(decoded.metrics))
             if decoded.status == OK:
                 answered.append(reply)
         aggregated = self.strategy.aggregate_evaluate(rnd, answered)
         if aggregated is not None:
-            self.run.log("federated-evaluate", round=rnd, **dict(aggregated))
+            self.run.log(FederatedEvaluate(round=rnd, **dict(aggregated)))
 
     def _central(self, rnd: int, state: dict[str, np.ndarray]) -> None:
         result = self.model.evaluate(state)
         if result is not None:
-            self.run.log("central-evaluate", round=rnd, **result)
+            self.run.log(CentralEvaluate(round=rnd, **result))
             log.info("round %d: central accuracy %.4f", rnd, result["accuracy"])

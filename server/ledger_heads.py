@@ -85,7 +85,7 @@ def _highest(a: Any, b: Any) -> float | None:
 def ledger_keys(run: RunDirectory, key) -> dict[str, str]:
     """What the run log records of the keys: the aggregator's fingerprint, and the run's public keys file."""
     named = {"signer": signing.fingerprint(signing.public_b64(key))}
-    public = run.path / "keys" / "public-keys.json"  # a simulation provisions it in the run directory
+    public = run.public_keys  # a simulation provisions it in the run directory
     if public.exists():
         named["public-keys-sha256"] = hashlib.sha256(public.read_bytes()).hexdigest()
     return named

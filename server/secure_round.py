@@ -35,6 +35,17 @@ from fedpriv.common.ledger import verify_entry
 from fedpriv.common.logs import SERVER_LOG
 from fedpriv.common.protocol import METRICS, REFUSED, ProtocolError, sender, withheld
 from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.run_events import (
+    RunEvent,
+    SecureKeys,
+    SecureRoundAbandoned,
+    SecureStage,
+    SiteBudgetExhausted,
+    SiteError,
+    SiteRefused,
+    SiteRejected,
+    SiteRekey,
+)
 from fedpriv.common.secagg import AggregatorSession, RoundAbandoned, SecAggConfig, SecAggError, default_threshold
 from fedpriv.common.secure_protocol import (
     ADVERTISE,
@@ -92,7 +103,7 @@ class SecureRound:
         run_id: str,
         length: int,
         history: ReleaseHistory,
-        log_event: Callable[..., None],
+        log_event: Callable[[RunEvent], None],
     ):
         self.grid, self.config, self.run_id, self.length = grid, config, run_id, length
         self.history, self.log_event = history, log_event
@@ -111,29 +122,29 @@ class SecureRound:
         # Who was asked what, before waiting: an operator (or a test) can tell a site that never got a
         # stage from one that got it and fell silent.
         asked = sorted(self.names.get(node, str(node)) for node in requests)
-        self.log_event("secure-stage", round=rnd, stage=stage, sites=asked)
+        self.log_event(SecureStage(round=rnd, stage=stage, sites=asked))
         replies: dict[str, Message] = {}
         for reply in exchange(self.grid, messages, timeout):
             node = reply.metadata.src_node_id
             site = self.names.get(node) or sender(reply)
             held = withheld(reply)
             if reply.has_error():
-                self.log_event("site-error", round=rnd, site=site, reason=reply.error.reason, phase=stage)
+                self.log_event(SiteError(round=rnd, site=site, reason=reply.error.reason, phase=stage))
                 log.warning("round %d: %s failed at %s: %s", rnd, site, stage, reply.error.reason)
             elif (why := rekey_reason(reply)) is not None:
                 outcome.rekey.append(site)
-                self.log_event("site-rekey", round=rnd, site=site, reason=why, phase=stage)
+                self.log_event(SiteRekey(round=rnd, site=site, reason=why, phase=stage))
                 log.warning("round %d: %s holds no keys of this round: %s", rnd, site, why)
             elif held is not None and held[0] == REFUSED:
                 outcome.refused.append(site)
-                self.log_event("site-refused", round=rnd, site=site, reason=held[1], phase=stage)
+                self.log_event(SiteRefused(round=rnd, site=site, reason=held[1], phase=stage))
                 log.warning("round %d: %s refused the round at %s: %s", rnd, site, stage, held[1])
             elif held is not None:
                 outcome.exhausted.append(site)
                 metrics: dict = dict(reply.content.metric_records.get(METRICS) or {})
-                self.log_event("site-budget-exhausted", round=rnd, site=site, **metrics)
+                self.log_event(SiteBudgetExhausted(round=rnd, site=site, **metrics))
             elif stage == SETUP and site in replies:
-                self.log_event("site-rejected", round=rnd, site=site, reason="two nodes claim this site's name")
+                self.log_event(SiteRejected(round=rnd, site=site, reason="two nodes claim this site's name"))
             elif stage == SETUP or node in self.names:
                 replies[site] = reply
         return replies
@@ -153,7 +164,7 @@ class SecureRound:
         except (RoundAbandoned, SecAggError) as error:
             if self.epoch is not None:
                 self.epoch.stale = f"round {rnd} was abandoned"
-            self.log_event("secure-round-abandoned", round=rnd, reason=str(error))
+            self.log_event(SecureRoundAbandoned(round=rnd, reason=str(error)))
             log.warning("round %d abandoned: %s", rnd, error)
             outcome.total, outcome.abandoned = None, str(error)
             return outcome
@@ -207,7 +218,7 @@ class SecureRound:
         available = frozenset(n for n in nodes if n in self.names)
         why = self._why_agree(available)
         if why:
-            self.log_event("secure-keys", round=rnd, reason=why)
+            self.log_event(SecureKeys(round=rnd, reason=why))
             epoch = self._agree(rnd, available, quick, outcome)
         else:
             assert self.epoch is not None
@@ -251,7 +262,7 @@ class SecureRound:
                 data = StageReply.from_message(reply, UNMASK).data
                 seed_shares[site], pair_keys[site] = unmask_from_data(data, site)
             except ProtocolError as error:
-                self.log_event("site-rejected", round=rnd, site=site, reason=str(error))
+                self.log_event(SiteRejected(round=rnd, site=site, reason=str(error)))
         outcome.total = session.collect_unmask(seed_shares, pair_keys)
         if dropped or len(seed_shares) < len(survivors):
             silent = sorted(set(survivors) - set(seed_shares))
@@ -268,7 +279,7 @@ class SecureRound:
         try:
             decoded = StageReply.from_message(reply, MASK)
         except (ProtocolError, KeyError) as error:
-            self.log_event("site-rejected", round=rnd, site=site, reason=str(error))
+            self.log_event(SiteRejected(round=rnd, site=site, reason=str(error)))
             return None
         problem = _release_problem(site, decoded, self.config.privacy.enabled, context, self.history)
         if problem is None:
@@ -277,7 +288,7 @@ class SecureRound:
             missing = sorted(set(group) - {site} - set(decoded.data))
             problem = f"no sealed seed share for {missing}" if missing else None
         if problem:
-            self.log_event("site-rejected", round=rnd, site=site, reason=problem)
+            self.log_event(SiteRejected(round=rnd, site=site, reason=problem))
             log.warning("round %d: masked update of %s rejected: %s", rnd, site, problem)
             return None
         if decoded.entry is not None:

@@ -253,8 +253,8 @@ def empirical_audit(
     run = simulate(run_config, console=console, audit_fault=fault)
     console.rule("The auditor's reference run (no canaries, no noise, other sampling)")
     reference = simulate(reference_config, console=console, audit_fault=NOISE_FREE)
-    before = label_log_probs(reference.path / "model", made.texts, made.labels, data.max_length)
-    after = label_log_probs(run.path / "model", made.texts, made.labels, data.max_length)
+    before = label_log_probs(reference.model_dir, made.texts, made.labels, data.max_length)
+    after = label_log_probs(run.model_dir, made.texts, made.labels, data.max_length)
     scores = after - before
     write_atomic(
         output / "canaries.csv",

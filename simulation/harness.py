@@ -22,7 +22,8 @@ from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
 from fedpriv.common.report import print_summary, write_plots
 from fedpriv.common.resources import check_model
-from fedpriv.common.rundir import CONFIG, RunDirectory, RunDirectoryError
+from fedpriv.common.run_events import RoundEnd, RunFailed
+from fedpriv.common.rundir import AGGREGATOR, CONFIG, RunDirectory, RunDirectoryError
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
 
@@ -79,11 +80,10 @@ def provision_simulated_keys(run: RunDirectory, names: list[str]) -> None:
     As in a deployment, the public keys are fixed up front (keys/public-keys.json)
     so the audit can tell each ledger's owner, not just its integrity.
     """
-    keys = run.path / "keys"
     public = {}
-    for owner in [*map(site_names.check, names), "aggregator"]:
-        public[owner] = signing.public_b64(signing.load_or_create(keys / f"{owner}.key"))
-    write_atomic(keys / "public-keys.json", json.dumps(public, indent=2))
+    for owner in [*map(site_names.check, names), AGGREGATOR]:
+        public[owner] = signing.public_b64(signing.load_or_create(run.key_path(owner)))
+    write_atomic(run.public_keys, json.dumps(public, indent=2))
 
 
 def simulate(
@@ -114,10 +114,10 @@ def simulate(
 
 def _stopped(run: RunDirectory, console: Console, reason: str | None = None) -> None:
     """The aggregator ended before the run did: show that what was written verifies, then say why."""
-    failures = run.events("run-failed")
+    failures = run.read(RunFailed)
     if reason is None:
-        reason = failures[-1]["error"] if failures else "the aggregator stopped without saying why (run with --verbose)"
-    rounds = [e["round"] for e in run.events("round-end")]
+        reason = failures[-1].error if failures else "the aggregator stopped without saying why (run with --verbose)"
+    rounds = [e.round for e in run.read(RoundEnd)]
     report = audit([run.path])
     console_report(report, console)
     raise RunDirectoryError(
@@ -128,7 +128,7 @@ def _stopped(run: RunDirectory, console: Console, reason: str | None = None) -> 
 
 def resume_config(run_dir: Path) -> FedprivConfig:
     """The saved settings of a run cut short, to continue it with the same privacy plan."""
-    saved = Path(run_dir).expanduser().resolve() / CONFIG
+    saved = RunDirectory(Path(run_dir).expanduser().resolve()).config_path
     if not saved.exists():
         raise RunDirectoryError(f"{saved.parent}: no {CONFIG} here; is this a fedpriv run directory?")
     return parse_config(read_toml(saved, "saved run config", RunDirectoryError), str(saved)).replace(
@@ -166,7 +166,7 @@ def _simulate(
         f"model {config.model.name}; run directory {run.path}"
     )
     provision_simulated_keys(run, site_names)
-    app_dir = write_app_dir(run.path / "flower-app", config)
+    app_dir = write_app_dir(run.flower_app, config)
     # Distributed noise: each round is one step of DP-SGD over the pooled data.
     distributed = privacy.enabled and privacy.noise == "distributed"
     steps = 1 if distributed else steps_per_round(config.train.local_epochs, config.train.sample_rate)
@@ -189,9 +189,9 @@ def finish(run: RunDirectory, console: Console) -> None:
     print_summary(run, console)
     report = audit([run.path])
     console_report(report, console)
-    (run.path / "audit.html").write_text(html_report(report), encoding="utf-8")
+    run.audit_html.write_text(html_report(report), encoding="utf-8")
     if not report.ok:
         raise AuditFailedError(
-            f"{run.path}: the run finished but its audit failed (see above and {run.path / 'audit.html'}); "
+            f"{run.path}: the run finished but its audit failed (see above and {run.audit_html}); "
             "do not rely on its privacy numbers"
         )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import threading
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpriv.common.progress import read_progress
+from fedpriv.common.run_events import CentralEvaluate, RoundEnd, RoundStart, SiteBudgetExhausted, SiteTrain, parse
 from fedpriv.common.rundir import RunDirectory
 
 
@@ -63,16 +65,18 @@ class Monitor:
                 if not line.endswith("\n"):
                     break
                 self._offset += len(line.encode("utf-8"))
-                event = json.loads(line)
-                kind = event["kind"]
-                if kind == "round-end":
+                try:
+                    event = parse(json.loads(line))
+                except (ValueError, ValidationError):
+                    continue  # a display: the run's own audit judges its log
+                if isinstance(event, RoundEnd):
                     self._done += 1
-                elif kind == "round-start":
-                    self._round = event["round"]
-                elif kind in ("site-train", "site-budget-exhausted"):
-                    self._trained[event["round"]] = self._trained.get(event["round"], 0) + 1
-                elif kind == "central-evaluate":
-                    self._accuracy = event["accuracy"]
+                elif isinstance(event, RoundStart):
+                    self._round = event.round
+                elif isinstance(event, SiteTrain | SiteBudgetExhausted):
+                    self._trained[event.round] = self._trained.get(event.round, 0) + 1
+                elif isinstance(event, CentralEvaluate):
+                    self._accuracy = event.accuracy
 
     def _refresh(self) -> None:
         self._read_new()

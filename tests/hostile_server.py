@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.protocol import Instruction, to_record, withheld
+from fedpriv.common.run_events import RunEnd, RunStart
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.secagg import AggregatorSession, SecAggConfig, default_threshold
 from fedpriv.common.secure_protocol import (
@@ -161,12 +162,12 @@ def main(grid: Grid, context: Context) -> None:
     plan = json.loads((folder / "plan.json").read_text())
     config = FedprivConfig.from_run_config(context.run_config)
     run = RunDirectory.create(config.run_dir)  # what `fedpriv aggregator run` follows to the run's end
-    run.log("run-start", run_id=context.run_id, rounds=len(plan))
+    run.log(RunStart(run_id=context.run_id, rounds=len(plan)))
     hostile = Hostile(grid, config, context.run_id)
     results = {"sites": sorted(hostile.node_of)}
     for rnd, attack in enumerate(plan, start=1):
         results[attack] = ATTACKS[attack](hostile, rnd)
     out = folder / f"result-{context.run_id}.json"
     out.write_text(json.dumps(results, indent=1, default=lambda v: np.asarray(v).tolist()))
-    run.log("run-end", seconds=0.0, model="")
+    run.log(RunEnd(seconds=0.0, model=""))
     write_summary(run)

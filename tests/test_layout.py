@@ -105,14 +105,15 @@ def test_a_users_own_common_and_server_do_not_shadow_fedpriv(tmp_path):
 
 def test_a_run_report_parses_the_metrics_file_once(tmp_path, monkeypatch):
     from fedpriv.common import rundir
+    from fedpriv.common.run_events import CentralEvaluate, Resumed, RoundEnd, RunEnd, RunStart, SiteTrain
 
     run = rundir.RunDirectory.create(tmp_path / "run")
-    run.log("run-start", run_id="1", rounds=2, labels=3)
+    run.log(RunStart(run_id="1", rounds=2, labels=3))
     for rnd in (1, 2):
-        run.log("site-train", round=rnd, site="site-000", epsilon=rnd / 2, delta=1e-5, **{"num-examples": 10})
-        run.log("central-evaluate", round=rnd, accuracy=0.5 + rnd / 10, loss=1.0)
-        run.log("round-end", round=rnd, seconds=0.1)
-    run.log("run-end", seconds=1.0)
+        run.log(SiteTrain(round=rnd, site="site-000", epsilon=rnd / 2, delta=1e-5, **{"num-examples": 10}))
+        run.log(CentralEvaluate(round=rnd, accuracy=0.5 + rnd / 10, loss=1.0))
+        run.log(RoundEnd(round=rnd, seconds=0.1))
+    run.log(RunEnd(seconds=1.0))
     parses = []
     original = rundir.read_jsonl
     monkeypatch.setattr(rundir, "read_jsonl", lambda path: parses.append(path) or original(path))
@@ -120,5 +121,63 @@ def test_a_run_report_parses_the_metrics_file_once(tmp_path, monkeypatch):
     run.events("site-train")
     assert summary["rounds-completed"] == 2 and summary["sites"]["site-000"]["epsilon"] == 1.0
     assert len(parses) == 1
-    run.log("note", round=2)  # the file grew: read again
-    assert run.events("note") and len(parses) == 2
+    run.log(Resumed(round=2))  # the file grew: read again
+    assert run.events("resumed") and len(parses) == 2
+
+
+def _sources(*rooms: str) -> dict[str, ast.Module]:
+    return {
+        str(path.relative_to(ROOT)): ast.parse(path.read_text(encoding="utf-8"))
+        for room in rooms
+        for path in sorted(ROOMS[room].rglob("*.py"))
+    }
+
+
+def test_only_the_run_directory_knows_its_layout():
+    """A path into a run directory comes from `RunDirectory`; a name of its layout joined by hand is refused."""
+    from fedpriv.common import rundir
+
+    names = {
+        getattr(rundir, n)
+        for n in dir(rundir)
+        if n.isupper() and isinstance(getattr(rundir, n), str) and n not in ("AGGREGATOR",)
+    }
+    names |= {"aggregator.key"}
+    assert {"ledgers", "keys", "progress", "flower-app", "public-keys.json", "metrics.jsonl"} <= names
+    offenders = []
+    # The deploy tooling keeps its own state folders (an agent's, an aggregator's), which are no run directory.
+    for path, tree in _sources("common", "client", "server", "simulation", "audit").items():
+        if path == "common/rundir.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                for side in (node.left, node.right):
+                    if isinstance(side, ast.Constant) and side.value in names:
+                        offenders.append(f"{path}:{node.lineno} joins {side.value!r}")
+                    if isinstance(side, ast.JoinedStr) and any(
+                        isinstance(v, ast.Constant) and str(v.value).startswith(".jsonl") for v in side.values
+                    ):
+                        offenders.append(f"{path}:{node.lineno} names a ledger file by hand")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_run_log_is_written_in_typed_events_of_one_module():
+    """`RunDirectory.log` takes a `run_events` record: a kind spelled as a string, or a kind nobody declared, fails."""
+    from fedpriv.common import run_events
+
+    offenders = []
+    for path, tree in _sources("common", "client", "server", "simulation", "audit", "deploy").items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            target = ast.unparse(node.func.value)
+            if node.func.attr in ("log", "log_event") and target in ("run", "self.run", "self") and node.args:
+                first = node.args[0]
+                if path.startswith("fedpriv/deploy"):
+                    continue  # the deploy tools' `self.log` prints operator messages
+                if not (isinstance(first, ast.Call) and ast.unparse(first.func) in run_events.KINDS_BY_NAME):
+                    offenders.append(f"{path}:{node.lineno} logs {ast.unparse(first)}")
+            if node.func.attr == "events" and node.args and isinstance(node.args[0], ast.Constant):
+                offenders.append(f"{path}:{node.lineno} reads events of a kind spelled {node.args[0].value!r}")
+    assert not offenders, "\n".join(offenders)
+    assert len(run_events.KINDS) == len(run_events.KINDS_BY_NAME) >= 24  # every kind declared once

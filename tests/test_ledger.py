@@ -18,6 +18,7 @@ from fedpriv.common.records import (
     SiteReleaseReceipt,
     canonical_json,
 )
+from fedpriv.common.run_events import LedgerKey, RoundEnd, SiteTrain
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server.ledger_heads import ReleaseHeads, ledger_keys
 
@@ -37,7 +38,7 @@ def make_run(tmp_path, sites=("site-000", "site-001"), rounds=3, accountant="prv
         public[site] = signing.public_b64(signing.load_or_create(keys / f"{site}.key"))
     (keys / "public-keys.json").write_text(json.dumps(public))
     run = RunDirectory(tmp_path)
-    run.log("ledger-key", **ledger_keys(run, signing.read_private_key(keys / "aggregator.key")))
+    run.log(LedgerKey(**ledger_keys(run, signing.read_private_key(keys / "aggregator.key"))))
     heads = ReleaseHeads(
         Ledger(tmp_path / "ledgers" / "federation.jsonl", signing.read_private_key(keys / "aggregator.key"))
     )
@@ -53,9 +54,9 @@ def make_run(tmp_path, sites=("site-000", "site-001"), rounds=3, accountant="prv
                 run_id="run-1", server_round=rnd, site=site, mechanism=mechanism, update_sha256=f"{rnd:064x}"
             )
             heads.receipt(rnd, site, entry)
-            run.log("site-train", round=rnd, site=site, epsilon=entry.record.accounting.epsilon)
+            run.log(SiteTrain(round=rnd, site=site, epsilon=entry.record.accounting.epsilon))
         heads.close_round("run-1", rnd)
-        run.log("round-end", round=rnd)
+        run.log(RoundEnd(round=rnd, seconds=None))
     return tmp_path
 
 

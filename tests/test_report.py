@@ -3,6 +3,7 @@
 from rich.console import Console
 
 from fedpriv.common.report import print_summary, shown_rounds, summary_tables
+from fedpriv.common.run_events import CentralEvaluate, RoundEnd, SiteTrain
 from fedpriv.common.rundir import RunDirectory
 
 
@@ -15,10 +16,10 @@ def _distributed_run(tmp_path, rounds: int) -> RunDirectory:
     run = RunDirectory.create(tmp_path / "run")
     for rnd in range(1, rounds + 1):
         for site in ("site-000", "site-001"):
-            run.log("site-train", round=rnd, site=site, epsilon=rnd / 30, delta=1e-5)
+            run.log(SiteTrain(round=rnd, site=site, epsilon=rnd / 30, delta=1e-5))
         accuracy = 0.9 if rnd == 100 else min(0.5 + rnd / 1000, 0.85)
-        run.log("central-evaluate", round=rnd, accuracy=accuracy)
-        run.log("round-end", round=rnd)
+        run.log(CentralEvaluate(round=rnd, accuracy=accuracy))
+        run.log(RoundEnd(round=rnd, seconds=0.1))
     return run
 
 
@@ -47,7 +48,7 @@ def test_a_short_run_shows_every_round_and_the_row_counts_sent():
 
 def test_row_counts_a_site_sent_are_shown(tmp_path):
     run = RunDirectory.create(tmp_path / "run")
-    run.log("site-train", round=1, site="site-000", epsilon=1.0, delta=1e-5, **{"num-examples": 120})
-    run.log("central-evaluate", round=1, accuracy=0.5)
+    run.log(SiteTrain(round=1, site="site-000", epsilon=1.0, delta=1e-5, **{"num-examples": 120}))
+    run.log(CentralEvaluate(round=1, accuracy=0.5))
     _, sites = summary_tables(run)
     assert _cells(sites, 1) == ["120"] and "row count" not in sites.caption

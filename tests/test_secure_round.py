@@ -134,7 +134,12 @@ def federation(tmp_path, monkeypatch):
     )
     events: list[dict] = []
     secure = SecureRound(
-        grid, config, "run-1", LENGTH, ReleaseHistory(), lambda kind, **f: events.append({"kind": kind, **f})
+        grid,
+        config,
+        "run-1",
+        LENGTH,
+        ReleaseHistory(),
+        lambda event: events.append({"kind": event.KIND, **event.fields()}),
     )
     return grid, secure, events
 

@@ -284,7 +284,7 @@ class Aggregator:
     def resume_config(self, run_dir: str | Path, overrides: Iterable[str] = ()) -> FedprivConfig:
         """The saved configuration of an interrupted run, for a new submission that continues it."""
         run = RunDirectory(Path(run_dir).expanduser().resolve())
-        saved = run.path / CONFIG
+        saved = run.config_path
         if not saved.exists():
             raise AggregatorError(f"{run.path}: no {CONFIG} here; is this a run directory of this aggregator?")
         parsed = parse_overrides(overrides)
@@ -294,7 +294,7 @@ class Aggregator:
                 f"cannot change {', '.join(changed)} when resuming: the privacy plan was made for the saved settings "
                 f"(only {', '.join(sorted(RESUMABLE))} may change)"
             )
-        if run.summary() is not None and run.events("run-end"):
+        if run.summary() is not None and run.finished():
             raise AggregatorError(f"{run.path}: this run already finished; start a new one")
         tree = read_toml(saved, "saved run config", AggregatorError)
         config = apply_overrides(parse_config(tree, str(saved)), parsed)

@@ -41,12 +41,14 @@ def _follow(run, idle: float) -> None:
     """Waits for the run's end, as long as its run directory keeps being written within `idle` seconds."""
     import time
 
+    from fedpriv.common.run_events import RoundEnd
+
     seen, last, shown = None, time.monotonic(), None
-    while not run.events("run-end") and time.monotonic() - last < idle:
+    while not run.finished() and time.monotonic() - last < idle:
         stamp = run.metrics_path.stat().st_mtime_ns if run.metrics_path.exists() else None
         if stamp != seen:
             seen, last = stamp, time.monotonic()
-            done = [e.get("round") for e in run.events("round-end")]
+            done = [e.round for e in run.read(RoundEnd)]
             if done and done[-1] != shown:
                 shown = done[-1]
                 _log(f"round {shown} done")
@@ -218,12 +220,12 @@ def aggregator_run(
     _log(f"run directory {cfg.run_dir}")
     code = aggregator.submit(cfg, app_dir)
     run = RunDirectory(cfg.run_dir)
-    if code == 0 and not run.events("run-end"):
+    if code == 0 and not run.finished():
         # Flower's log stream can end while the run goes on (seen under load):
         # the run directory says when it is really over.
         _log("the log stream ended before the run did; following its run directory")
         _follow(run, idle=cfg.strategy.round_timeout + 120)
-    if code == 0 and run.events("run-end"):
+    if code == 0 and run.finished():
         print_summary(run, console)
         raise typer.Exit(0)
     err.print(

@@ -11,7 +11,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.run_events import RunEnd, RunStart
+from fedpriv.common.rundir import RunDirectory, append_jsonl
 
 app = ServerApp()
 
@@ -20,6 +21,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = FedprivConfig.from_run_config(context.run_config)
     run = RunDirectory.create(config.run_dir)
-    run.log("run-start", run_id=context.run_id, rounds=0, labels=0)
-    run.log("census", nodes=sorted(str(node) for node in grid.get_node_ids()))
-    run.log("run-end", seconds=0.0, model="")
+    run.log(RunStart(run_id=context.run_id, rounds=0, labels=0))
+    # Not one of fedpriv's events: written as a raw line, which readers of other kinds skip.
+    append_jsonl(run.metrics_path, {"kind": "census", "nodes": sorted(str(node) for node in grid.get_node_ids())})
+    run.log(RunEnd(seconds=0.0, model=""))
