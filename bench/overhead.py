@@ -27,6 +27,7 @@ from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_dataset
 from fedpriv.common.model import build_model, label_name_state
+from fedpriv.common.privacy_plan import plan_for
 
 SIGMA, CLIP = 1.0, 1.0
 
@@ -39,7 +40,8 @@ def centralized(config: FedprivConfig, rows: int, batch: int, steps: int) -> dic
     loaded = time.perf_counter()
     data = load_dataset(config.data.path, labels, "text", "category")
     prepared = bundle.prepare(data)
-    optimizer, lr = config.optimizer_settings()
+    plan = plan_for(config)
+    optimizer, lr = plan.optimizer, plan.learning_rate
     plan = LocalPlan(steps=steps, sample_rate=batch / rows, optimizer=optimizer, learning_rate=lr)
     train_local(bundle, prepared, plan, dp=DpSettings(SIGMA, CLIP, normaliser=batch), seed=0)
     done = time.perf_counter()

@@ -15,10 +15,11 @@ from fedpriv.client import secure_aggregation
 from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.release import Made, Proposal, Withheld, release
 from fedpriv.client.runtime import WORKER
-from fedpriv.client.site import clear_evaluation_mechanism, evaluation_mechanism, local_plan, noise_multiplier
+from fedpriv.client.site import clear_evaluation_mechanism, local_plan
 from fedpriv.client.training import DpSettings, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
+from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.progress import ProgressWriter
 from fedpriv.common.protocol import (
     ACCURACY,
@@ -69,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy = config.privacy
     dp = None
     if privacy.enabled:
-        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(plan.sample_rate))
+        dp = DpSettings(plan_for(config).noise_multiplier, privacy.max_grad_norm, site.normaliser())
     planned = site.update_mechanism(dp, plan.sample_rate, plan.steps) if dp else None
     proposal = Proposal("update", planned, mode=config.model.mode)
 
@@ -145,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         log.warning("%s round %d: refused: %s", site.name, instruction.server_round, reason)
         return withheld_reply(msg, site.name, Withheld(REFUSED, reason, {NUM_EXAMPLES: 0, SITE_WEIGHT: 0}))
     noised = privacy.enabled and privacy.evaluation == "noised"
-    planned = evaluation_mechanism(config, len(site.validation)) if noised else None
+    planned = plan_for(config).evaluation_mechanism(len(site.validation)) if noised else None
 
     def compute() -> Made:
         bundle.set_state(instruction.state())

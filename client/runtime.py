@@ -30,6 +30,7 @@ from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model import ModelBundle, Prepared, build_model
 from fedpriv.common.node_config import AUDIT_FAULT, DECLARED_ROWS, audit_fault_divisor
 from fedpriv.common.partition import split_for
+from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.records import DistributedNoise, Mechanism, data_sha256
 from fedpriv.common.resources import resolve_path
 from fedpriv.common.site_policy import SitePolicy
@@ -67,13 +68,9 @@ class SiteRuntime:
         """Opened at the first train message: one ledger, its key read once."""
         return open_budget(self.node_config, self.config, self.run_id, self.name, self.simulated, self.data_id)
 
-    def normaliser(self, sample_rate: float) -> float:
-        """The public constant a noisy gradient sum is divided by: sample rate x declared rows.
-
-        Opacus would divide by sample rate x the true row count, which differs
-        between neighbouring datasets and so leaks (opacus#571, #819).
-        """
-        return sample_rate * self.public_rows()
+    def normaliser(self) -> float:
+        """The public constant this site's noisy gradient sum is divided by (`PrivacyPlan.site_normaliser`)."""
+        return plan_for(self.config).site_normaliser(self.public_rows())
 
     def public_rows(self) -> int:
         if self.declared_rows is None:

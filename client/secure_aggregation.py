@@ -34,12 +34,12 @@ from fedpriv.client.audit_fault import noise_actually_added
 from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, noisy_share
 from fedpriv.client.release import Made, Proposal, Withheld, check, release
 from fedpriv.client.runtime import SiteRuntime
-from fedpriv.client.site import local_plan, noise_multiplier
+from fedpriv.client.site import local_plan
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import calibrate_noise
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.node_config import PEER_KEYS
+from fedpriv.common.privacy_plan import ENCODING_BOUND, ENCODING_SCALE, plan_for
 from fedpriv.common.protocol import (
     DELTA,
     EPSILON,
@@ -77,8 +77,8 @@ LAST_ROUND = "fedpriv-secagg-round"  # the last round masked in the run, kept wh
 
 
 def encoding(config: FedprivConfig) -> tuple[float, int]:
-    """(scale, bound) of the fixed-point encoding: a grid of 2^-20, values up to 2^20 in size."""
-    return 2.0**20, 2**40
+    """(scale, bound) of the fixed-point encoding (the privacy plan's)."""
+    return ENCODING_SCALE, ENCODING_BOUND
 
 
 def pinned_keys(site: SiteRuntime, config: FedprivConfig) -> dict[str, str]:
@@ -215,7 +215,7 @@ def _release_plan(config: FedprivConfig, site: SiteRuntime, secagg: SecAggConfig
         length = secagg.length
         # The share is sized by the round's t, which the policy check holds to at least the site's own.
         share = NoiseShare(
-            noise_multiplier=distributed_noise_multiplier(config, length),
+            noise_multiplier=plan_for(config).distributed_noise_multiplier(length),
             max_grad_norm=privacy.max_grad_norm,
             cohort=len(secagg.sites),
             max_colluding=secagg.max_colluding,
@@ -237,7 +237,7 @@ def _release_plan(config: FedprivConfig, site: SiteRuntime, secagg: SecAggConfig
     plan = local_plan(config)
     dp = None
     if privacy.enabled:
-        dp = DpSettings(noise_multiplier(config), privacy.max_grad_norm, site.normaliser(plan.sample_rate))
+        dp = DpSettings(plan_for(config).noise_multiplier, privacy.max_grad_norm, site.normaliser())
     planned = site.update_mechanism(dp, plan.sample_rate, plan.steps) if dp else None
     return _ReleasePlan(Proposal("update", planned, **common), plan.sample_rate, plan.steps, dp, plan=plan)
 
@@ -334,14 +334,3 @@ def _mask(
     metrics = {**outcome.metrics, EPSILON: outcome.epsilon, EPSILON_CAP: budget.cap, DELTA: budget.delta}
     masked, sealed = outcome.payload
     return StageReply(site.name, sealed, masked=masked, metrics=metrics, entry=outcome.entry).to_content()
-
-
-def distributed_noise_multiplier(config: FedprivConfig, length: int) -> float:
-    """sigma of the sum: given, or just enough that the accounted sigma meets the target epsilon after
-    `rounds` steps at the sample rate (the grid's rounding slightly raises the sensitivity, so sigma too)."""
-    p = config.privacy
-    if p.noise_multiplier > 0:
-        return p.noise_multiplier
-    sigma = calibrate_noise(p.target_epsilon, p.delta, config.train.sample_rate, config.rounds, p.accountant)
-    scale, _ = encoding(config)
-    return sigma * (p.max_grad_norm + math.sqrt(length) / scale) / p.max_grad_norm

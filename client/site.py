@@ -21,7 +21,6 @@ from typing import Any
 from fedpriv.client.budget import SiteBudget
 from fedpriv.client.training import LocalPlan
 from fedpriv.common import signing
-from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
 from fedpriv.common.ledger import Ledger
@@ -39,6 +38,7 @@ from fedpriv.common.node_config import (
     SITE_NAME,
     TEXT_COLUMN,
 )
+from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.records import Mechanism
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.site_policy import SitePolicy
@@ -88,48 +88,18 @@ def is_simulated(node: Mapping[str, Any]) -> bool:
     return node.get(SIMULATED) is True
 
 
-def noise_multiplier(config: FedprivConfig) -> float:
-    """The plan's noise: given, or just enough for the target epsilon after all rounds and planned evaluations."""
-    p = config.privacy
-    if p.noise_multiplier > 0:
-        return p.noise_multiplier
-    steps = steps_per_round(config.train.local_epochs, config.train.sample_rate) * config.rounds
-    return calibrate_noise(
-        p.target_epsilon, p.delta, config.train.sample_rate, steps, p.accountant, planned_evaluations(config)
-    )
-
-
 def local_plan(config: FedprivConfig, proximal_mu: float = 0.0) -> LocalPlan:
-    """The local training a round's settings ask for."""
-    optimizer, learning_rate = config.optimizer_settings()
+    """The local training a round's settings ask for (its steps, rate and learning rate: the privacy plan's)."""
+    plan = plan_for(config)
     return LocalPlan(
-        steps=steps_per_round(config.train.local_epochs, config.train.sample_rate),
-        sample_rate=config.train.sample_rate,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
+        steps=plan.local_steps,
+        sample_rate=plan.sample_rate,
+        optimizer=plan.optimizer,
+        learning_rate=plan.learning_rate,
         momentum=config.train.momentum,
         weight_decay=config.train.weight_decay,
         max_physical_batch=config.train.max_physical_batch,
         proximal_mu=proximal_mu,
-    )
-
-
-def evaluation_mechanism(config: FedprivConfig, rows: int) -> Mechanism:
-    """One noised evaluation: Gaussian noise of std `evaluation-noise` on the correct and the total count.
-
-    Adding or removing one row moves each count by at most 1, so the pair's
-    L2 sensitivity is sqrt(2): the release is a Gaussian mechanism with
-    noise multiplier std / sqrt(2).
-    """
-    sensitivity = math.sqrt(2)
-    return Mechanism(
-        kind="gaussian",
-        noise_multiplier=config.privacy.evaluation_noise / sensitivity,
-        sample_rate=1.0,
-        steps=1,
-        max_grad_norm=sensitivity,
-        dataset_size=rows,
-        query="evaluation",
     )
 
 
@@ -144,14 +114,6 @@ def clear_evaluation_mechanism(rows: int) -> Mechanism:
         dataset_size=rows,
         query="evaluation",
     )
-
-
-def planned_evaluations(config: FedprivConfig) -> tuple:
-    """The evaluation releases a private run plans, as accounting events (none unless noised)."""
-    if not config.privacy.enabled or config.privacy.evaluation != "noised":
-        return ()
-    event = dp_event(evaluation_mechanism(config, 0))
-    return tuple(event for _ in config.federated_evaluation_rounds())
 
 
 def simulation_dir(config: FedprivConfig, run_id: int) -> RunDirectory:

@@ -259,14 +259,6 @@ def _parse_caps(text: str) -> dict[str, float]:
     return caps
 
 
-# Tuned per mode (bench/README.md): plain SGD suits the DP linear head on
-# normalised features; adapters and full fine-tuning need Adam's per-weight scale.
-_MODE_OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("adamw", 5e-5)}
-# Distributed noise: the aggregator steps along the federation's average over a batch ten times a
-# site's, so each step is less noisy and takes a larger rate (Banking77: 91.3% at 40 vs 89.7% at 20).
-_DISTRIBUTED_RATES = {"head": 40.0}
-
-
 # Bounds of a plan every part can carry out: beyond them a run stalls in accounting or
 # training long before it would end (10^12 rounds), so they are refused up front.
 MAX_ROUNDS = 100_000
@@ -362,15 +354,6 @@ class FedprivConfig(_Section):
             return []
         every = self.strategy.evaluate_every
         return [r for r in range(1, self.rounds + 1) if r % every == 0 or r == self.rounds]
-
-    def optimizer_settings(self) -> tuple[str, float]:
-        """The optimizer and learning rate to use, with 'auto'/0 resolved per mode (and noise)."""
-        name, rate = _MODE_OPTIMIZERS[self.model.mode]
-        if self.privacy.enabled and self.privacy.noise == "distributed":
-            rate = _DISTRIBUTED_RATES.get(self.model.mode, rate)
-        if self.train.optimizer != "auto":
-            name = self.train.optimizer
-        return name, self.train.learning_rate or rate
 
     # -- Flower run config -------------------------------------------------
 

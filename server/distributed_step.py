@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 from fedpriv.common.config import FedprivConfig
+from fedpriv.common.privacy_plan import plan_for
 
 PREFIX = "server-optimizer"
 
 
 class ServerOptimizer:
     def __init__(self, config: FedprivConfig, names: list[str]):
-        name, learning_rate = config.optimizer_settings()
+        plan = plan_for(config)
+        name, learning_rate = plan.optimizer, plan.learning_rate
         self.names = list(names)
         self._params: list[torch.Tensor] | None = None
         self._make = lambda params: _optimizer(name, params, learning_rate, config)
@@ -83,9 +85,3 @@ def _optimizer(name: str, params, learning_rate: float, config: FedprivConfig) -
     if name == "adam":
         return torch.optim.Adam(params, lr=learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=t.weight_decay)
-
-
-def normaliser(config: FedprivConfig, rows: int) -> float:
-    """The public expected batch of the federation: set, or sample rate x rows of the simulation's public dataset."""
-    given = config.privacy.distributed_batch
-    return given if given > 0 else config.train.sample_rate * rows

@@ -24,6 +24,7 @@ from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.protocol import EPSILON, OK, REFUSED, EvaluateReply, ProtocolError, from_record, sender, to_record
 from fedpriv.common.records import PrivacyRecord, SiteExhausted, state_sha256
 from fedpriv.common.run_events import (
@@ -47,7 +48,7 @@ from fedpriv.common.run_events import (
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
-from fedpriv.server.distributed_step import ServerOptimizer, normaliser
+from fedpriv.server.distributed_step import ServerOptimizer
 from fedpriv.server.exchange import exchange
 from fedpriv.server.global_model import GlobalModel
 from fedpriv.server.ledger_heads import ReleaseHeads
@@ -109,7 +110,9 @@ class Federation:
         self.server_optimizer = (
             ServerOptimizer(config, model.bundle.trainable_names) if p.noise == "distributed" else None
         )
-        self.normaliser = normaliser(config, model.training_rows()) if p.noise == "distributed" else 1.0
+        self.normaliser = (
+            plan_for(config).federation_normaliser(model.training_rows) if p.noise == "distributed" else 1.0
+        )
         self.evaluation_rounds = set(config.federated_evaluation_rounds())
         self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))

@@ -13,13 +13,13 @@ from rich.table import Table
 from fedpriv.audit.auditor import audit
 from fedpriv.audit.render import console_report, html_report
 from fedpriv.common import signing, site_names
-from fedpriv.common.accounting import steps_per_round
 from fedpriv.common.config import ConfigError, FedprivConfig, parse_config
 from fedpriv.common.data import LabelSet, load_configured, read_column
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
+from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.report import print_summary, write_plots
 from fedpriv.common.resources import check_model
 from fedpriv.common.run_events import RoundEnd, RunFailed
@@ -168,8 +168,7 @@ def _simulate(
     provision_simulated_keys(run, site_names)
     app_dir = write_app_dir(run.flower_app, config)
     # Distributed noise: each round is one step of DP-SGD over the pooled data.
-    distributed = privacy.enabled and privacy.noise == "distributed"
-    steps = 1 if distributed else steps_per_round(config.train.local_epochs, config.train.sample_rate)
+    steps = plan_for(config).steps_per_round
     started = time.time()
     try:
         with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):

@@ -121,15 +121,21 @@ def test_override_values_are_typed():
 
 
 def test_mode_picks_tuned_optimizer_unless_set():
-    assert FedprivConfig().optimizer_settings() == ("sgd", 20.0)
+    from fedpriv.common.privacy_plan import plan_for
+
+    def optimizer(config):
+        plan = plan_for(config)
+        return plan.optimizer, plan.learning_rate
+
+    assert optimizer(FedprivConfig()) == ("sgd", 20.0)
     lora = FedprivConfig().replace(**{"model.mode": "lora"})
-    assert lora.optimizer_settings()[0] == "adamw"
+    assert optimizer(lora)[0] == "adamw"
     custom = lora.replace(**{"train.optimizer": "sgd", "train.learning-rate": 0.5})
-    assert custom.optimizer_settings() == ("sgd", 0.5)
+    assert optimizer(custom) == ("sgd", 0.5)
     distributed = load_config(preset="distributed")
-    assert distributed.optimizer_settings() == ("sgd", 40.0)  # the aggregator's step on a federation-wide batch
-    assert distributed.replace(**{"model.mode": "lora"}).optimizer_settings() == ("adamw", 2e-3)
-    assert distributed.replace(**{"train.learning-rate": 20.0}).optimizer_settings() == ("sgd", 20.0)
+    assert optimizer(distributed) == ("sgd", 40.0)  # the aggregator's step on a federation-wide batch
+    assert optimizer(distributed.replace(**{"model.mode": "lora"})) == ("adamw", 2e-3)
+    assert optimizer(distributed.replace(**{"train.learning-rate": 20.0})) == ("sgd", 20.0)
 
 
 def test_a_preset_is_a_starting_point_that_a_file_and_overrides_refine(tmp_path):

@@ -124,11 +124,11 @@ def test_a_deployed_site_is_normalised_and_weighed_by_its_declared_size_never_it
         data = write_csv(tmp_path / f"site-{rows}.csv", easy_rows(rows, seed=3))
         node = {"data-path": str(data), "site-name": "north", "declared-rows": 1000}
         site = worker.site(context(tiny_config, node), tiny_config)
-        normalisers.append((site.normaliser(0.1), site.public_rows()))
-    assert normalisers == [(100.0, 1000), (100.0, 1000)]
+        normalisers.append((site.normaliser(), site.public_rows()))
+    assert normalisers == [(500.0, 1000), (500.0, 1000)]  # sample rate 0.5 x declared rows
 
     undeclared = worker.site(context(tiny_config, {"data-path": str(data), "site-name": "north"}), tiny_config)
     with pytest.raises(DataError, match="declared-rows"):
-        undeclared.normaliser(0.1)
+        undeclared.normaliser()
     with pytest.raises(DataError, match="declared-rows must be a positive whole number"):
         worker.site(context(tiny_config, {"data-path": str(data), "declared-rows": "many"}), tiny_config)

@@ -78,9 +78,8 @@ def test_distributed_dp_records_its_noise_share_audits_and_learns(tiny_config):
 
 @pytest.mark.slow
 def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys_leave_it_out(tiny_config):
-    from fedpriv.client.site import noise_multiplier  # noqa: F401 (the local plan's noise)
-    from fedpriv.client.site import noise_multiplier as sigma_of
-    from fedpriv.common.accounting import epsilon, poisson_gaussian, steps_per_round
+    from fedpriv.common.accounting import epsilon, poisson_gaussian
+    from fedpriv.common.privacy_plan import plan_for
 
     config = tiny_config.replace(
         **{
@@ -91,9 +90,8 @@ def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys
             "strategy.min-sites": 4,
         }
     )
-    step = poisson_gaussian(
-        sigma_of(config), config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
-    )
+    plan = plan_for(config)  # the local plan's noise
+    step = poisson_gaussian(plan.noise_multiplier, plan.sample_rate, plan.local_steps)
     one_round = epsilon([step], config.privacy.delta, config.privacy.accountant)
     # site-003 can afford one round. Round 2 runs on round 1's keys: its budget check refuses at the mask
     # stage, before anything is computed, while the others mask with it; it counts as dropped and its masks

@@ -131,14 +131,12 @@ def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_pa
 
 @pytest.mark.slow
 def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
-    from fedpriv.client.site import noise_multiplier
-    from fedpriv.common.accounting import epsilon, poisson_gaussian, steps_per_round
+    from fedpriv.common.accounting import epsilon, poisson_gaussian
+    from fedpriv.common.privacy_plan import plan_for
 
     config = tiny_config.replace(**{"rounds": 4})
-    sigma = noise_multiplier(config)
-    step = poisson_gaussian(
-        sigma, config.train.sample_rate, steps_per_round(config.train.local_epochs, config.train.sample_rate)
-    )
+    plan = plan_for(config)
+    step = poisson_gaussian(plan.noise_multiplier, plan.sample_rate, plan.local_steps)
     after = [epsilon([step] * n, config.privacy.delta, config.privacy.accountant) for n in (1, 2)]
     # site-000 can afford one round, the others two; nobody can afford a third.
     caps = f"site-000={after[0] * 1.01:.6f},site-001={after[1] * 1.01:.6f},site-002={after[1] * 1.01:.6f}"
