@@ -168,7 +168,13 @@ class WorkerRuntime:
         source = data_source(node, node_id, config)
         if isinstance(source, DeployedSource):
             dataset = load_dataset(
-                source.path, labels, source.text_column, source.label_column, data.min_rows, source.delimiter
+                source.path,
+                labels,
+                source.format.text_column,
+                source.format.label_column,
+                source.format.min_rows,
+                source.format.delimiter,
+                source.format.max_chars,
             )
             name, partition = source.name, None
         else:

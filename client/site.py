@@ -26,22 +26,20 @@ from fedpriv.common.data import DataError
 from fedpriv.common.ledger import Ledger
 from fedpriv.common.node_config import (
     DATA_PATH,
-    DELIMITER,
     DELTA,
     EPSILON_CAP,
-    LABEL_COLUMN,
     LEDGER_KEY,
     LEDGER_PATH,
     NUM_PARTITIONS,
     PARTITION_ID,
     SIMULATED,
     SITE_NAME,
-    TEXT_COLUMN,
 )
 from fedpriv.common.privacy_plan import plan_for
 from fedpriv.common.records import Mechanism
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.common.site_policy import SitePolicy
+from fedpriv.common.site_settings import DataFormat
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,7 @@ class DeployedSource:
 
     path: Path
     name: str
-    text_column: str
-    label_column: str
-    delimiter: str = ""
+    format: DataFormat  # its operator's (node config); a key it lacks falls back to the run's settings
 
 
 @dataclass(frozen=True)
@@ -69,9 +65,7 @@ def data_source(node: Mapping[str, Any], node_id: int, config: FedprivConfig) ->
         return DeployedSource(
             path=Path(str(node[DATA_PATH])).expanduser(),
             name=str(node.get(SITE_NAME, f"node-{node_id}")),
-            text_column=str(node.get(TEXT_COLUMN, data.text_column)),
-            label_column=str(node.get(LABEL_COLUMN, data.label_column)),
-            delimiter=str(node.get(DELIMITER, data.delimiter)),
+            format=DataFormat.from_settings(node, fallback=data),
         )
     if is_simulated(node):
         if PARTITION_ID not in node:

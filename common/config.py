@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedpriv.common import files
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.schema import FrozenKebabModel, kebab
+from fedpriv.common.site_settings import DataFormat, Delta
 
 
 class ConfigError(FedprivError, ValueError):
@@ -31,7 +32,12 @@ class _Section(FrozenKebabModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
-class DataConfig(_Section):
+class DataConfig(DataFormat):
+    """The run's data; its table format (text-column ... max-chars) is a site's own (`site_settings.DataFormat`):
+    a simulation's sites read it from here, a deployed site from its own kit."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
     path: str = Field(
         "builtin:banking77/train.csv",
         description="Dataset split into sites by the simulation (a site agent reads its own file instead).",
@@ -40,13 +46,6 @@ class DataConfig(_Section):
         "builtin:banking77/test.csv",
         description="Test set held by the aggregator for central evaluation; empty for none.",
     )
-    text_column: str = Field("text", description="Column holding the text.")
-    label_column: str = Field("category", description="Column holding the label name.")
-    delimiter: str = Field(
-        "",
-        max_length=1,
-        description="Column delimiter of a delimited text file; empty: by extension (.csv comma, .tsv/.txt tab).",
-    )
     labels: str = Field(
         "builtin:banking77/categories.json",
         description="The federation's fixed label set: a .json list or .txt file (one label per line), or an inline JSON list.",
@@ -54,15 +53,7 @@ class DataConfig(_Section):
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of each site's rows kept for federated evaluation."
     )
-    min_rows: int = Field(10, ge=1, description="A site with fewer usable rows is refused.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text after truncation.")
-    max_chars: int = Field(
-        20_000,
-        ge=100,
-        le=10_000_000,
-        description="Characters read of each text; a longer one is cut (with a warning naming the file and row) "
-        "before tokenizing, which would otherwise hold the whole text in memory.",
-    )
 
 
 class ModelConfig(_Section):
@@ -111,7 +102,7 @@ class TrainConfig(_Section):
 class PrivacyConfig(_Section):
     enabled: bool = Field(True, description="false trains without DP (a non-private baseline).")
     target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="Each site's epsilon after all planned rounds.")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="Each site's delta; keep it below 1/rows.")
+    delta: Delta = 1e-5
     noise_multiplier: float = Field(
         0.0, ge=0.0, le=1000.0, description="0 derives it from target-epsilon over the planned rounds."
     )

@@ -108,7 +108,13 @@ class Agent:
         self.kit = self.kit.model_copy(update={"data": d})
         label_set = LabelSet.load(labels or d.labels)
         return load_dataset(
-            Path(data).expanduser().resolve(), label_set, d.text_column, d.label_column, d.min_rows, d.delimiter
+            Path(data).expanduser().resolve(),
+            label_set,
+            d.text_column,
+            d.label_column,
+            d.min_rows,
+            d.delimiter,
+            d.max_chars,
         )
 
     def node_config(
@@ -121,11 +127,9 @@ class Agent:
             keys.LEDGER_KEY: str(self.kit_dir / KIT_LEDGER_KEY),
             keys.EPSILON_CAP: float(self.kit.epsilon_cap),
             keys.DELTA: float(self.kit.delta),
-            keys.TEXT_COLUMN: self.kit.data.text_column,
-            keys.LABEL_COLUMN: self.kit.data.label_column,
+            # How the site reads its table: its kit's, whatever a run's settings say.
+            **self.kit.data.format_settings(),
         }
-        if self.kit.data.delimiter:
-            values[keys.DELIMITER] = self.kit.data.delimiter
         if (self.kit_dir / KIT_PUBLIC_KEYS).exists():
             values[keys.PEER_KEYS] = str(self.kit_dir / KIT_PUBLIC_KEYS)
         # The site's own policy: what it refuses, whatever a run asks.

@@ -22,6 +22,7 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml
 from fedpriv.common.schema import KebabModel
 from fedpriv.common.site_policy import SitePolicy
+from fedpriv.common.site_settings import DataFormat, DeclaredRows, Delta, EpsilonCap
 
 KIT_CONFIG = "kit.toml"
 CA_CERT = "ca.crt"
@@ -47,12 +48,10 @@ def check_site_name(name: str) -> str:
         raise KitError(str(error)) from None
 
 
-class KitData(KebabModel):
+class KitData(DataFormat):
+    """The federation's labels and how this site reads its table (its own: the agent hands it to the ClientApp)."""
+
     labels: str = Field(description="The federation's label set as an inline JSON list.")
-    text_column: str = "text"
-    label_column: str = "category"
-    delimiter: str = Field("", max_length=1)
-    min_rows: int = Field(10, ge=1)
 
 
 class SiteKit(KebabModel):
@@ -60,13 +59,9 @@ class SiteKit(KebabModel):
     federation: str
     site: str
     superlink: str = Field(description="The aggregator's Fleet API address, HOST:PORT.")
-    epsilon_cap: float = Field(gt=0)
-    delta: float = Field(gt=0, lt=1)
-    declared_rows: int | None = Field(
-        None,
-        gt=0,
-        description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
-    )
+    epsilon_cap: EpsilonCap
+    delta: Delta
+    declared_rows: DeclaredRows | None = None
     # Kits written before policies existed read as the (strict) defaults.
     policy: SitePolicy = SitePolicy()
     data: KitData

@@ -33,6 +33,7 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.schema import KebabModel
 from fedpriv.common.site_policy import SitePolicy
+from fedpriv.common.site_settings import DataFormat, DeclaredRows, Delta, EpsilonCap
 from fedpriv.deploy import pki
 from fedpriv.deploy.kit import (
     AGGREGATOR,
@@ -73,30 +74,24 @@ class AggregatorSpec(KebabModel):
     control_listen: str = "127.0.0.1:9093"
 
 
-class DataSpec(KebabModel):
+class DataSpec(DataFormat):
+    """The federation's labels and the table format every site's kit starts from."""
+
     labels: str | list[str]
-    text_column: str = "text"
-    label_column: str = "category"
-    delimiter: str = Field("", max_length=1)
-    min_rows: int = Field(10, ge=1)
 
 
 class SiteDefaults(KebabModel):
-    epsilon_cap: float = Field(8.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    declared_rows: int | None = Field(
-        None,
-        gt=0,
-        description="The site's public size (a round figure it may publish): DP updates are divided by sample rate x this, never by the true row count.",
-    )
+    epsilon_cap: EpsilonCap = 8.0
+    delta: Delta = 1e-5
+    declared_rows: DeclaredRows | None = None
     policy: SitePolicy = Field(SitePolicy(), description="Each site's own privacy policy (what it refuses).")
 
 
 class SiteSpec(KebabModel):
     name: str
-    epsilon_cap: float | None = Field(None, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1)
-    declared_rows: int | None = Field(None, gt=0)
+    epsilon_cap: EpsilonCap | None = None
+    delta: Delta | None = None
+    declared_rows: DeclaredRows | None = None
     policy: dict = Field(default_factory=dict, description="Changes to site-defaults.policy for this site.")
 
     @field_validator("name")
@@ -287,13 +282,7 @@ def _site(
         delta=site.delta or federation.site_defaults.delta,
         declared_rows=site.declared_rows or federation.site_defaults.declared_rows,
         policy=site_policy(federation, site),
-        data=KitData(
-            labels=federation.data.labels,
-            text_column=federation.data.text_column,
-            label_column=federation.data.label_column,
-            delimiter=federation.data.delimiter,
-            min_rows=federation.data.min_rows,
-        ),
+        data=KitData(labels=federation.data.labels, **federation.data.format_settings()),
     )
     _write_derived(
         kit / KIT_CONFIG, HEADER + tomli_w.dumps(config.model_dump(by_alias=True, exclude_none=True)), report
@@ -316,10 +305,8 @@ def _run_defaults(federation: FederationSpec) -> dict:
     run = json.loads(json.dumps(federation.run))
     data = run.setdefault("data", {})
     data.setdefault("labels", federation.data.labels)
-    data.setdefault("text-column", federation.data.text_column)
-    data.setdefault("label-column", federation.data.label_column)
-    data.setdefault("delimiter", federation.data.delimiter)
-    data.setdefault("min-rows", federation.data.min_rows)
+    for key, value in federation.data.format_settings().items():
+        data.setdefault(key, value)
     data.setdefault("test-path", "")
     try:
         FedprivConfig.model_validate(run)
