@@ -20,9 +20,9 @@ from typing import Any
 
 from fedpriv.audit.completeness import Completeness, SiteView, check_run, is_run_directory, run_evidence
 from fedpriv.audit.recompute import cumulative_epsilons
-from fedpriv.common import signing
-from fedpriv.common.ledger import Problem, verify_entry, verify_ledger
-from fedpriv.common.records import BudgetReset, LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Problem, verify_entry, verify_ledger
+from fedpriv.common.privacy.records import BudgetReset, LedgerEntry, PrivacyRecord, SiteExhausted, SiteReleaseReceipt
 from fedpriv.common.rundir import PUBLIC_KEYS, RunDirectory
 
 TOLERANCE = 0.01  # relative difference between a claim and its recomputation

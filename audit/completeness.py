@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpriv.common.ledger import Problem
-from fedpriv.common.records import LedgerEntry, LedgerHead, SiteReleaseReceipt
+from fedpriv.common.privacy.ledger import Problem
+from fedpriv.common.privacy.records import LedgerEntry, LedgerHead, SiteReleaseReceipt
 from fedpriv.common.run_events import LedgerKey, RoundEnd, RunEnd, SiteBudgetExhausted, SiteEvaluate, SiteTrain
 from fedpriv.common.rundir import CHECKPOINTS, FEDERATION_LEDGER, METRICS, RunDirectory
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedpriv.common.accounting import cumulative, dp_event
-from fedpriv.common.records import Mechanism
+from fedpriv.common.privacy.accounting import cumulative, dp_event
+from fedpriv.common.privacy.records import Mechanism
 
 KINDS = ("pld", "rdp")
 

@@ -13,8 +13,8 @@ from _util import save, table
 
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
-from fedpriv.common.model import build_model
-from fedpriv.common.protocol import to_record
+from fedpriv.common.model.bundle import build_model
+from fedpriv.common.wire.protocol import to_record
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from _util import median, save, table
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_dataset
-from fedpriv.common.model import build_model, label_name_state
+from fedpriv.common.model.bundle import build_model, label_name_state
 
 STEPS = {"head": 200, "lora": 12, "full": 8}
 OPTIMIZERS = {"head": ("sgd", 20.0), "lora": ("adamw", 2e-3), "full": ("adamw", 5e-5)}

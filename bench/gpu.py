@@ -22,7 +22,7 @@ from _util import median, save, table
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, TextDataset
-from fedpriv.common.model import build_model, default_device
+from fedpriv.common.model.bundle import build_model, default_device
 
 
 def matmul_flops(device: torch.device, dtype=torch.float32, n: int = 4096, repeats: int = 10) -> float:

@@ -26,8 +26,8 @@ from _util import median, save, table
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_dataset
-from fedpriv.common.model import build_model, label_name_state
-from fedpriv.common.privacy_plan import plan_for
+from fedpriv.common.model.bundle import build_model, label_name_state
+from fedpriv.common.privacy.plan import plan_for
 
 SIGMA, CLIP = 1.0, 1.0
 

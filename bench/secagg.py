@@ -1,6 +1,6 @@
 """Secure aggregation against plain aggregation: time, CPU, bytes and message exchanges of a round.
 
-Runs the real protocol (fedpriv.common.secagg: X25519, HKDF, ChaCha20 masks,
+Runs the real protocol (fedpriv.common.wire.secagg: X25519, HKDF, ChaCha20 masks,
 Shamir shares, ChaCha20-Poly1305) for every site and the aggregator in one
 process, side by side with a plain float32 sum of the same vectors, for the
 head (~30k numbers) and LoRA (~100k) at 10 and 50 sites, with and without one
@@ -23,8 +23,8 @@ import numpy as np
 from _util import median, save, table
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpriv.common import signing
-from fedpriv.common.secagg import AggregatorSession, SecAggConfig, SiteSession, default_threshold
+from fedpriv.common.privacy import signing
+from fedpriv.common.wire.secagg import AggregatorSession, SecAggConfig, SiteSession, default_threshold
 
 SIZES = {"head": 30_000, "lora": 100_000}
 SITES = (10, 50)

@@ -13,15 +13,16 @@ from flwr.clientapp import ClientApp
 
 from fedpriv.client import secure_aggregation
 from fedpriv.client.audit_fault import noise_actually_added
+from fedpriv.client.progress import ProgressWriter
 from fedpriv.client.release import Made, Proposal, Withheld, release
 from fedpriv.client.runtime import WORKER
 from fedpriv.client.site import clear_evaluation_mechanism, local_plan
 from fedpriv.client.training import DpSettings, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
-from fedpriv.common.privacy_plan import plan_for
-from fedpriv.common.progress import ProgressWriter
-from fedpriv.common.protocol import (
+from fedpriv.common.privacy.plan import plan_for
+from fedpriv.common.privacy.records import canonical_json, state_sha256
+from fedpriv.common.wire.protocol import (
     ACCURACY,
     DELTA,
     EPSILON,
@@ -42,12 +43,9 @@ from fedpriv.common.protocol import (
     TrainReply,
     withheld_content,
 )
-from fedpriv.common.records import canonical_json, state_sha256
-from fedpriv.common.secure_protocol import MASK, QUERY_STAGES
+from fedpriv.common.wire.secure_protocol import MASK, QUERY_STAGES
 
 log = logging.getLogger(CLIENT_LOG)
-
-app = ClientApp()
 
 
 def _setup(context: Context):
@@ -61,7 +59,6 @@ def withheld_reply(msg: Message, site_name: str, outcome: Withheld) -> Message:
     return Message(content=withheld_content(site_name, outcome.status, outcome.reason, outcome.metrics), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
     instruction = Instruction.from_message(msg)
@@ -130,12 +127,6 @@ def _secure_stage(msg: Message, context: Context) -> Message:
     return secure_aggregation.handle(msg, context, config, site)
 
 
-for _stage in QUERY_STAGES:
-    app.query(_stage)(_secure_stage)
-app.train(MASK)(_secure_stage)
-
-
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, bundle, site = _setup(context)
     privacy = config.privacy
@@ -188,3 +179,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _digest(released: list) -> str:
     return hashlib.sha256(canonical_json(released)).hexdigest()
+
+
+def register(app: ClientApp) -> ClientApp:
+    """Puts the site's handlers on `app`: this site's ClientApp below, or the one Flower's simulation runs."""
+    app.train()(train)
+    app.train(MASK)(_secure_stage)
+    for stage in QUERY_STAGES:
+        app.query(stage)(_secure_stage)
+    app.evaluate()(evaluate)
+    return app
+
+
+# The ClientApp of a site: the only one a deployed site's worker runs (flower_app.CLIENT_APP).
+app = register(ClientApp())

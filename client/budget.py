@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import dp_accounting as dpa
 
-from fedpriv.common.accounting import dp_event, epsilon, library, prefetch
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import Accounting, BudgetReset, LedgerEntry, Mechanism, PrivacyRecord, now
+from fedpriv.common.privacy.accounting import dp_event, epsilon, library, prefetch
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import Accounting, BudgetReset, LedgerEntry, Mechanism, PrivacyRecord, now
 
 
 class BudgetResetError(FedprivError):

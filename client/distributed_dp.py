@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedpriv.client.training import DpSettings, StepCounter, private_training
-from fedpriv.common.model import ModelBundle, Prepared
+from fedpriv.common.model.bundle import ModelBundle, Prepared
 
 
 @dataclass(frozen=True)

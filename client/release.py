@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedpriv.client.runtime import SiteRuntime
-from fedpriv.common.accounting import dp_event, epsilon
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.logs import CLIENT_LOG
-from fedpriv.common.protocol import EPSILON, EPSILON_CAP, EXHAUSTED, NUM_EXAMPLES, REFUSED, SITE_WEIGHT
-from fedpriv.common.records import LedgerEntry, Mechanism, PrivacyRecord
+from fedpriv.common.privacy.accounting import dp_event, epsilon
+from fedpriv.common.privacy.records import LedgerEntry, Mechanism, PrivacyRecord
+from fedpriv.common.wire.protocol import EPSILON, EPSILON_CAP, EXHAUSTED, NUM_EXAMPLES, REFUSED, SITE_WEIGHT
 
 log = logging.getLogger(CLIENT_LOG)
 

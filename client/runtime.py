@@ -25,15 +25,15 @@ from fedpriv.client.site import DeployedSource, data_source, open_budget, site_p
 from fedpriv.client.training import DpSettings
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError, LabelSet, TextDataset, load_configured, load_dataset, split_validation
-from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import CLIENT_LOG
-from fedpriv.common.model import ModelBundle, Prepared, build_model
+from fedpriv.common.model.bundle import ModelBundle, Prepared, build_model
+from fedpriv.common.model.features import FeatureCache
 from fedpriv.common.node_config import AUDIT_FAULT, DECLARED_ROWS, audit_fault_divisor
 from fedpriv.common.partition import split_for
-from fedpriv.common.privacy_plan import plan_for
-from fedpriv.common.records import DistributedNoise, Mechanism, data_sha256
+from fedpriv.common.privacy.plan import plan_for
+from fedpriv.common.privacy.records import DistributedNoise, Mechanism, data_sha256
+from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.common.resources import resolve_path
-from fedpriv.common.site_policy import SitePolicy
 
 log = logging.getLogger(CLIENT_LOG)
 

@@ -39,8 +39,10 @@ from fedpriv.client.training import DpSettings, LocalPlan, train_local
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.node_config import PEER_KEYS
-from fedpriv.common.privacy_plan import ENCODING_BOUND, ENCODING_SCALE, plan_for
-from fedpriv.common.protocol import (
+from fedpriv.common.privacy.plan import ENCODING_BOUND, ENCODING_SCALE, plan_for
+from fedpriv.common.privacy.records import DistributedNoise, PrivacyRecord
+from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.wire.protocol import (
     DELTA,
     EPSILON,
     EPSILON_CAP,
@@ -53,11 +55,9 @@ from fedpriv.common.protocol import (
     from_record,
     withheld_content,
 )
-from fedpriv.common.records import DistributedNoise, PrivacyRecord
-from fedpriv.common.rundir import RunDirectory
-from fedpriv.common.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
-from fedpriv.common.secagg.site_session import KEYED
-from fedpriv.common.secure_protocol import (
+from fedpriv.common.wire.secagg import SecAggConfig, SecAggError, SiteSession, default_threshold
+from fedpriv.common.wire.secagg.site_session import KEYED
+from fedpriv.common.wire.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,
@@ -68,7 +68,7 @@ from fedpriv.common.secure_protocol import (
     rekey_content,
     unmask_to_data,
 )
-from fedpriv.common.secure_protocol import advertisements_from_data as read_advertisements
+from fedpriv.common.wire.secure_protocol import advertisements_from_data as read_advertisements
 
 log = logging.getLogger(CLIENT_LOG)
 

@@ -20,10 +20,8 @@ from typing import Any
 
 from fedpriv.client.budget import SiteBudget
 from fedpriv.client.training import LocalPlan
-from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError
-from fedpriv.common.ledger import Ledger
 from fedpriv.common.node_config import (
     DATA_PATH,
     DELTA,
@@ -35,10 +33,12 @@ from fedpriv.common.node_config import (
     SIMULATED,
     SITE_NAME,
 )
-from fedpriv.common.privacy_plan import plan_for
-from fedpriv.common.records import Mechanism
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.plan import plan_for
+from fedpriv.common.privacy.records import Mechanism
+from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.common.rundir import RunDirectory
-from fedpriv.common.site_policy import SitePolicy
 from fedpriv.common.site_settings import DataFormat
 
 

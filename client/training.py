@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.common import opacus_compat
-from fedpriv.common.model import ModelBundle, Prepared
+from fedpriv.client import opacus_compat
+from fedpriv.common.model.bundle import ModelBundle, Prepared
 
 # Opacus' hooks on a frozen encoder trigger this PyTorch notice on every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")

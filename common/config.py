@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpriv.common import files
 from fedpriv.common.errors import FedprivError
@@ -409,38 +409,6 @@ def presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted((BUILTIN_DIR / "presets").glob("*.toml"))}
 
 
-# `fedpriv simulate` starts from distributed DP under secure aggregation: it beat local DP by 3 points
-# at epsilon 8 and 8 at epsilon 3 (bench/README.md). Settings that secure aggregation cannot serve send
-# it to the local preset instead of failing, since the user asked for them, not for the preset.
-DEFAULT_SIMULATION_PRESET = "distributed"
-
-
-def simulation_preset(settings: Mapping[str, Any]) -> tuple[str, str]:
-    """The preset `fedpriv simulate` starts from for these user settings (flat, dotted), and why."""
-    given = {kebab(k): v for k, v in settings.items()}
-    reasons = [
-        ("privacy.enabled", lambda v: v is False, "DP is off"),
-        ("privacy.noise", lambda v: v == "local", "local noise was asked for"),
-        ("privacy.secure-aggregation", lambda v: v is False, "secure aggregation is off"),
-        ("privacy.site-level-noise", lambda v: _number(v) > 0, "site-level DP needs each site's update"),
-        ("strategy.name", lambda v: v != "fedavg", "the strategy is not fedavg"),
-        ("strategy.fraction-train", lambda v: _number(v) < 1, "only part of the cohort trains"),
-        ("simulation.sites", lambda v: _number(v) < 2, "secure aggregation needs two sites"),
-        ("strategy.min-sites", lambda v: _number(v) < 2, "secure aggregation needs two sites"),
-    ]
-    for key, applies, why in reasons:
-        if key in given and applies(given[key]):
-            return "local", f"{why} ({key} = {given[key]!r})"
-    return DEFAULT_SIMULATION_PRESET, "the default"
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")  # left for validation to name
-
-
 def user_settings(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """What a config file and `--set` items say, flat and dotted (no defaults filled in)."""
     flat: dict[str, Any] = {}
@@ -509,32 +477,3 @@ def apply_overrides(config: FedprivConfig, overrides: Mapping[str, Any]) -> Fedp
             raise ConfigError(f"{key}: unknown setting (see `fedpriv config show` for every setting)")
         flat[key] = value
     return parse_config(unflatten(flat), "overrides")
-
-
-def settings_table(config: FedprivConfig | None = None) -> list[tuple[str, Any, str]]:
-    """(dotted name, value, description) for every setting, for docs and `config show`."""
-    config = config or FedprivConfig()
-    rows = []
-
-    def walk(model: BaseModel, prefix: str) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            key = f"{prefix}{kebab(name)}"
-            if isinstance(value, BaseModel):
-                walk(value, f"{key}.")
-            else:
-                rows.append((key, value, field.description or ""))
-
-    walk(config, "")
-    return rows
-
-
-def reference_markdown() -> str:
-    """The README's settings table (tests keep the README in step with this)."""
-    import tomli_w
-
-    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
-    for key, value, description in settings_table():
-        shown = tomli_w.dumps({"v": value})[4:].strip()
-        lines.append(f"| `{key}` | `{shown}` | {description.replace('|', '/')} |")
-    return "\n".join(lines)

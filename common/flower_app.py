@@ -17,12 +17,18 @@ from fedpriv import __version__
 from fedpriv.common.config import FedprivConfig
 
 SERVER_APP = "fedpriv.server.app:app"
-CLIENT_APP = "fedpriv.client.app:app"
+CLIENT_APP = "fedpriv.client.app:app"  # a site's; the only one a deployed site runs
+# The same handlers, declaring Flower's virtual nodes simulated (`flwr run` of a local simulation).
+SIMULATION_CLIENT_APP = "fedpriv.simulation.flower_clientapp:app"
 APP_NAME = "fedpriv"
 
 
-def app_project(config: FedprivConfig | None = None) -> dict:
-    """The pyproject.toml of the fedpriv Flower App, with `config` as the run config's defaults."""
+def app_project(config: FedprivConfig | None = None, client_app: str = CLIENT_APP) -> dict:
+    """The pyproject.toml of the fedpriv Flower App, with `config` as the run config's defaults.
+
+    A deployment's names the site's ClientApp; one for Flower's own simulation (`flwr run`) names
+    `SIMULATION_CLIENT_APP`, which fedpriv sites refuse.
+    """
     return {
         "project": {"name": APP_NAME, "version": __version__, "dependencies": [f"fedpriv=={__version__}"]},
         "tool": {
@@ -30,7 +36,7 @@ def app_project(config: FedprivConfig | None = None) -> dict:
                 "app": {
                     "publisher": "fedpriv",
                     "fab-exclude": ["**"],
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "components": {"serverapp": SERVER_APP, "clientapp": client_app},
                     "config": (config or FedprivConfig()).model_dump(by_alias=True),
                 }
             }
@@ -38,9 +44,9 @@ def app_project(config: FedprivConfig | None = None) -> dict:
     }
 
 
-def write_app_dir(directory: str | Path, config: FedprivConfig | None = None) -> Path:
+def write_app_dir(directory: str | Path, config: FedprivConfig | None = None, client_app: str = CLIENT_APP) -> Path:
     """Writes the Flower App folder (for `flwr run DIR` or the simulation engine); returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(tomli_w.dumps(app_project(config)), encoding="utf-8")
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(app_project(config, client_app)), encoding="utf-8")
     return directory

@@ -84,7 +84,7 @@ def tiny_model_dir() -> Path:
     import os
     import shutil
 
-    from fedpriv.common.features import default_cache_dir
+    from fedpriv.common.model.features import default_cache_dir
 
     directory = default_cache_dir() / "models" / TINY_MODEL
     if (directory / "config.json").exists():

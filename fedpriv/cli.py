@@ -76,7 +76,8 @@ def simulate(
     A run cut short (killed, crashed, machine restarted) continues from its
     last complete round with --resume RUN_DIR; budgets already spent count.
     """
-    from fedpriv.common.config import apply_overrides, load_config, simulation_preset, user_settings
+    from fedpriv.cli_settings import simulation_preset
+    from fedpriv.common.config import apply_overrides, load_config, user_settings
     from fedpriv.common.errors import FedprivError
     from fedpriv.simulation.harness import resume_config
 
@@ -125,8 +126,8 @@ def report(
     ] = False,
 ) -> None:
     """Print a finished (or running) run's summary again and redraw its plots."""
-    from fedpriv.common.report import print_summary, write_plots
     from fedpriv.common.rundir import RunDirectory
+    from fedpriv.server.report import print_summary, write_plots
 
     run = RunDirectory(run_dir)
     if not run.metrics_path.exists():
@@ -285,9 +286,11 @@ def flower_app(
     party that runs it uses its own installation, so the bundle carries settings only.
     """
     from fedpriv.common.config import load_config
-    from fedpriv.common.flower_app import write_app_dir
+    from fedpriv.common.flower_app import SIMULATION_CLIENT_APP, write_app_dir
 
-    written = write_app_dir(directory, load_config(config, settings or []))
+    # For `flwr run` of a local simulation: its virtual nodes are declared simulated (a deployed
+    # federation's aggregator writes its own app, naming the site's ClientApp).
+    written = write_app_dir(directory, load_config(config, settings or []), SIMULATION_CLIENT_APP)
     console.print(f"Flower App written to {written}; run it with: flwr run {written} --stream")
 
 
@@ -302,7 +305,8 @@ def config_show(
     """Every setting with its value and meaning."""
     from rich.table import Table
 
-    from fedpriv.common.config import load_config, settings_table
+    from fedpriv.cli_settings import settings_table
+    from fedpriv.common.config import load_config
 
     cfg = load_config(config, settings or [], preset)
     table = Table("setting", "value", "meaning")

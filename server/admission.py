@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from flwr.app import Message
 
-from fedpriv.common.ledger import verify_entry
-from fedpriv.common.protocol import EXHAUSTED, REFUSED, ProtocolError, TrainReply, sender
-from fedpriv.common.records import LedgerEntry, PrivacyRecord, state_sha256
+from fedpriv.common.privacy.ledger import verify_entry
+from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord, state_sha256
+from fedpriv.common.wire.protocol import EXHAUSTED, REFUSED, ProtocolError, TrainReply, sender
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem, update_problem
 
 

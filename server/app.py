@@ -9,11 +9,12 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.common import flower_compat, signing
+from fedpriv.common import flower_compat
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
-from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
 from fedpriv.common.run_events import LedgerKey, RunEnd, RunFailed, RunStart
 from fedpriv.common.rundir import AGGREGATOR, RunDirectory
 from fedpriv.server.federation import Federation

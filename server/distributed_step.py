@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.privacy_plan import plan_for
+from fedpriv.common.privacy.plan import plan_for
 
 PREFIX = "server-optimizer"
 

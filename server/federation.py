@@ -20,13 +20,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.ledger import Ledger
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.privacy_plan import plan_for
-from fedpriv.common.protocol import EPSILON, OK, REFUSED, EvaluateReply, ProtocolError, from_record, sender, to_record
-from fedpriv.common.records import PrivacyRecord, SiteExhausted, state_sha256
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.plan import plan_for
+from fedpriv.common.privacy.records import PrivacyRecord, SiteExhausted, state_sha256
 from fedpriv.common.run_events import (
     AllBudgetsExhausted,
     AllSitesRefused,
@@ -46,6 +45,16 @@ from fedpriv.common.run_events import (
     TrainAggregate,
 )
 from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.wire.protocol import (
+    EPSILON,
+    OK,
+    REFUSED,
+    EvaluateReply,
+    ProtocolError,
+    from_record,
+    sender,
+    to_record,
+)
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
 from fedpriv.server.distributed_step import ServerOptimizer

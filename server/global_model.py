@@ -9,9 +9,9 @@ import numpy as np
 
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_configured
-from fedpriv.common.features import FeatureCache
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.model import ModelBundle, Prepared, build_model, initial_state
+from fedpriv.common.model.bundle import ModelBundle, Prepared, build_model, initial_state
+from fedpriv.common.model.features import FeatureCache
 
 log = logging.getLogger(SERVER_LOG)
 

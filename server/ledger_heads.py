@@ -18,11 +18,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fedpriv.common import signing
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.protocol import EPSILON
-from fedpriv.common.records import LedgerEntry, LedgerHead, SiteHead, SiteReleaseReceipt, now
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import LedgerEntry, LedgerHead, SiteHead, SiteReleaseReceipt, now
 from fedpriv.common.rundir import RunDirectory
+from fedpriv.common.wire.protocol import EPSILON
 
 
 class ReleaseHeads:

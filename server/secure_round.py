@@ -1,7 +1,7 @@
 """The aggregator's side of secure aggregation: it routes the stages and learns only the sum.
 
 Each stage is one exchange of messages with the cohort (see
-`fedpriv.common.secure_protocol`). Keys are agreed once (advertise, after
+`fedpriv.common.wire.secure_protocol`). Keys are agreed once (advertise, after
 setup for nodes it has not named yet) and serve round after round: a steady
 round is two exchanges, mask and unmask. Keys are agreed again before a round
 when the nodes available are not those they were agreed among (a site joined
@@ -31,10 +31,9 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.ledger import verify_entry
 from fedpriv.common.logs import SERVER_LOG
-from fedpriv.common.protocol import METRICS, REFUSED, ProtocolError, sender, withheld
-from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.privacy.ledger import verify_entry
+from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord
 from fedpriv.common.run_events import (
     RunEvent,
     SecureKeys,
@@ -46,8 +45,9 @@ from fedpriv.common.run_events import (
     SiteRejected,
     SiteRekey,
 )
-from fedpriv.common.secagg import AggregatorSession, RoundAbandoned, SecAggConfig, SecAggError, default_threshold
-from fedpriv.common.secure_protocol import (
+from fedpriv.common.wire.protocol import METRICS, REFUSED, ProtocolError, sender, withheld
+from fedpriv.common.wire.secagg import AggregatorSession, RoundAbandoned, SecAggConfig, SecAggError, default_threshold
+from fedpriv.common.wire.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,

@@ -13,9 +13,9 @@ from importlib.metadata import version
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
 from fedpriv.common import flower_compat
-from fedpriv.common.accounting import RDP_ORDERS
 from fedpriv.common.config import ConfigError, FedprivConfig
-from fedpriv.common.records import Accounting, Mechanism, PrivacyRecord, now
+from fedpriv.common.privacy.accounting import RDP_ORDERS
+from fedpriv.common.privacy.records import Accounting, Mechanism, PrivacyRecord, now
 
 DATA_ID = "site-contributions"  # the protected unit is one site's whole update
 SITE = "federation"

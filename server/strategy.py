@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from fedpriv.common import flower_compat
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.protocol import ARRAYS, CONFIG, EPSILON, NUM_EXAMPLES, SITE_WEIGHT
+from fedpriv.common.wire.protocol import ARRAYS, CONFIG, EPSILON, NUM_EXAMPLES, SITE_WEIGHT
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

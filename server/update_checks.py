@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpriv.common.accounting import dp_event, epsilon
-from fedpriv.common.protocol import NUM_EXAMPLES, SITE_WEIGHT, Metrics
-from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.privacy.accounting import dp_event, epsilon
+from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.wire.protocol import NUM_EXAMPLES, SITE_WEIGHT, Metrics
 
 # A recomputed epsilon may differ from the site's by float noise, never by more.
 EPSILON_SLACK = 1e-6

@@ -12,18 +12,19 @@ from rich.table import Table
 
 from fedpriv.audit.auditor import audit
 from fedpriv.audit.render import console_report, html_report
-from fedpriv.common import signing, site_names
+from fedpriv.common import site_names
 from fedpriv.common.config import ConfigError, FedprivConfig, parse_config
 from fedpriv.common.data import LabelSet, load_configured, read_column
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
 from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
-from fedpriv.common.privacy_plan import plan_for
-from fedpriv.common.report import print_summary, write_plots
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.plan import plan_for
 from fedpriv.common.resources import check_model
 from fedpriv.common.run_events import RoundEnd, RunFailed
 from fedpriv.common.rundir import AGGREGATOR, CONFIG, RunDirectory, RunDirectoryError
+from fedpriv.server.report import print_summary, write_plots
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
 

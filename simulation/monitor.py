@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpriv.common.progress import read_progress
+from fedpriv.client.progress import read_progress
 from fedpriv.common.run_events import CentralEvaluate, RoundEnd, RoundStart, SiteBudgetExhausted, SiteTrain, parse
 from fedpriv.common.rundir import RunDirectory
 

@@ -26,11 +26,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
-from fedpriv.common.protocol import Instruction, to_record, withheld
 from fedpriv.common.run_events import RunEnd, RunStart
 from fedpriv.common.rundir import RunDirectory
-from fedpriv.common.secagg import AggregatorSession, SecAggConfig, default_threshold
-from fedpriv.common.secure_protocol import (
+from fedpriv.common.wire.protocol import Instruction, to_record, withheld
+from fedpriv.common.wire.secagg import AggregatorSession, SecAggConfig, default_threshold
+from fedpriv.common.wire.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,

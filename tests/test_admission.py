@@ -12,10 +12,11 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata
 
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common import protocol, signing
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.protocol import EvaluateReply, Instruction, ProtocolError, TrainReply
-from fedpriv.common.records import Mechanism, SiteExhausted, canonical_json, state_sha256
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import Mechanism, SiteExhausted, canonical_json, state_sha256
+from fedpriv.common.wire import protocol
+from fedpriv.common.wire.protocol import EvaluateReply, Instruction, ProtocolError, TrainReply
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Rejected, admit
 
 NODE = 7
@@ -110,7 +111,7 @@ def test_tampered_entry_is_rejected(budget):
 
 def test_bad_signature_is_rejected(budget):
     # The record is edited and its hash recomputed: only the signature can tell.
-    from fedpriv.common.ledger import entry_hash
+    from fedpriv.common.privacy.ledger import entry_hash
 
     update = state(1.0)
     entry = record(budget, update)
@@ -206,7 +207,7 @@ def test_replies_and_instructions_read_back_as_written(budget):
 
 def test_entry_is_checked_over_the_bytes_written_not_a_redump(budget):
     """A site entry whose floats were written as integers (8, not 8.0) still verifies and is admitted."""
-    from fedpriv.common.ledger import entry_hash
+    from fedpriv.common.privacy.ledger import entry_hash
 
     update = state(1.0)
     written = record(budget, update).written

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from fedpriv.audit.auditor import audit
 from fedpriv.audit.recompute import cumulative_epsilons
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common import signing
-from fedpriv.common.accounting import epsilon, poisson_gaussian
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import Mechanism
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.accounting import epsilon, poisson_gaussian
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import Mechanism
 
 
 def run_site(tmp_path, cap, sigma, rate, steps, rounds, accountant="rdp"):
@@ -185,7 +185,7 @@ def test_a_reset_is_an_explicit_signed_recorded_act_that_the_audit_shows(tmp_pat
 
     from fedpriv.audit.render import console_report, html_report
     from fedpriv.client.budget import BudgetResetError
-    from fedpriv.common.records import BudgetReset
+    from fedpriv.common.privacy.records import BudgetReset
 
     budget = SiteBudget(Ledger(tmp_path / "branch.jsonl", signing.generate()), "d", 6.0, 1e-5, "pld")
     mechanism = Mechanism(noise_multiplier=1.5, sample_rate=0.2, steps=10, max_grad_norm=1.0, dataset_size=100)

@@ -17,9 +17,9 @@ import pytest
 import tomli_w
 
 from fedpriv.audit.auditor import audit
-from fedpriv.common import signing
-from fedpriv.common.ledger import GENESIS, entry_hash
-from fedpriv.common.records import canonical_json
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import GENESIS, entry_hash
+from fedpriv.common.privacy.records import canonical_json
 from tests.helpers import LABELS, easy_rows, write_csv
 
 # Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.

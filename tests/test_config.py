@@ -17,7 +17,7 @@ def test_pyproject_flower_config_lists_every_setting_with_its_default():
     assert flower == FedprivConfig().model_dump(by_alias=True)
     assert project["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "fedpriv.server.app:app",
-        "clientapp": "fedpriv.client.app:app",
+        "clientapp": "fedpriv.simulation.flower_clientapp:app",  # `flwr run .` simulates: nodes declared so
     }
 
 
@@ -121,7 +121,7 @@ def test_override_values_are_typed():
 
 
 def test_mode_picks_tuned_optimizer_unless_set():
-    from fedpriv.common.privacy_plan import plan_for
+    from fedpriv.common.privacy.plan import plan_for
 
     def optimizer(config):
         plan = plan_for(config)
@@ -157,7 +157,8 @@ def test_a_preset_is_a_starting_point_that_a_file_and_overrides_refine(tmp_path)
 
 
 def test_simulate_starts_from_distributed_dp_unless_the_settings_ask_for_what_it_excludes(tmp_path):
-    from fedpriv.common.config import load_config, simulation_preset, user_settings
+    from fedpriv.cli_settings import simulation_preset
+    from fedpriv.common.config import load_config, user_settings
 
     assert simulation_preset({}) == ("distributed", "the default")
     assert simulation_preset({"privacy.target-epsilon": 3, "rounds": 100})[0] == "distributed"

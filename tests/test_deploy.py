@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.common import files
-from fedpriv.common.records import state_sha256
+from fedpriv.common.privacy.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.deploy import pki
 from tests.local_federation import (

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fedpriv.common.config import ConfigError, FedprivConfig, apply_overrides, load_config, parse_overrides
 from fedpriv.common.data import DataError, LabelSet, load_dataset
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger import Ledger, LedgerError, verify_ledger
+from fedpriv.common.privacy.ledger import Ledger, LedgerError, verify_ledger
 from tests.helpers import LABELS
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -16,8 +16,8 @@ import json
 
 import pytest
 
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import PrivacyRecord
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import PrivacyRecord
 from fedpriv.common.rundir import RunDirectory
 from tests.local_federation import ROOT, LocalFederation, finish, sweep
 

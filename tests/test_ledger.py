@@ -9,9 +9,9 @@ import pytest
 
 from fedpriv.audit.auditor import audit
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common import signing
-from fedpriv.common.ledger import GENESIS, Ledger, LedgerError, entry_hash, verify_ledger
-from fedpriv.common.records import (
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import GENESIS, Ledger, LedgerError, entry_hash, verify_ledger
+from fedpriv.common.privacy.records import (
     Mechanism,
     PrivacyRecord,
     SiteExhausted,

@@ -8,8 +8,8 @@ import torch
 
 from fedpriv.client.training import LocalPlan, train_local
 from fedpriv.common.data import LabelSet, TextDataset
-from fedpriv.common.model import CENTER, ModelError, build_model, label_name_state
-from fedpriv.common.modes import fine_tuning_mode
+from fedpriv.common.model.bundle import CENTER, ModelError, build_model, label_name_state
+from fedpriv.common.model.finetune_modes import fine_tuning_mode
 from tests.helpers import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -6,16 +6,18 @@ import math
 
 import pytest
 
-from fedpriv.common.accounting import epsilon, poisson_gaussian
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.privacy_plan import ENCODING_SCALE, plan_for
+from fedpriv.common.privacy.accounting import epsilon, poisson_gaussian
+from fedpriv.common.privacy.plan import ENCODING_SCALE, plan_for
 
-DISTRIBUTED = {"privacy.secure-aggregation": True, "privacy.noise": "distributed", "rounds": 20}
+# RDP: the same plan, calibrated in milliseconds rather than PLD's seconds.
+FAST = {"privacy.accountant": "rdp"}
+DISTRIBUTED = {"privacy.secure-aggregation": True, "privacy.noise": "distributed", "rounds": 20, **FAST}
 
 
 def test_one_plan_per_settings_and_a_new_one_when_they_change():
-    config = FedprivConfig().replace(rounds=20)
-    assert plan_for(config) is plan_for(FedprivConfig().replace(rounds=20))
+    config = FedprivConfig().replace(rounds=20, **FAST)
+    assert plan_for(config) is plan_for(FedprivConfig().replace(rounds=20, **FAST))
     assert (
         plan_for(config.replace(**{"privacy.target-epsilon": 4.0})).noise_multiplier > plan_for(config).noise_multiplier
     )
@@ -23,7 +25,8 @@ def test_one_plan_per_settings_and_a_new_one_when_they_change():
 
 def test_local_noise_meets_the_target_after_every_round_and_planned_evaluation():
     config = FedprivConfig().replace(
-        **{"rounds": 20, "privacy.evaluation": "noised", "strategy.evaluate-every": 5, "privacy.target-epsilon": 3.0}
+        **{"rounds": 20, "privacy.evaluation": "noised", "strategy.evaluate-every": 5, "privacy.target-epsilon": 3.0},
+        **FAST,
     )
     plan = plan_for(config)
     assert len(plan.planned_evaluations) == 4 and plan.steps_per_round == plan.local_steps > 1
@@ -77,4 +80,4 @@ def test_only_the_plan_calibrates_noise():
         for p in (root / room).rglob("*.py")
         if "calibrate_noise(" in p.read_text(encoding="utf-8")
     )
-    assert callers == ["common/accounting.py", "common/privacy_plan.py"]
+    assert callers == ["common/privacy/accounting.py", "common/privacy/plan.py"]

@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedpriv.common import files, signing
-from fedpriv.common.site_policy import SitePolicy
+from fedpriv.common import files
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.deploy import pki
 from tests.helpers import LABELS, easy_rows, write_csv
 from tests.local_federation import free_ports
@@ -441,8 +442,8 @@ def test_run_settings_keep_the_federations_labels_and_key(kits, tmp_path):
 
 def test_a_budget_reset_needs_a_reason_is_signed_with_the_sites_key_and_shown_by_the_audit(kits):
     from fedpriv.client.budget import SiteBudget
-    from fedpriv.common.ledger import Ledger
-    from fedpriv.common.records import BudgetReset, Mechanism
+    from fedpriv.common.privacy.ledger import Ledger
+    from fedpriv.common.privacy.records import BudgetReset, Mechanism
 
     kit = kits / "sites" / "north"
     ledger = Ledger(

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from fedpriv.common.config import reference_markdown
+from fedpriv.cli_settings import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

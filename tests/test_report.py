@@ -2,9 +2,9 @@
 
 from rich.console import Console
 
-from fedpriv.common.report import print_summary, shown_rounds, summary_tables
 from fedpriv.common.run_events import CentralEvaluate, RoundEnd, SiteTrain
 from fedpriv.common.rundir import RunDirectory
+from fedpriv.server.report import print_summary, shown_rounds, summary_tables
 
 
 def _cells(table, column: int) -> list[str]:

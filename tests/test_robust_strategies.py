@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common import protocol, signing
 from fedpriv.common.config import ConfigError, FedprivConfig
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.protocol import TrainReply
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.wire import protocol
+from fedpriv.common.wire.protocol import TrainReply
 from fedpriv.server.strategy import build_strategy
 from tests.test_admission import record, reply
 

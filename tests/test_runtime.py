@@ -7,8 +7,8 @@ from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, MessageType, M
 
 from fedpriv.client import app as client_app
 from fedpriv.client.runtime import WorkerRuntime
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.protocol import to_record
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.wire.protocol import to_record
 
 SIMULATED = {"partition-id": 1, "num-partitions": 3, "fedpriv-simulated": True}
 

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
-from fedpriv.common import signing
-from fedpriv.common.secagg import (
+from fedpriv.common.privacy import signing
+from fedpriv.common.wire.secagg import (
     AggregatorSession,
     EncodingOverflowError,
     FixedPoint,
@@ -21,7 +21,7 @@ from fedpriv.common.secagg import (
     SiteSession,
     default_threshold,
 )
-from fedpriv.common.secagg.keys import EphemeralKeys, advertise
+from fedpriv.common.wire.secagg.keys import EphemeralKeys, advertise
 
 LENGTH = 30_000
 SCALE = 2.0**20
@@ -351,8 +351,8 @@ def test_replaying_a_round_in_the_next_one_unmasks_nothing_useful():
 
 
 def test_a_revealed_pair_key_masks_nothing_in_another_round():
-    from fedpriv.common.secagg.derive import pair_key
-    from fedpriv.common.secagg.masks import pair_mask
+    from fedpriv.common.wire.secagg.derive import pair_key
+    from fedpriv.common.wire.secagg.masks import pair_mask
 
     config = make_config(4, t=1, length=1000)
     sites, _, _ = make_sites(config)
@@ -472,7 +472,7 @@ def test_any_threshold_of_shares_rebuild_the_secret_and_a_wrong_share_is_caught(
     import itertools
     import os
 
-    from fedpriv.common.secagg import shares
+    from fedpriv.common.wire.secagg import shares
 
     secret = os.urandom(shares.SECRET_BYTES)
     split = shares.split(secret, 3, 5)

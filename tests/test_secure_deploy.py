@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedpriv.common.rundir import RunDirectory
-from fedpriv.common.secure_protocol import MASK
+from fedpriv.common.wire.secure_protocol import MASK
 from tests.local_federation import finish, running, wait_event
 
 

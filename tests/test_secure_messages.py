@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from fedpriv.common import signing
-from fedpriv.common.accounting import epsilon, poisson_gaussian
-from fedpriv.common.protocol import EXHAUSTED, REFUSED, to_record, withheld
-from fedpriv.common.records import PrivacyRecord
-from fedpriv.common.secagg import AggregatorSession, SecAggConfig, SecAggError, SiteSession, default_threshold
-from fedpriv.common.secure_protocol import (
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.accounting import epsilon, poisson_gaussian
+from fedpriv.common.privacy.records import PrivacyRecord
+from fedpriv.common.wire.protocol import EXHAUSTED, REFUSED, to_record, withheld
+from fedpriv.common.wire.secagg import AggregatorSession, SecAggConfig, SecAggError, SiteSession, default_threshold
+from fedpriv.common.wire.secure_protocol import (
     ADVERTISE,
     MASK,
     UNMASK,

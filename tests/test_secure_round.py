@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
 
-from fedpriv.common import signing
-from fedpriv.common.protocol import to_record
-from fedpriv.common.secagg import EncodingOverflowError, SecAggConfig, SecAggError, SiteSession
-from fedpriv.common.secure_protocol import (
+from fedpriv.common.privacy import signing
+from fedpriv.common.wire.protocol import to_record
+from fedpriv.common.wire.secagg import EncodingOverflowError, SecAggConfig, SecAggError, SiteSession
+from fedpriv.common.wire.secure_protocol import (
     ADVERTISE,
     MASK,
     SETUP,
@@ -214,7 +214,7 @@ def test_two_exchanges_a_round_once_keys_are_agreed_and_again_after_the_cohort_c
 
 def test_keys_of_a_dropped_pair_revealed_in_one_round_do_not_unmask_the_next(federation):
     """The aggregator replays, in round 3, a site's masked vector and the unmask answers of round 2."""
-    from fedpriv.common.secagg import AggregatorSession
+    from fedpriv.common.wire.secagg import AggregatorSession
 
     grid, secure, _ = federation
     _round(federation, 1)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import PrivacyRecord
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import PrivacyRecord
 from fedpriv.common.rundir import RunDirectory, summarize
-from fedpriv.common.secure_protocol import ADVERTISE, MASK, SETUP, UNMASK
+from fedpriv.common.wire.secure_protocol import ADVERTISE, MASK, SETUP, UNMASK
 
 
 def _run(config):
@@ -78,8 +78,8 @@ def test_distributed_dp_records_its_noise_share_audits_and_learns(tiny_config):
 
 @pytest.mark.slow
 def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys_leave_it_out(tiny_config):
-    from fedpriv.common.accounting import epsilon, poisson_gaussian
-    from fedpriv.common.privacy_plan import plan_for
+    from fedpriv.common.privacy.accounting import epsilon, poisson_gaussian
+    from fedpriv.common.privacy.plan import plan_for
 
     config = tiny_config.replace(
         **{

@@ -68,7 +68,7 @@ def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, t
     # Noised evaluation: only two noisy counts leave a site, each release is in its ledger and its budget.
     evaluations = list(run.events("site-evaluate"))
     assert len(evaluations) == 6 and all("loss" not in e and "noisy-correct" in e for e in evaluations)
-    from fedpriv.common.ledger import Ledger
+    from fedpriv.common.privacy.ledger import Ledger
 
     for name in summary["sites"]:
         records = Ledger(run.path / "ledgers" / f"{name}.jsonl").records()
@@ -131,8 +131,8 @@ def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_pa
 
 @pytest.mark.slow
 def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_config, tmp_path):
-    from fedpriv.common.accounting import epsilon, poisson_gaussian
-    from fedpriv.common.privacy_plan import plan_for
+    from fedpriv.common.privacy.accounting import epsilon, poisson_gaussian
+    from fedpriv.common.privacy.plan import plan_for
 
     config = tiny_config.replace(**{"rounds": 4})
     plan = plan_for(config)

@@ -14,10 +14,10 @@ import pytest
 
 from fedpriv.client import app as client_app
 from fedpriv.client.runtime import WorkerRuntime
-from fedpriv.common import signing
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.protocol import EXHAUSTED, OK, REFUSED, withheld
-from fedpriv.common.site_policy import PolicyError, SitePolicy
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.site_policy import PolicyError, SitePolicy
+from fedpriv.common.wire.protocol import EXHAUSTED, OK, REFUSED, withheld
 from tests.helpers import easy_rows, write_csv
 from tests.test_runtime import context, train_message
 

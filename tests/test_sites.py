@@ -129,9 +129,9 @@ def test_column_values_that_cannot_be_site_names_are_refused_naming_file_and_col
 
 
 def test_every_path_made_from_a_site_name_follows_one_rule(tiny_config, tmp_path):
+    from fedpriv.client.progress import ProgressWriter
     from fedpriv.client.site import open_budget
     from fedpriv.common import site_names
-    from fedpriv.common.progress import ProgressWriter
     from fedpriv.deploy.kit import KitError, check_site_name
 
     for bad in ("../x", "federation", "aggregator", "a/b", "", "-a", "A", "x" * 64):

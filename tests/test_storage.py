@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedpriv.common import signing
 from fedpriv.common.files import StorageError, write_atomic
-from fedpriv.common.ledger import Ledger, verify_ledger
-from fedpriv.common.records import SiteExhausted
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger, verify_ledger
+from fedpriv.common.privacy.records import SiteExhausted
 from fedpriv.server import checkpoint
 
 FULL = OSError(errno.ENOSPC, "No space left on device")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fedpriv.client.training import DpSettings, LocalPlan, train_local
-from fedpriv.common.accounting import RDP_ORDERS, calibrate_noise, epsilon, poisson_gaussian
 from fedpriv.common.data import LabelSet, TextDataset
-from fedpriv.common.model import build_model, label_name_state
+from fedpriv.common.model.bundle import build_model, label_name_state
+from fedpriv.common.privacy.accounting import RDP_ORDERS, calibrate_noise, epsilon, poisson_gaussian
 from tests.helpers import LABELS, easy_rows
 
 LABEL_SET = LabelSet(tuple(LABELS))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from fedpriv.client.budget import SiteBudget
-from fedpriv.common import protocol, signing
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import LedgerEntry, Mechanism, state_sha256
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import LedgerEntry, Mechanism, state_sha256
+from fedpriv.common.wire import protocol
 from fedpriv.server.update_checks import ReleaseHistory, RoundContext, metrics_problem, update_problem
 
 SITE = "site-000"

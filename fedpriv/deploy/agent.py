@@ -32,12 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.common import flower_compat, signing
+from fedpriv.common import flower_compat
 from fedpriv.common import node_config as keys
 from fedpriv.common.data import LabelSet, TextDataset, load_dataset
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger import Ledger
-from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.ledger import Ledger
+from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord
 from fedpriv.deploy import clientapp_guard, kit_checks, processes, site_worker
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY

@@ -206,9 +206,9 @@ def aggregator_run(
     insecure: Annotated[bool, typer.Option("--insecure", help="The aggregator was started with --insecure.")] = False,
 ) -> None:
     """Submit a fedpriv run to the running aggregator and stream its progress."""
-    from fedpriv.common.report import print_summary
     from fedpriv.common.rundir import RunDirectory
     from fedpriv.deploy.aggregator import AggregatorError
+    from fedpriv.server.report import print_summary
 
     aggregator = _aggregator(kit, state, insecure)
     if resume:
@@ -343,7 +343,7 @@ def agent_reset_budget(
     data they were made from is gone for good (e.g. the people in it are no
     longer in the data); a changed or grown data file never resets a budget.
     """
-    from fedpriv.common.records import BudgetReset
+    from fedpriv.common.privacy.records import BudgetReset
     from fedpriv.deploy.agent import reset_budget
 
     entry, spent = reset_budget(kit, state, reason)

@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from fedpriv.common import site_names
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml
+from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.common.schema import KebabModel
-from fedpriv.common.site_policy import SitePolicy
 from fedpriv.common.site_settings import DataFormat, DeclaredRows, Delta, EpsilonCap
 
 KIT_CONFIG = "kit.toml"

@@ -26,13 +26,13 @@ from pathlib import Path
 import tomli_w
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedpriv.common import signing
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import read_toml, write_atomic
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.common.schema import KebabModel
-from fedpriv.common.site_policy import SitePolicy
 from fedpriv.common.site_settings import DataFormat, DeclaredRows, Delta, EpsilonCap
 from fedpriv.deploy import pki
 from fedpriv.deploy.kit import (

@@ -22,10 +22,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from fedpriv.common import signing
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import StorageError, storage
-from fedpriv.common.records import (
+from fedpriv.common.privacy import signing
+from fedpriv.common.privacy.records import (
     BudgetReset,
     LedgerEntry,
     LedgerHead,

@@ -20,7 +20,7 @@ from functools import lru_cache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fedpriv.common.secagg.errors import SecAggError
+from fedpriv.common.wire.secagg.errors import SecAggError
 
 SECRET_BYTES = 32
 PRIME = 2**521 - 1

@@ -9,11 +9,11 @@ two steps. A site's steps and refusals: `site_session`; the aggregator's:
 derivation: `derive`; encoding: `encoding`.
 """
 
-from fedpriv.common.secagg.aggregator_session import AggregatorSession
-from fedpriv.common.secagg.config import SecAggConfig, default_threshold
-from fedpriv.common.secagg.encoding import FixedPoint
-from fedpriv.common.secagg.errors import EncodingOverflowError, RoundAbandoned, SecAggError
-from fedpriv.common.secagg.site_session import SiteSession
+from fedpriv.common.wire.secagg.aggregator_session import AggregatorSession
+from fedpriv.common.wire.secagg.config import SecAggConfig, default_threshold
+from fedpriv.common.wire.secagg.encoding import FixedPoint
+from fedpriv.common.wire.secagg.errors import EncodingOverflowError, RoundAbandoned, SecAggError
+from fedpriv.common.wire.secagg.site_session import SiteSession
 
 __all__ = [
     "AggregatorSession",

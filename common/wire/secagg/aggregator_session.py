@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpriv.common.secagg import shares
-from fedpriv.common.secagg.config import SecAggConfig
-from fedpriv.common.secagg.errors import RoundAbandoned, SecAggError, too_few
-from fedpriv.common.secagg.masks import pair_mask, self_mask
+from fedpriv.common.wire.secagg import shares
+from fedpriv.common.wire.secagg.config import SecAggConfig
+from fedpriv.common.wire.secagg.errors import RoundAbandoned, SecAggError, too_few
+from fedpriv.common.wire.secagg.masks import pair_mask, self_mask
 
 
 @dataclass

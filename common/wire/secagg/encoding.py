@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpriv.common.secagg.errors import EncodingOverflowError
+from fedpriv.common.wire.secagg.errors import EncodingOverflowError
 
 RING_LIMIT = 2**63 - 1
 

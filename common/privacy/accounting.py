@@ -31,7 +31,7 @@ from importlib.metadata import version
 
 import dp_accounting as dpa
 
-from fedpriv.common.records import Mechanism
+from fedpriv.common.privacy.records import Mechanism
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
 # Integer Renyi orders: exact in every RDP implementation, so an auditor's

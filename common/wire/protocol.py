@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from pydantic import ValidationError
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.records import LedgerEntry, PrivacyRecord
+from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord
 
 # The records of a message.
 ARRAYS: Final = "arrays"

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedpriv.common import signing
-from fedpriv.common.secagg.config import SecAggConfig
-from fedpriv.common.secagg.errors import SecAggError
+from fedpriv.common.privacy import signing
+from fedpriv.common.wire.secagg.config import SecAggConfig
+from fedpriv.common.wire.secagg.errors import SecAggError
 
 KEY_BYTES = 32
 

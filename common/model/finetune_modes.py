@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from fedpriv.common.batching import PadCollator, TokenDataset, encode, length_batches
 from fedpriv.common.config import ModelConfig
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.model.batching import PadCollator, TokenDataset, encode, length_batches
 
 if TYPE_CHECKING:
-    from fedpriv.common.model import ModelBundle
-    from fedpriv.common.modeling_fedpriv import FedprivForSequenceClassification
+    from fedpriv.common.model.bundle import ModelBundle
+    from fedpriv.common.model.modeling_fedpriv import FedprivForSequenceClassification
 
 
 class ModelError(FedprivError, RuntimeError):

@@ -45,13 +45,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpriv.common import signing
-from fedpriv.common.secagg import shares
-from fedpriv.common.secagg.config import SecAggConfig
-from fedpriv.common.secagg.derive import pair_key, seal_ad, seal_key
-from fedpriv.common.secagg.errors import SecAggError, too_few
-from fedpriv.common.secagg.keys import KEY_BYTES, EphemeralKeys, PeerKeys, advertise, verify_advertisements
-from fedpriv.common.secagg.masks import pair_mask, self_mask
+from fedpriv.common.privacy import signing
+from fedpriv.common.wire.secagg import shares
+from fedpriv.common.wire.secagg.config import SecAggConfig
+from fedpriv.common.wire.secagg.derive import pair_key, seal_ad, seal_key
+from fedpriv.common.wire.secagg.errors import SecAggError, too_few
+from fedpriv.common.wire.secagg.keys import KEY_BYTES, EphemeralKeys, PeerKeys, advertise, verify_advertisements
+from fedpriv.common.wire.secagg.masks import pair_mask, self_mask
 
 NEW, ADVERTISED, KEYED = range(3)
 _STAGE_NAMES = ("new", "advertised", "keyed")

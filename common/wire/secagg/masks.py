@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from fedpriv.common.secagg.config import SecAggConfig
-from fedpriv.common.secagg.derive import derive_key
+from fedpriv.common.wire.secagg.config import SecAggConfig
+from fedpriv.common.wire.secagg.derive import derive_key
 
 _NONCE = bytes(16)  # ChaCha20 in `cryptography`: 4-byte counter + 12-byte nonce
 

@@ -31,7 +31,8 @@ from typing import Final
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpriv.common.protocol import (
+from fedpriv.common.privacy.records import LedgerEntry
+from fedpriv.common.wire.protocol import (
     ARRAYS,
     CONFIG,
     METRICS,
@@ -50,7 +51,6 @@ from fedpriv.common.protocol import (
     _site_record,
     sender,
 )
-from fedpriv.common.records import LedgerEntry
 
 SETUP: Final = "secagg_setup"
 ADVERTISE: Final = "secagg_advertise"

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedpriv.common.secagg.config import SecAggConfig
-from fedpriv.common.secagg.errors import SecAggError
+from fedpriv.common.wire.secagg.config import SecAggConfig
+from fedpriv.common.wire.secagg.errors import SecAggError
 
 
 def derive_key(secret: bytes, info: bytes) -> bytes:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from fedpriv.common.accounting import calibrate_noise, dp_event, steps_per_round
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.records import Mechanism
+from fedpriv.common.privacy.accounting import calibrate_noise, dp_event, steps_per_round
+from fedpriv.common.privacy.records import Mechanism
 
 # Secure aggregation's fixed-point encoding: a grid of 2^-20, values up to 2^20 in size.
 ENCODING_SCALE = 2.0**20

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fedpriv.common.errors import FedprivError
 
 if TYPE_CHECKING:
-    from fedpriv.common.secagg.config import SecAggConfig
+    from fedpriv.common.wire.secagg.config import SecAggConfig
 
 
 class SecAggError(FedprivError):

@@ -43,8 +43,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from fedpriv.common.secagg.encoding import RING_LIMIT, FixedPoint
-from fedpriv.common.secagg.errors import SecAggError
+from fedpriv.common.wire.secagg.encoding import RING_LIMIT, FixedPoint
+from fedpriv.common.wire.secagg.errors import SecAggError
 
 
 def default_threshold(sites: int, max_colluding: int) -> int:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.common.batching import PadCollator, encode, length_batches
 from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, TextDataset
-from fedpriv.common.features import FeatureCache, model_fingerprint
-from fedpriv.common.modeling_fedpriv import FedprivClassifierConfig, FedprivForSequenceClassification
-from fedpriv.common.modes import FineTuningMode, ModelError, Prepared, fine_tuning_mode
+from fedpriv.common.model.batching import PadCollator, encode, length_batches
+from fedpriv.common.model.features import FeatureCache, model_fingerprint
+from fedpriv.common.model.finetune_modes import FineTuningMode, ModelError, Prepared, fine_tuning_mode
+from fedpriv.common.model.modeling_fedpriv import FedprivClassifierConfig, FedprivForSequenceClassification
 from fedpriv.common.resources import resolve_model
 
 __all__ = ["CENTER", "ModelBundle", "ModelError", "Prepared", "build_model", "default_device", "label_name_state"]
