@@ -224,3 +224,20 @@ def test_the_run_log_is_written_in_typed_events_of_one_module():
                 offenders.append(f"{path}:{node.lineno} reads events of a kind spelled {node.args[0].value!r}")
     assert not offenders, "\n".join(offenders)
     assert len(run_events.KINDS) == len(run_events.KINDS_BY_NAME) >= 24  # every kind declared once
+
+
+def test_the_wheel_lists_every_package_of_every_room():
+    """setuptools installs only the packages pyproject.toml names: a new sub-package left out is missing from
+    the wheel (the editable install of the tests would not notice)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for root_name, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if root_name == "fedpriv" and parts and f"fedpriv.{parts[0]}" in setup["package-dir"]:
+                continue  # a room mapped on its own
+            found.add(".".join((root_name, *parts)))
+    assert found - listed == set(), "add these to [tool.setuptools] packages"
