@@ -413,14 +413,15 @@ def test_another_server_app_runs_against_the_same_agents(fed):
 def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     fed.wait_online()
     run_dir = fed.root / "run-kill"
-    since = fed.log_size("site-b")
     # Frozen while idle, site-b's worker cannot answer round 1 before the test kills the whole site.
     assert fed.worker("site-b", suspend=True) is not None
     process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
     wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's round-1 message", interval=0.1, alive=process)
     fed.kill("site-b")  # mid-round (Flower then reports it unavailable)
-    since = fed.log_size("site-b")
-    fed.start_agent("site-b")  # straight back; Flower holds its old session for two missed heartbeats
+    # Straight back. Flower holds its old session for two missed heartbeats: the agent is refused and retries
+    # while the hold lasts, or (restarting slower than that, under load) gets in at once. Either way it
+    # trains in round 2, which is what the run records show; its log is no event to wait on.
+    fed.start_agent("site-b")
 
     code, out, err = finish(process)
     assert code == 0, out[-3000:] + err[-3000:]
@@ -429,7 +430,6 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     assert trained == {("site-a", 1), ("site-a", 2), ("site-b", 2)}
     aggregated = {e["round"]: e["sites"] for e in run.events("train-aggregate")}
     assert aggregated == {1: 1, 2: 2}
-    assert "refused to activate" in fed.log_text("site-b", since)  # it waited, then rejoined
     assert (run_dir / "model" / "config.json").exists()
     check_audit(fed, run_dir)
 
