@@ -86,7 +86,7 @@ def test_a_round_within_the_policy_trains_and_records(deployed):
         ({"privacy.enabled": False}, "training without DP and its policy allows no non-private release"),
         ({"privacy.noise-multiplier": 0.1}, "noise multiplier 0.1 is below its minimum 0.5"),
         ({"train.sample-rate": 1.0, "privacy.noise-multiplier": 0.6}, "(pld), above its per-release maximum 4"),
-        ({"train.sample-rate": 1.0, "privacy.target-epsilon": 1000.0, "rounds": 2}, "below its minimum 0.5"),
+        ({"train.sample-rate": 1.0, "privacy.target-epsilon": 50.0, "rounds": 2}, "below its minimum 0.5"),
         ({"model.mode": "lora"}, None),  # accepted by the default policy: a control for the next case
     ],
 )
