@@ -618,8 +618,11 @@ def _task_heartbeat(client: Any, on_error: Callable[[str], None]) -> Callable[[]
 # had none, and checks for its ClientApp's reply every 0.5 s. A secure round
 # is several exchanges, so those sleeps alone were seconds a round. The
 # polling SuperNode waits FIRST_POLL after a message, backing off to LAST_POLL
-# while the aggregator is busy or idle.
-FIRST_POLL, LAST_POLL = 0.02, 0.2
+# while the aggregator is busy. A site that has had no message for IDLE_AFTER
+# (no run, or a long pause) polls every IDLE_POLL: five TLS calls a second
+# from every idle site cost its host CPU and the aggregator too, and the
+# first message of a run can wait a second.
+FIRST_POLL, LAST_POLL, IDLE_POLL, IDLE_AFTER = 0.02, 0.2, 1.0, 15.0
 
 
 class _PollingClock:
@@ -627,16 +630,18 @@ class _PollingClock:
 
     def __init__(self, clock: Any) -> None:
         self._clock, self._pause = clock, FIRST_POLL
+        self._last_message = clock.monotonic()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1.0:  # no message came: back off
-            self._clock.sleep(self._pause)
+            idle = self._clock.monotonic() - self._last_message > IDLE_AFTER
+            self._clock.sleep(IDLE_POLL if idle else self._pause)
             self._pause = min(self._pause * 1.5, LAST_POLL)
         else:  # a message is being answered: the reply, and the next message, come soon
-            self._pause = FIRST_POLL
+            self._pause, self._last_message = FIRST_POLL, self._clock.monotonic()
             self._clock.sleep(min(seconds, FIRST_POLL))
 
 

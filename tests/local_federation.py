@@ -402,11 +402,12 @@ round-timeout = 120.0
         (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
         return folder
 
-    def audit(self, run_dir: Path) -> subprocess.CompletedProcess:
+    def audit(self, run_dir: Path, sites: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+        """Audits `run_dir` with the ledgers of `sites` (default: every site with one; one that never released has none)."""
         return fedpriv(
             "audit",
             run_dir,
-            *(self.ledger(s) for s in self.sites if self.ledger(s).exists()),  # a site that never released has none
+            *(self.ledger(s) for s in sites or self.sites if self.ledger(s).exists()),
             "--keys",
             self.kits / "aggregator" / "public-keys.json",
             "--json",
@@ -449,11 +450,13 @@ def finish(run: Submission, timeout: float = WAIT) -> tuple[int, str, str]:
 
 
 @contextlib.contextmanager
-def running(root: Path, model_dir: str, sites: tuple[str, ...] = SITES, **options) -> Iterator[LocalFederation]:
+def running(
+    root: Path, model_dir: str, sites: tuple[str, ...] = SITES, aggregator_env: dict[str, str] | None = None, **options
+) -> Iterator[LocalFederation]:
     """A provisioned federation with its aggregator and every site online; everything stopped afterwards."""
     federation = LocalFederation(root, model_dir, sites=sites, **options)
     try:
-        federation.start_aggregator()
+        federation.start_aggregator(**(aggregator_env or {}))
         for site in sites:
             federation.start_agent(site)
         federation.wait_online()

@@ -20,13 +20,16 @@ written before a release leaves, and the secure-aggregation session is in
 Flower's per-node context, which the SuperNode keeps. If the worker dies,
 the agent starts another; a message that comes while none listens is
 answered at once with an error naming why (the forwarder falls back to the
-guarded Flower process, which refuses the task).
+guarded Flower process, which refuses the task). The worker listens before
+it loads the runtime, and the agent starts the SuperNode beside it: an agent
+with a bad kit or address fails in seconds, not after the imports, and a
+message that comes while the worker loads waits in the socket's queue.
 
 The folder holds:
 
     socket     the Unix socket (0600)
     secret     this start's secret (0600); a connection without it is closed
-    ready.json {"pid", "started"}: written once the ClientApp is imported and the socket listens
+    ready.json {"pid", "started"}: written once the ClientApp is imported and connections are answered
     stats.json what this worker has answered: messages, failed, bytes received and sent, busy seconds
 """
 
@@ -47,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedpriv.common.files import write_atomic
 from fedpriv.common.flower_app import CLIENT_APP
@@ -72,7 +76,8 @@ class SiteWorker:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.secret = secrets.token_hex(32)
-        self.app = load_client_app()
+        self.app: Callable[..., Any] | None = None
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Each message is answered in its own thread, as Flower runs each in its own process: a task stuck
         # pulling a message that will never come (its run was stopped) must not hold up the next one. The
         # ClientApp itself runs one message at a time (one resident model).
@@ -81,23 +86,31 @@ class SiteWorker:
         self.stats: dict[str, float] = {"pid": os.getpid(), "messages": 0, "failed": 0, "busy-seconds": 0.0}
         self.stats.update({"bytes-received": 0, "bytes-sent": 0})
 
-    def serve(self, stop: threading.Event) -> None:
-        from fedpriv.common.flower_compat import quicken_object_pulls
-        from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
-
-        quicken_object_pulls()
+    def listen(self) -> None:
+        """The secret, then the socket: forwarders connect from now on, and wait until `serve` answers."""
         prepare(self.folder)
         secret = self.folder / SECRET
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(self.secret)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            server.bind(str(self.folder / SOCKET))
+            self.server.bind(str(self.folder / SOCKET))
         finally:
             os.umask(old)
-        server.listen(8)
+        self.server.listen(16)
+
+    def load(self) -> None:
+        """fedpriv's ClientApp, with torch and transformers: the seconds a worker's start costs."""
+        from fedpriv.common.flower_compat import quicken_object_pulls
+
+        quicken_object_pulls()
+        self.app = load_client_app()
+
+    def serve(self, stop: threading.Event) -> None:
+        from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
+
+        server = self.server
         server.settimeout(0.5)
         write_atomic(self.folder / READY, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
         print(f"fedpriv site worker: ready (pid {os.getpid()})", flush=True)
@@ -122,6 +135,7 @@ class SiteWorker:
             self._answer(conn, check)
 
     def _run_app(self, message, context):
+        assert self.app is not None, "serve() before load()"
         with self.app_lock:
             return self.app(message=message, context=context)
 
@@ -212,15 +226,6 @@ class Resident:
         self._thread.start()
         return self
 
-    def wait_ready(self, timeout: float, stopping: Callable[[], bool]) -> bool:
-        """Whether a worker is listening within `timeout` seconds (False if the agent is asked to stop)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not stopping():
-            if (self.folder / READY).exists():
-                return True
-            time.sleep(0.1)
-        return False
-
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "fedpriv.deploy.site_worker", str(self.folder)],
@@ -272,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     # The agent stops its worker with SIGTERM, and a Ctrl-C at its terminal reaches the agent only (the worker
     # has a session of its own). A SIGINT here comes from library code that expects to be its own process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = SiteWorker(args.folder.resolve())  # loading the runtime: SIGTERM's default action ends it at once
+    worker = SiteWorker(args.folder.resolve())
+    worker.listen()
+    worker.load()  # SIGTERM's default action ends it at once while it loads
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     worker.serve(stop)
