@@ -155,6 +155,19 @@ def check() -> None:
 
     probe("flwr-clientapp's argument parser and runtime calls (the resident site worker)", clientapp_task)
 
+    def superexec_loop() -> bool:
+        from flwr.supercore.cli import flower_superexec  # noqa: F401
+        from flwr.supercore.superexec import run_superexec as loop
+
+        source = inspect.getsource(loop.run_superexec)
+        return (
+            loop.time is __import__("time")
+            and "time.sleep(task_poll_interval)" in source
+            and "_handle_launch_result(launch_result" in source
+        )
+
+    probe("SuperExec's task loop (run_superexec: time.sleep, _handle_launch_result)", superexec_loop)
+
     def object_pulls() -> bool:
         from flwr.supercore.inflatable import inflatable_utils
 
@@ -643,6 +656,48 @@ class _PollingClock:
         else:  # a message is being answered: the reply, and the next message, come soon
             self._pause, self._last_message = FIRST_POLL, self._clock.monotonic()
             self._clock.sleep(min(seconds, FIRST_POLL))
+
+
+# SuperExec, the SuperNode's launcher of ClientApp processes, asks it for a
+# task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (the agent sets 0.05:
+# at Flower's 1 s, each exchange of a secure round waited up to a second).
+# Idle, that is twenty local calls a second, most of an idle agent's CPU. The
+# agent's SuperExec keeps that interval for IDLE_AFTER after its last task,
+# then polls every IDLE_POLL.
+
+
+class _TaskClock:
+    """`time` as SuperExec's loop sees it: its sleeps lengthened to IDLE_POLL once no task came for a while."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self.last_task = clock.monotonic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clock, name)
+
+    def sleep(self, seconds: float) -> None:
+        idle = self._clock.monotonic() - self.last_task > IDLE_AFTER
+        self._clock.sleep(max(seconds, IDLE_POLL) if idle else seconds)
+
+
+def run_superexec_polling_adaptively() -> None:
+    """Runs Flower's `flower-superexec` (its command line is this process's), idling at IDLE_POLL."""
+    import time
+
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.superexec import run_superexec as loop
+
+    clock = _TaskClock(time)
+    launched = loop._handle_launch_result
+
+    def handled(result: Any, task: Any) -> None:
+        clock.last_task = time.monotonic()
+        launched(result, task)
+
+    loop.time = clock  # type: ignore[assignment]
+    loop._handle_launch_result = handled
+    flower_superexec()
 
 
 # The interval the SuperNode promises its heartbeats at (Flower's: 30 s); the

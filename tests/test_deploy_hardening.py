@@ -393,7 +393,7 @@ def test_kill_9_of_an_agent_takes_its_supernode_superexec_and_worker_with_it(kit
             return []
         names = {p.pid: " ".join(p.cmdline()) for p in family if p.is_running()}
         found = [p for p in family if "fedpriv.deploy.supernode" in names.get(p.pid, "")]
-        found += [p for p in family if "flower-superexec" in names.get(p.pid, "")]
+        found += [p for p in family if "fedpriv.deploy.superexec" in names.get(p.pid, "")]
         found += [p for p in family if "fedpriv.deploy.site_worker" in names.get(p.pid, "")]
         return found if len(found) == 3 else []
 

@@ -37,6 +37,7 @@ from fedpriv.common.flower_app import CLIENT_APP
 # What `flwr build` puts in a bundle built with `fab-exclude = ["**"]`.
 ALLOWED = frozenset({"pyproject.toml", ".info/CONTENT"})
 COMMAND = "flwr-clientapp"
+SUPEREXEC = "flower-superexec"
 
 
 class ForeignAppError(FedprivError, RuntimeError):
@@ -102,14 +103,18 @@ class WorkerUnavailable(FedprivError, RuntimeError):
 
 
 def write_launcher(directory: Path, worker: Path) -> Path:
-    """A `flwr-clientapp` in `directory` that forwards each message to the resident worker in `worker`."""
+    """The commands the SuperNode starts by name, in `directory` (first on its PATH).
+
+    `flwr-clientapp` forwards each message to the resident worker in `worker`;
+    `flower-superexec` is Flower's, idling at a slower poll (`fedpriv.deploy.superexec`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     forwarder = directory / "forward-to-worker.py"
     _write(forwarder, FORWARDER.format(worker=str(worker), python=sys.executable))
+    python = shlex.quote(sys.executable)
     # -I -S: no site-packages, no environment: a bare interpreter starts in milliseconds.
-    _write(
-        directory / COMMAND, f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(forwarder))} "$@"\n'
-    )
+    _write(directory / COMMAND, f'#!/bin/sh\nexec {python} -I -S {shlex.quote(str(forwarder))} "$@"\n')
+    _write(directory / SUPEREXEC, f'#!/bin/sh\nexec {python} -m fedpriv.deploy.superexec "$@"\n')
     return directory
 
 
