@@ -16,6 +16,22 @@ import pytest
 
 from tests.helpers import LABELS, easy_rows, write_csv
 
+# xdist hands each worker whole groups in this order (--no-loadscope-reorder), the longest first, measured:
+# a run that ends with one worker on a minutes-long federation while the other idles wastes a core.
+LONGEST_FIRST = (
+    "test_deploy.py",
+    "test_secure_deploy.py",
+    "test_load.py",
+    "test_deploy_hardening.py",
+    "test_simulate.py",
+    "test_completeness.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its own order
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
