@@ -184,14 +184,24 @@ def check() -> None:
     probe("the SuperNode's heartbeat interval (grpc_rere_client.connection, supercore.heartbeat)", heartbeats)
 
     def forgotten_node() -> bool:
+        from flwr.supercore.retry import retry_invoker
         from flwr.supernode import start_client_internal as loop
 
         invoker = loop.make_simple_grpc_retry_invoker()
-        return callable(invoker.should_giveup) and "Invalid node ID" in _node_auth_source()
+        backoff = inspect.signature(retry_invoker.exponential).parameters
+        return (
+            callable(invoker.should_giveup)
+            and callable(invoker.wait_gen_factory)
+            and "max_delay" in backoff
+            and "Invalid node ID" in _node_auth_source()
+        )
 
     probe("the retries of Flower's object pulls (inflatable_utils)", object_pulls)
     probe("the SuperNode loop's polling sleeps (flwr.supernode.start_client_internal)", supernode_loop)
-    probe("the SuperNode's retry invoker and the SuperLink's 'Invalid node ID' refusal", forgotten_node)
+    probe(
+        "the SuperNode's retry invoker (should_giveup, its backoff) and the SuperLink's 'Invalid node ID'",
+        forgotten_node,
+    )
     if problems:
         raise FlowerCompatError(
             f"fedpriv needs flwr {PINNED}* (installed: {version('flwr')}); this Flower lacks: " + "; ".join(problems)
@@ -718,6 +728,14 @@ HEARTBEAT_SECONDS = 12
 EXIT_NODE_FORGOTTEN = 75
 
 
+# Flower's SuperNode waits up to 20 s (with full jitter) between attempts to
+# reach a SuperLink that is down. Restarting the aggregator (an upgrade, a
+# crash, `--resume`) then left sites out for up to 20 s after it was back.
+# Capped at 4 s, a site is back within about 4 s; with jitter, even a few
+# hundred sites spread their attempts over those seconds.
+RECONNECT_MAX_SECONDS = 4
+
+
 def _node_auth_source() -> str:
     from flwr.server.superlink.fleet.grpc_rere import node_auth_server_interceptor
 
@@ -725,6 +743,9 @@ def _node_auth_source() -> str:
 
 
 def _exit_when_the_node_is_forgotten(make_invoker: Callable[[], Any]) -> Callable[[], Any]:
+    """The SuperNode's retries: exit on a forgotten node id, and back off at most `RECONNECT_MAX_SECONDS`."""
+    from flwr.supercore.retry.retry_invoker import exponential
+
     def make() -> Any:
         invoker = make_invoker()
         give_up = invoker.should_giveup
@@ -742,6 +763,7 @@ def _exit_when_the_node_is_forgotten(make_invoker: Callable[[], Any]) -> Callabl
             return bool(give_up(error)) if give_up else True
 
         invoker.should_giveup = should_giveup
+        invoker.wait_gen_factory = lambda: exponential(max_delay=RECONNECT_MAX_SECONDS)
         return invoker
 
     return make

@@ -162,6 +162,20 @@ flower_compat._exit_when_the_node_is_forgotten(Invoker)().should_giveup(Refused(
     assert "no longer knows this node id" in result.stderr
 
 
+def test_a_supernode_tries_an_aggregator_that_is_down_again_within_seconds():
+    from flwr.supernode import start_client_internal as loop
+
+    from fedpriv.common import flower_compat
+
+    def backoff(invoker) -> list[float]:
+        waits = invoker.wait_gen_factory()
+        return [next(waits) for _ in range(12)]  # before jitter
+
+    assert max(backoff(loop.make_simple_grpc_retry_invoker())) == 20  # Flower's own: a restarted aggregator waits
+    capped = backoff(flower_compat._exit_when_the_node_is_forgotten(loop.make_simple_grpc_retry_invoker)())
+    assert capped[0] == 1 and max(capped) == flower_compat.RECONNECT_MAX_SECONDS == 4
+
+
 def test_a_corrupted_aggregator_certificate_is_named(kits):
     from fedpriv.deploy.aggregator import Aggregator
 
