@@ -151,7 +151,12 @@ def check() -> None:
         from flwr.supernode import start_client_internal as loop
 
         source = inspect.getsource(loop)
-        return loop.time is __import__("time") and "time.sleep(3)" in source and "time.sleep(0.5)" in source
+        return (
+            loop.time is __import__("time")
+            and "time.sleep(3)" in source
+            and "time.sleep(0.5)" in source
+            and "run_id = _pull_and_store_message(" in source
+        )
 
     probe("flwr-clientapp's argument parser and runtime calls (the resident site worker)", clientapp_task)
 
@@ -197,7 +202,10 @@ def check() -> None:
         )
 
     probe("the retries of Flower's object pulls (inflatable_utils)", object_pulls)
-    probe("the SuperNode loop's polling sleeps (flwr.supernode.start_client_internal)", supernode_loop)
+    probe(
+        "the SuperNode loop's polling sleeps and _pull_and_store_message (flwr.supernode.start_client_internal)",
+        supernode_loop,
+    )
     probe(
         "the SuperNode's retry invoker (should_giveup, its backoff) and the SuperLink's 'Invalid node ID'",
         forgotten_node,
@@ -669,40 +677,114 @@ class _PollingClock:
 
 
 # SuperExec, the SuperNode's launcher of ClientApp processes, asks it for a
-# task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (the agent sets 0.05:
-# at Flower's 1 s, each exchange of a secure round waited up to a second).
-# Idle, that is twenty local calls a second, most of an idle agent's CPU. The
-# agent's SuperExec keeps that interval for IDLE_AFTER after its last task,
-# then polls every IDLE_POLL.
+# task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's: 1 s, so each
+# exchange of a secure round waited up to a second). Polling faster made
+# those calls most of a deployed round's CPU: twenty HTTP requests a second
+# per site, each parsed by the SuperNode's runtime API (a steady round cost a
+# site's SuperExec and SuperNode more CPU than its training). Flower has no
+# push for tasks, so the agent's SuperNode sends a datagram to a Unix socket
+# the agent names (TASK_WAKE_ENV, in its private state folder) whenever it
+# has stored a message, and SuperExec sleeps on that socket: a task is
+# launched as soon as it exists, and no call is made while there is none. A
+# lost datagram costs at most WAKE_FALLBACK (IDLE_POLL once no task came for
+# IDLE_AFTER), which is also how often an agent without the socket polls.
+TASK_WAKE_ENV = "FEDPRIV_TASK_WAKE"
+WAKE_FALLBACK = 0.5
+
+
+def task_wake_sender() -> Callable[[], None]:
+    """The SuperNode's side: a call that tells SuperExec a task is waiting (never raises; nothing when unset)."""
+    import os
+    import socket
+
+    path = os.environ.get(TASK_WAKE_ENV)
+    if not path:
+        return lambda: None
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+
+    def wake() -> None:
+        try:
+            sender.sendto(b"t", path)
+        except OSError:  # SuperExec not (yet) listening, or its queue full: it polls anyway
+            pass
+
+    return wake
+
+
+def _waking_superexec(pull_and_store: Callable[..., Any], wake: Callable[[], None]) -> Callable[..., Any]:
+    """The SuperNode's `_pull_and_store_message`, waking SuperExec once a message (and its task) is stored."""
+
+    def pulled_and_stored(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull_and_store(*args, **kwargs)
+        if run_id is not None:
+            wake()
+        return run_id
+
+    return pulled_and_stored
 
 
 class _TaskClock:
-    """`time` as SuperExec's loop sees it: its sleeps lengthened to IDLE_POLL once no task came for a while."""
+    """`time` as SuperExec's loop sees it: between tasks it sleeps until woken (see above)."""
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Any, wake_path: str | None) -> None:
+        import socket
+
         self._clock = clock
         self.last_task = clock.monotonic()
+        self.launched = False
+        self._wake: socket.socket | None = None
+        if wake_path:
+            import os
+
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(wake_path)
+            self._wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            old = os.umask(0o177)
+            try:
+                self._wake.bind(wake_path)
+            finally:
+                os.umask(old)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)
 
+    def task_launched(self) -> None:
+        self.last_task, self.launched = self._clock.monotonic(), True
+
     def sleep(self, seconds: float) -> None:
         idle = self._clock.monotonic() - self.last_task > IDLE_AFTER
-        self._clock.sleep(max(seconds, IDLE_POLL) if idle else seconds)
+        if self._wake is None:
+            self._clock.sleep(max(seconds, IDLE_POLL) if idle else seconds)
+            return
+        if self.launched:  # one task taken: another may be waiting, asked for after the usual interval
+            self.launched = False
+            self._clock.sleep(seconds)
+            return
+        self._wake.settimeout(IDLE_POLL if idle else WAKE_FALLBACK)
+        try:
+            self._wake.recv(64)
+        except TimeoutError:
+            return
+        self._wake.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # one call takes what several wakes announced
+                self._wake.recv(64)
 
 
 def run_superexec_polling_adaptively() -> None:
-    """Runs Flower's `flower-superexec` (its command line is this process's), idling at IDLE_POLL."""
+    """Runs Flower's `flower-superexec` (its command line is this process's), sleeping until a task is stored."""
+    import os
     import time
 
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.superexec import run_superexec as loop
 
-    clock = _TaskClock(time)
+    clock = _TaskClock(time, os.environ.get(TASK_WAKE_ENV))
     launched = loop._handle_launch_result
 
     def handled(result: Any, task: Any) -> None:
-        clock.last_task = time.monotonic()
+        clock.task_launched()
         launched(result, task)
 
     loop.time = clock  # type: ignore[assignment]
@@ -784,6 +866,7 @@ def run_supernode_polling_often() -> None:
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PollingClock(time)  # type: ignore[assignment]
+    loop._pull_and_store_message = _waking_superexec(loop._pull_and_store_message, task_wake_sender())
     connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
     loop.make_simple_grpc_retry_invoker = _exit_when_the_node_is_forgotten(loop.make_simple_grpc_retry_invoker)
     quicken_object_pulls()

@@ -206,3 +206,81 @@ def test_only_the_compat_module_imports_a_library_internal(library):
                     if name.split(".")[0] == library and name != library and name not in PUBLIC[library]
                 ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_superexec_sleeps_until_the_supernode_stores_a_message(tmp_path, monkeypatch):
+    import stat
+    import threading
+    import time
+
+    wake_path = tmp_path / "task-wake"
+    monkeypatch.setenv(flower_compat.TASK_WAKE_ENV, str(wake_path))
+    monkeypatch.setattr(flower_compat, "WAKE_FALLBACK", 600.0)  # only a wake can end the sleep in this test
+    clock = flower_compat._TaskClock(time, str(wake_path))
+    assert stat.S_IMODE(wake_path.stat().st_mode) == 0o600
+
+    calls = []
+
+    def pull_and_store(found):
+        calls.append(found)
+        return 7 if found else None
+
+    pulled = flower_compat._waking_superexec(pull_and_store, flower_compat.task_wake_sender())
+    woke = threading.Event()
+    sleeper = threading.Thread(target=lambda: (clock.sleep(0.05), woke.set()), daemon=True)
+    sleeper.start()
+    assert pulled(False) is None  # nothing stored: no wake
+    assert not woke.wait(0.2)
+    assert pulled(True) == 7
+    assert woke.wait(60)
+    assert calls == [False, True]
+
+    # Several wakes before SuperExec asks are taken by one call.
+    for _ in range(3):
+        pulled(True)
+    clock.sleep(0.05)
+    clock._wake.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        clock._wake.recv(64)
+
+
+def test_superexec_asks_again_at_its_interval_after_a_task_and_polls_slowly_without_its_socket():
+    class Clock:
+        def __init__(self):
+            self.now, self.slept = 0.0, []
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.slept.append(seconds)
+
+    fake = Clock()
+    clock = flower_compat._TaskClock(fake, None)
+    clock.sleep(0.05)
+    fake.now = flower_compat.IDLE_AFTER + 1
+    clock.sleep(0.05)
+    assert fake.slept == [0.05, flower_compat.IDLE_POLL]  # an agent without the socket: Flower's polling, idling
+
+
+def test_superexec_after_a_task_asks_again_without_waiting_for_a_wake(tmp_path):
+    class Clock:
+        slept: list = []
+
+        def monotonic(self):
+            return 0.0
+
+        def sleep(self, seconds):
+            self.slept.append(seconds)
+
+    clock = flower_compat._TaskClock(Clock(), str(tmp_path / "task-wake"))
+    clock.task_launched()
+    clock.sleep(0.05)  # another task may be waiting
+    assert Clock.slept == [0.05]
+
+
+def test_a_supernode_without_superexecs_socket_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(flower_compat.TASK_WAKE_ENV, str(tmp_path / "nobody-listens"))
+    flower_compat.task_wake_sender()()  # SuperExec not started yet: the wake is dropped, SuperExec polls
+    monkeypatch.delenv(flower_compat.TASK_WAKE_ENV)
+    flower_compat.task_wake_sender()()

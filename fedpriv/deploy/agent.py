@@ -50,8 +50,10 @@ SUPERNODE = (sys.executable, "-m", "fedpriv.deploy.supernode")
 DEFAULT_PORT = 9094
 GRACE_SECONDS = 30.0
 WORKER_DIR = "worker"
-# Flower's SuperExec looks for a new message to start a ClientApp for every second by default.
+# Flower's SuperExec looks for a new message to start a ClientApp for every second by default. The agent's
+# is woken by its SuperNode through TASK_WAKE (see `flower_compat.TASK_WAKE_ENV`) and polls only after a task.
 SUPEREXEC_POLL = "0.05"
+TASK_WAKE = "task-wake"
 ACTIVATION_RETRY_SECONDS = 10.0
 # The agent's status when its SuperNode fails. Flower's own codes (305: no connection, ...) are above 255,
 # which no process status can carry, so they are named in the agent's last line instead.
@@ -203,6 +205,7 @@ class Agent:
     ) -> int:
         env = processes.flower_env(self.state / FLWR_HOME)
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL
+        env[flower_compat.TASK_WAKE_ENV] = str(self.state / FLWR_HOME / TASK_WAKE)
         stop = processes.StopSignals()
         resident = site_worker.Resident(self.state / WORKER_DIR, env, log, self.kit.site).start()
         try:

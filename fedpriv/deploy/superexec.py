@@ -1,6 +1,6 @@
-"""Flower's `flower-superexec`, idling at a slower poll; the agent's SuperNode starts it by that name.
+"""Flower's `flower-superexec`, asking for a task when its SuperNode says one is stored; the SuperNode starts it by that name.
 
-Its command line is Flower's own. Why the polling changes, and how, is in
+Its command line is Flower's own. Why it waits on a wake instead of polling, and how, is in
 `flower_compat.run_superexec_polling_adaptively`.
 """
 
