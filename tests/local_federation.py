@@ -513,7 +513,7 @@ def run_under_load(
     from fedpriv.common.rundir import RunDirectory
 
     names = tuple(f"site-{i}" for i in range(1, sites + 1))
-    fed = LocalFederation(root, model_dir, sites=names, rounds=rounds, min_sites=max(2, sites - kills))
+    fed = LocalFederation(root, model_dir, sites=names, rounds=rounds, min_sites=max(1, sites - kills))
     rng = random.Random(seed)
     victims = rng.sample(names, kills)
     kill_at = {victim: rng.randint(2, max(2, rounds - 3)) for victim in victims}
