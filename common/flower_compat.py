@@ -736,6 +736,7 @@ class _TaskClock:
         self._wake: socket.socket | None = None
         if wake_path:
             import os
+            import sys
 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(wake_path)
@@ -743,6 +744,10 @@ class _TaskClock:
             old = os.umask(0o177)
             try:
                 self._wake.bind(wake_path)
+            except OSError as error:  # e.g. a path beyond AF_UNIX's ~100 bytes: poll as Flower does
+                print(f"fedpriv: SuperExec polls for tasks: cannot listen on {wake_path} ({error})", file=sys.stderr)
+                self._wake.close()
+                self._wake = None
             finally:
                 os.umask(old)
 

@@ -284,3 +284,20 @@ def test_a_supernode_without_superexecs_socket_loses_nothing(tmp_path, monkeypat
     flower_compat.task_wake_sender()()  # SuperExec not started yet: the wake is dropped, SuperExec polls
     monkeypatch.delenv(flower_compat.TASK_WAKE_ENV)
     flower_compat.task_wake_sender()()
+
+
+def test_superexec_that_cannot_listen_polls_instead(tmp_path):
+    class Clock:
+        slept: list = []
+
+        def monotonic(self):
+            return 0.0
+
+        def sleep(self, seconds):
+            self.slept.append(seconds)
+
+    too_long = tmp_path / ("x" * 120) / "task-wake"  # beyond AF_UNIX's path limit
+    too_long.parent.mkdir()
+    clock = flower_compat._TaskClock(Clock(), str(too_long))
+    clock.sleep(0.05)
+    assert Clock.slept == [0.05]
