@@ -22,11 +22,35 @@ from fedpriv.common.partition import label_histogram, split_for
 from fedpriv.common.privacy import signing
 from fedpriv.common.privacy.plan import plan_for
 from fedpriv.common.resources import check_model
-from fedpriv.common.run_events import RoundEnd, RunFailed
+from fedpriv.common.run_events import RoundEnd, RunFailed, SiteError, TrainAggregate
 from fedpriv.common.rundir import AGGREGATOR, CONFIG, RunDirectory, RunDirectoryError
 from fedpriv.server.report import print_summary, write_plots
 from fedpriv.simulation import engine
 from fedpriv.simulation.monitor import Monitor
+
+
+class NobodyTrainedError(FedprivError):
+    """Every round ended without one site's update: each site's ClientApp failed."""
+
+
+def check_someone_trained(run: RunDirectory) -> None:
+    """A simulation in which every site failed every round trained nothing: an error, not a finished run.
+
+    A deployment keeps going through a site's failure (it may be back next
+    round); in a simulation the sites are the harness's own, so their failing
+    in every round is a bug or a bad setting, and the model it leaves is the
+    untrained one.
+    """
+    if any(event.sites > 0 for event in run.read(TrainAggregate)):
+        return
+    errors = run.read(SiteError)
+    if not errors:
+        return  # refused or exhausted: the run log says why, and the run ended as it should
+    first = errors[0]
+    raise NobodyTrainedError(
+        f"no site trained in any round: every site's ClientApp failed ({len(errors)} errors; the first, "
+        f"round {first.round}, {first.site}: {first.reason}). The model in {run.path} is the untrained one"
+    )
 
 
 class AuditFailedError(FedprivError):
@@ -180,6 +204,7 @@ def _simulate(
         _stopped(run, console)
     console.print(f"Simulation finished in {time.time() - started:.0f} s")
     finish(run, console)
+    check_someone_trained(run)
     return run
 
 

@@ -178,3 +178,28 @@ def test_one_column_value_under_secure_aggregation_is_refused(tiny_config, tmp_p
     config = tiny_config.replace(**{"data.path": str(path), "privacy.secure-aggregation": True, **changes})
     with pytest.raises(ConfigError, match=r"simulation\.sites: secure aggregation needs at least 2 sites"):
         plan_sites(config, LABEL_SET)
+
+
+def test_a_simulation_whose_sites_all_failed_is_an_error_not_a_finished_run(tmp_path):
+    from fedpriv.common.run_events import AllSitesRefused, RoundEnd, SiteError, SiteRefused, TrainAggregate
+    from fedpriv.common.rundir import RunDirectory
+    from fedpriv.simulation.harness import NobodyTrainedError, check_someone_trained
+
+    failed = RunDirectory(tmp_path / "failed")
+    failed.path.mkdir()
+    for rnd in (1, 2):
+        for site in ("site-000", "site-001"):
+            failed.log(SiteError(round=rnd, site=site, reason="RuntimeError: the run's keeper is gone"))
+        failed.log(TrainAggregate(round=rnd, sites=0))
+        failed.log(RoundEnd(round=rnd, seconds=0.1))
+    with pytest.raises(NobodyTrainedError, match=r"4 errors; the first, round 1, site-000: RuntimeError: the run"):
+        check_someone_trained(failed)
+
+    # One round with an update is a run that trained; refusals end a run by themselves, with their reasons.
+    failed.log(TrainAggregate(round=3, sites=1))
+    check_someone_trained(failed)
+    refused = RunDirectory(tmp_path / "refused")
+    refused.path.mkdir()
+    refused.log(SiteRefused(round=1, site="site-000", reason="below its minimum", phase="train"))
+    refused.log(AllSitesRefused(round=1, sites=1, exhausted=0))
+    check_someone_trained(refused)
