@@ -244,18 +244,21 @@ def test_superexec_sleeps_until_the_supernode_stores_a_message(tmp_path, monkeyp
         clock._wake.recv(64)
 
 
+class _Clock:
+    """`time` for SuperExec's loop: it records the sleeps asked for, and its clock moves only when told."""
+
+    def __init__(self):
+        self.now, self.slept = 0.0, []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+
+
 def test_superexec_asks_again_at_its_interval_after_a_task_and_polls_slowly_without_its_socket():
-    class Clock:
-        def __init__(self):
-            self.now, self.slept = 0.0, []
-
-        def monotonic(self):
-            return self.now
-
-        def sleep(self, seconds):
-            self.slept.append(seconds)
-
-    fake = Clock()
+    fake = _Clock()
     clock = flower_compat._TaskClock(fake, None)
     clock.sleep(0.05)
     fake.now = flower_compat.IDLE_AFTER + 1
@@ -264,19 +267,11 @@ def test_superexec_asks_again_at_its_interval_after_a_task_and_polls_slowly_with
 
 
 def test_superexec_after_a_task_asks_again_without_waiting_for_a_wake(tmp_path):
-    class Clock:
-        slept: list = []
-
-        def monotonic(self):
-            return 0.0
-
-        def sleep(self, seconds):
-            self.slept.append(seconds)
-
-    clock = flower_compat._TaskClock(Clock(), str(tmp_path / "task-wake"))
+    fake = _Clock()
+    clock = flower_compat._TaskClock(fake, str(tmp_path / "task-wake"))
     clock.task_launched()
     clock.sleep(0.05)  # another task may be waiting
-    assert Clock.slept == [0.05]
+    assert fake.slept == [0.05]
 
 
 def test_a_supernode_without_superexecs_socket_loses_nothing(tmp_path, monkeypatch):
@@ -287,17 +282,9 @@ def test_a_supernode_without_superexecs_socket_loses_nothing(tmp_path, monkeypat
 
 
 def test_superexec_that_cannot_listen_polls_instead(tmp_path):
-    class Clock:
-        slept: list = []
-
-        def monotonic(self):
-            return 0.0
-
-        def sleep(self, seconds):
-            self.slept.append(seconds)
-
+    fake = _Clock()
     too_long = tmp_path / ("x" * 120) / "task-wake"  # beyond AF_UNIX's path limit
     too_long.parent.mkdir()
-    clock = flower_compat._TaskClock(Clock(), str(too_long))
+    clock = flower_compat._TaskClock(fake, str(too_long))
     clock.sleep(0.05)
-    assert Clock.slept == [0.05]
+    assert fake.slept == [0.05]
