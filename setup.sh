@@ -70,5 +70,9 @@ fi
 # (BERT-style encoders only; anything else imported compiles in memory, as it would without this step).
 "$VENV/bin/python" -m compileall -q -j 0 -x 'site-packages/(.+/)?tests/|site-packages/transformers/models/(?!(auto|bert)/|__init__)' \
   "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null || true
+# fedpriv itself is installed editable: its rooms (pyproject's package-dir) are compiled where they are.
+"$VENV/bin/python" -c 'import compileall, tomllib
+for room in sorted(set(tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values())):
+    compileall.compile_dir(room, quiet=1, workers=0)' >/dev/null || true
 "$VENV/bin/fedpriv" --help >/dev/null
 echo "setup: done. Activate with: source $VENV/bin/activate"

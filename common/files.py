@@ -57,6 +57,11 @@ def storage(path: str | Path, what: str) -> Iterator[None]:
         ) from None
 
 
+def cache_dir() -> Path:
+    """fedpriv's disk cache (embeddings, the built-in tiny model, noise calibrations): $FEDPRIV_CACHE_DIR or ~/.cache/fedpriv."""
+    return Path(os.environ.get("FEDPRIV_CACHE_DIR", Path.home() / ".cache" / "fedpriv"))
+
+
 def read_toml(path: str | Path, what: str, error: type[Exception] = FedprivError) -> dict[str, Any]:
     """A TOML file's contents; a missing or malformed file is an `error` naming it."""
     path = Path(path)

@@ -84,9 +84,9 @@ def tiny_model_dir() -> Path:
     import os
     import shutil
 
-    from fedpriv.common.model.features import default_cache_dir
+    from fedpriv.common.files import cache_dir
 
-    directory = default_cache_dir() / "models" / TINY_MODEL
+    directory = cache_dir() / "models" / TINY_MODEL
     if (directory / "config.json").exists():
         return directory
     import torch

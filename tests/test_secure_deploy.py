@@ -4,7 +4,7 @@ Three agents run with the default site policy (no release without DP,
 collusion bound t >= 1, noise multiplier >= 0.5, epsilon per release <= 4),
 one federation for the module's tests (starting it costs more than a run).
 
-- A hostile aggregator asks for what that policy forbids, once through a
+- A hostile aggregator asks for what that policy forbids, twice through a
   hostile ServerApp (`tests/hostile_server.py`) that forges what it likes,
   and once through fedpriv's own ServerApp with hostile settings. Every such
   round is refused before anything is computed, with the reason in the reply
@@ -92,27 +92,24 @@ def test_sites_refuse_a_hostile_aggregator(fed, tmp_path):
     _assert_refused({s: dropout[s] for s in SITES}, "more than t = 1 dropped")  # ... but never unmasked
     assert _new_releases(fed, released) == [1, 1, 1]
 
-    # Training without DP, under secure aggregation and in a plain round.
-    found = attack(["secure-advertise", "plain-train"], "privacy.enabled=false", "privacy.secure-aggregation=true")
+    # A sample rate of 1: one release costs a huge epsilon, under secure aggregation and in a plain round.
+    found = attack(["secure-advertise", "plain-train"], "train.sample-rate=1", "privacy.noise-multiplier=0.6", *secure)
     for answers in (found["secure-advertise"], found["plain-train"]):
-        _assert_refused(answers, "without DP and its policy allows no non-private release")
-
-    # A sample rate of 1: one round costs a huge epsilon (a tiny noise multiplier: fedpriv's own ServerApp, below).
-    found = attack(["secure-advertise"], "train.sample-rate=1", "privacy.noise-multiplier=0.6", *secure)
-    _assert_refused(found["secure-advertise"], "above its per-release maximum 4")
+        _assert_refused(answers, "above its per-release maximum 4")
     assert _new_releases(fed, released) == [1, 1, 1]  # nothing refused was ever recorded
 
-    # fedpriv's own ServerApp with a hostile setting: it logs each refusal and ends the run.
+    # fedpriv's own ServerApp asking for training without DP: each refusal is logged and the run ends.
+    # (A noise multiplier below a site's minimum is refused on the same path: tests/test_site_policy.py.)
     run_dir = tmp_path / "run-fedpriv"
     hostile_run = fed.submit(
-        "--run-dir", run_dir, "--set", "privacy.noise-multiplier=0.01", "--set", "strategy.round-timeout=600"
+        "--run-dir", run_dir, "--set", "privacy.enabled=false", "--set", "strategy.round-timeout=600"
     )
     code, out, err = finish(hostile_run)
     assert code == 0, out[-3000:] + err[-3000:]
     run = RunDirectory(run_dir)
     refusals = run.events("site-refused")
     assert sorted(e["site"] for e in refusals) == list(SITES)
-    assert all("below its minimum 0.5" in e["reason"] for e in refusals)
+    assert all("without DP and its policy allows no non-private release" in e["reason"] for e in refusals)
     assert [e["round"] for e in run.events("all-sites-refused")] == [1]
     assert not run.events("site-train")
     assert _new_releases(fed, released) == [1, 1, 1]

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpriv.common.files import cache_dir
+
 
 def model_fingerprint(source: str, max_length: int) -> str:
     """Identifies the encoder weights cheaply (paths, sizes, mtimes), not by hashing GBs."""
@@ -30,13 +32,9 @@ def model_fingerprint(source: str, max_length: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDPRIV_CACHE_DIR", Path.home() / ".cache" / "fedpriv"))
-
-
 class FeatureCache:
     def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir()
+        self.directory = Path(directory) if directory else cache_dir()
 
     def _path(self, fingerprint: str, token_ids: list[list[int]]) -> Path:
         lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.int32, count=len(token_ids))

@@ -31,6 +31,7 @@ from importlib.metadata import version
 
 import dp_accounting as dpa
 
+from fedpriv.common.privacy.calibrations import Calibrations
 from fedpriv.common.privacy.records import Mechanism
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
@@ -198,15 +199,30 @@ def calibrate_noise(
     def spent(sigma: float) -> float:
         return epsilon([poisson_gaussian(sigma, sample_rate, steps), *fixed], delta, accountant)
 
-    if accountant == "prv":
-        sigma = _opacus_noise(target_epsilon, delta, sample_rate, steps, fixed)
-    else:
-        sigma = _dp_accounting_noise(accountant, target_epsilon, delta, sample_rate, steps, fixed)
-    # Both searches stop within a tolerance; step up until our own accountant
-    # agrees, so the plan never overshoots.
-    while spent(sigma) > target_epsilon:
-        sigma *= 1.01
-    return float(sigma)
+    def search() -> float:
+        if accountant == "prv":
+            sigma = _opacus_noise(target_epsilon, delta, sample_rate, steps, fixed)
+        else:
+            sigma = _dp_accounting_noise(accountant, target_epsilon, delta, sample_rate, steps, fixed)
+        # Both searches stop within a tolerance; step up until our own accountant
+        # agrees, so the plan never overshoots.
+        while spent(sigma) > target_epsilon:
+            sigma *= 1.01
+        return float(sigma)
+
+    inputs = {
+        "target-epsilon": target_epsilon,
+        "delta": delta,
+        "sample-rate": sample_rate,
+        "steps": steps,
+        "accountant": accountant,
+        "fixed": [repr(event) for event in fixed],
+        "library": library(accountant),
+        "pld-interval": PLD_INTERVAL,
+        "rdp-orders": [RDP_ORDERS[0], RDP_ORDERS[-1], len(RDP_ORDERS)],
+    }
+    # A kept answer is used only once this accountant agrees that it meets the target.
+    return Calibrations().find(inputs, lambda sigma: spent(sigma) <= target_epsilon, search)
 
 
 def _dp_accounting_noise(
