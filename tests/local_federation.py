@@ -41,11 +41,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import tomli_w
 
-from tests.helpers import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-a", "site-b")  # the default federation
@@ -198,7 +199,7 @@ round-timeout = 120.0
             + "".join(f'[[sites]]\nname = "{s}"\n' for s in sites),
             encoding="utf-8",
         )
-        result = fedpriv("provision", "-f", root / "federation.toml")
+        result = fedpriv_here("provision", "-f", root / "federation.toml")
         assert result.returncode == 0, result.stdout + result.stderr
         self.kits = root / "kits"
         self.state = root / "aggregator-state"
@@ -402,9 +403,9 @@ round-timeout = 120.0
         (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
         return folder
 
-    def audit(self, run_dir: Path, sites: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+    def audit(self, run_dir: Path, sites: tuple[str, ...] | None = None) -> SimpleNamespace:
         """Audits `run_dir` with the ledgers of `sites` (default: every site with one; one that never released has none)."""
-        return fedpriv(
+        return fedpriv_here(
             "audit",
             run_dir,
             *(self.ledger(s) for s in sites or self.sites if self.ledger(s).exists()),

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,13 @@ from fedpriv.audit.auditor import audit
 from fedpriv.common.privacy import signing
 from fedpriv.common.privacy.ledger import GENESIS, entry_hash
 from fedpriv.common.privacy.records import canonical_json
-from tests.helpers import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
 
 # Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.
 pytestmark = pytest.mark.xdist_group("test_completeness")
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "site-001"
-
-
-def fedpriv(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +53,7 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> Path:
     )
     path = base / "fedpriv.toml"
     path.write_text(tomli_w.dumps(config.model_dump(by_alias=True)))
-    result = fedpriv("simulate", "--config", path, "--preset", "local")
+    result = fedpriv_here("simulate", "--config", path, "--preset", "local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base / "run"
 
@@ -195,7 +187,7 @@ def test_a_lone_ledger_cut_short_or_empty_never_passes(finished_run, tmp_path):
     keys = finished_run / "keys" / "public-keys.json"
     first = tmp_path / f"{SITE}.jsonl"
     first.write_text(lines(ledger(finished_run, SITE))[0])
-    result = fedpriv("audit", first, "--keys", keys)
+    result = fedpriv_here("audit", first, "--keys", keys)
     assert result.returncode == 3 and "Audit passed" not in result.stdout, result.stdout
     assert "cannot be proven complete" in result.stdout
     empty = tmp_path / "empty" / f"{SITE}.jsonl"

@@ -184,14 +184,8 @@ def test_simulate_starts_from_distributed_dp_unless_the_settings_ask_for_what_it
 
 
 def test_simulate_names_an_unknown_preset_before_anything_runs(tmp_path):
-    import subprocess
-    import sys
+    from tests.helpers import fedpriv_here
 
-    result = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", "simulate", "--preset", "fastest", "--output", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = fedpriv_here("simulate", "--preset", "fastest", "--output", tmp_path / "run")
     assert result.returncode == 2 and "--preset: no preset 'fastest' (available: distributed, local)" in result.stderr
     assert not (tmp_path / "run").exists()

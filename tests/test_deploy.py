@@ -21,6 +21,7 @@ from fedpriv.common import files
 from fedpriv.common.privacy.records import state_sha256
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.deploy import pki
+from tests.helpers import fedpriv_here
 from tests.local_federation import (
     ROOT,
     SITES,
@@ -217,7 +218,7 @@ def test_compose_file_runs_an_aggregator_and_two_sites_from_their_kits(tmp_path)
         assert service["user"].startswith("${FEDPRIV_UID")
     # Its federation file provisions kits whose certificate names the service the sites dial.
     shutil.copy(DEPLOY / "compose" / "federation.toml", tmp_path / "federation.toml")
-    result = fedpriv("provision", "-f", tmp_path / "federation.toml")
+    result = fedpriv_here("provision", "-f", tmp_path / "federation.toml")
     assert result.returncode == 0, result.stderr
     dns, _ = pki.cert_hosts(pki.load_cert(tmp_path / "kits" / "aggregator" / "tls.crt"))
     assert "aggregator" in dns
@@ -258,7 +259,7 @@ def test_systemd_units_run_real_commands_and_stop_gently():
 
 def test_example_federation_file_provisions(tmp_path):
     shutil.copy(DEPLOY / "federation.example.toml", tmp_path / "federation.toml")
-    result = fedpriv("provision", "-f", tmp_path / "federation.toml")
+    result = fedpriv_here("provision", "-f", tmp_path / "federation.toml")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "kits" / "sites").iterdir()) == ["branch-north", "branch-south"]
 

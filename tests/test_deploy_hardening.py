@@ -23,7 +23,7 @@ import pytest
 
 from fedpriv.deploy import clientapp_guard, processes, site_worker
 from fedpriv.deploy.kit import KitError
-from tests.helpers import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
 from tests.local_federation import ENV, ROOT, LocalFederation, fedpriv, free_ports, sweep, wait_for
 
 # Its tests share one federation (a module fixture): one pytest-xdist worker runs them all, starting it once.
@@ -98,7 +98,9 @@ def test_a_kit_key_others_can_read_is_refused_with_the_fix(kits, kit, key, mode,
 def test_the_cli_refuses_a_readable_key_before_reading_any_data(kits, tmp_path):
     (kits / "sites" / "north" / "node.key").chmod(0o644)
     data = write_csv(tmp_path / "north.csv", easy_rows(30, seed=1))
-    result = fedpriv("agent", "start", "--kit", kits / "sites" / "north", "--data", data, "--state", tmp_path / "s")
+    result = fedpriv_here(
+        "agent", "start", "--kit", kits / "sites" / "north", "--data", data, "--state", tmp_path / "s"
+    )
     assert result.returncode == 2
     assert "chmod 600" in result.stdout + result.stderr and "node.key" in result.stdout + result.stderr
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +26,7 @@ from fedpriv.common.node_config import (
 )
 from fedpriv.common.partition import split_for
 from fedpriv.simulation import canary_audit as empirical
+from tests.helpers import fedpriv_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,10 +129,9 @@ def test_an_empirical_audit_refuses_what_it_cannot_test(tiny_config, tmp_path):
 
 
 def test_audit_command_arguments_are_checked(tmp_path):
-    run = [sys.executable, "-m", "fedpriv.cli", "audit"]
-    none = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    none = fedpriv_here("audit")
     assert none.returncode == 2 and "give run directories" in none.stderr
-    both = subprocess.run([*run, "--empirical", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    both = fedpriv_here("audit", "--empirical", tmp_path)
     assert both.returncode == 2 and "--empirical runs its own federation" in both.stderr
 
 

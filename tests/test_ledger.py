@@ -21,6 +21,7 @@ from fedpriv.common.privacy.records import (
 from fedpriv.common.run_events import LedgerKey, RoundEnd, SiteTrain
 from fedpriv.common.rundir import RunDirectory
 from fedpriv.server.ledger_heads import ReleaseHeads, ledger_keys
+from tests.helpers import fedpriv_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,9 +179,7 @@ def test_audit_command_exit_codes_json_and_html(tmp_path):
     assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
     ledger = run / "ledgers" / "site-000.jsonl"
     ledger.write_text(ledger.read_text().replace('"steps":10', '"steps":1', 1))
-    bad = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", "audit", str(run)], capture_output=True, text=True, cwd=ROOT
-    )
+    bad = fedpriv_here("audit", run)  # the same command in this process: the exit code above came from a real one
     assert bad.returncode == 1
     assert "site-000.jsonl line 1" in bad.stdout and "Audit failed" in bad.stdout
 

@@ -21,7 +21,7 @@ from fedpriv.common import files
 from fedpriv.common.privacy import signing
 from fedpriv.common.privacy.site_policy import SitePolicy
 from fedpriv.deploy import pki
-from tests.helpers import LABELS, easy_rows, write_csv
+from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
 from tests.local_federation import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +54,6 @@ declared-rows = 400
 """
 
 
-def fedpriv(*args, env=None, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0", **(env or {})),
-    )
-
-
 def free_port() -> int:
     return free_ports(1)[0]
 
@@ -78,7 +67,7 @@ def federation_file(tmp_path) -> Path:
 
 @pytest.fixture
 def kits(federation_file) -> Path:
-    result = fedpriv("provision", "-f", federation_file)
+    result = fedpriv_here("provision", "-f", federation_file)
     assert result.returncode == 0, result.stdout + result.stderr
     return federation_file.parent / "kits"
 
@@ -183,7 +172,7 @@ def test_kit_configs_name_the_aggregator_site_budget_and_labels(kits, federation
 
 def test_running_again_never_replaces_a_secret(kits, federation_file):
     before = _snapshot(kits)
-    again = fedpriv("provision", "-f", federation_file)
+    again = fedpriv_here("provision", "-f", federation_file)
     assert again.returncode == 0, again.stderr
     assert "kept" in again.stdout and "created" not in again.stdout
     assert _snapshot(kits) == before
@@ -196,14 +185,14 @@ def test_a_key_that_changed_behind_provisionings_back_is_refused(kits, federatio
     ledger_key = kits / "sites" / "north" / "ledger.key"
     ledger_key.unlink()
     signing.write_private_key(signing.generate(), ledger_key)
-    result = fedpriv("provision", "-f", federation_file)
+    result = fedpriv_here("provision", "-f", federation_file)
     assert result.returncode == 2
     assert "north: its ledger key" in result.stderr and "must not change silently" in result.stderr
 
 
 def test_add_site_is_one_command_and_leaves_the_others_alone(kits, federation_file):
     before = _snapshot(kits)
-    result = fedpriv("provision", "add-site", "east", "-f", federation_file, "--epsilon-cap", "3")
+    result = fedpriv_here("provision", "add-site", "east", "-f", federation_file, "--epsilon-cap", "3")
     assert result.returncode == 0, result.stderr
     after = _snapshot(kits)
 
@@ -218,9 +207,9 @@ def test_add_site_is_one_command_and_leaves_the_others_alone(kits, federation_fi
     assert "east" in json.loads(after["aggregator/node-keys.json"])
     assert _mode(kits / "sites" / "east" / "node.key") == 0o600
     assert 'name = "east"' in federation_file.read_text() and "# " not in federation_file.read_text().split("east")[-1]
-    twice = fedpriv("provision", "add-site", "east", "-f", federation_file)
+    twice = fedpriv_here("provision", "add-site", "east", "-f", federation_file)
     assert twice.returncode == 2 and "already in" in twice.stderr
-    bad = fedpriv("provision", "add-site", "East Side", "-f", federation_file)
+    bad = fedpriv_here("provision", "add-site", "East Side", "-f", federation_file)
     assert bad.returncode == 2 and "lower-case" in bad.stderr
 
 
@@ -229,7 +218,7 @@ def test_a_handed_over_site_is_not_issued_new_keys(kits, federation_file):
     import shutil
 
     shutil.rmtree(kits / "sites" / "south")  # the kit went to the site; nothing of it stays here
-    result = fedpriv("provision", "-f", federation_file)
+    result = fedpriv_here("provision", "-f", federation_file)
     assert result.returncode == 0, result.stderr
     assert not (kits / "sites" / "south").exists()
     assert "south: kit not here" in result.stdout
@@ -239,7 +228,7 @@ def test_a_handed_over_site_is_not_issued_new_keys(kits, federation_file):
 def test_rotate_tls_keeps_the_ca_and_retires_the_old_pair(kits, federation_file):
     old = (kits / "aggregator" / "tls.crt").read_bytes()
     ca = (kits / "ca" / "ca.crt").read_bytes()
-    result = fedpriv("provision", "rotate-tls", "-f", federation_file)
+    result = fedpriv_here("provision", "rotate-tls", "-f", federation_file)
     assert result.returncode == 0, result.stderr
     new = pki.load_cert(kits / "aggregator" / "tls.crt")
     assert new.public_bytes(serialization.Encoding.PEM) != old
@@ -251,7 +240,7 @@ def test_rotate_tls_keeps_the_ca_and_retires_the_old_pair(kits, federation_file)
 def test_rotation_without_the_ca_key_leaves_the_old_pair_in_place(kits, federation_file, tmp_path):
     before = _snapshot(kits / "aggregator")
     (kits / "ca" / "ca.key").rename(tmp_path / "offline-ca.key")  # where it should live
-    result = fedpriv("provision", "rotate-tls", "-f", federation_file)
+    result = fedpriv_here("provision", "rotate-tls", "-f", federation_file)
     assert result.returncode == 2 and "ca.key not found" in result.stderr
     assert _snapshot(kits / "aggregator") == before
 
@@ -261,7 +250,7 @@ def test_bad_federation_file_is_named(tmp_path):
     path.write_text(
         'name = "x"\n[aggregator]\naddress = "a:1"\n[data]\nlabels = ["a"]\n[[sites]]\nname = "s"\n[[sites]]\nname = "s"\n'
     )
-    result = fedpriv("provision", "-f", path)
+    result = fedpriv_here("provision", "-f", path)
     assert result.returncode == 2 and "site listed twice: s" in result.stderr
 
 
@@ -287,7 +276,7 @@ def test_aggregator_refuses_to_start_without_tls(kits, tmp_path):
     kit = tmp_path / "no-tls"
     shutil.copytree(kits / "aggregator", kit)
     (kit / "tls.crt").unlink()
-    result = fedpriv("aggregator", "start", "--kit", kit, "--state", tmp_path / "state")
+    result = fedpriv_here("aggregator", "start", "--kit", kit, "--state", tmp_path / "state")
     assert result.returncode == 2
     assert "Refusing to run without TLS" in result.stderr and "tls.crt" in result.stderr
     assert not (tmp_path / "state").exists()
@@ -339,18 +328,22 @@ def test_insecure_aggregator_warns_loudly_and_stops_cleanly_on_sigterm(kits, tmp
 
 def test_agent_with_bad_data_exits_with_the_named_error_before_connecting(kits, tmp_path):
     bad = write_csv(tmp_path / "site.csv", easy_rows(30) + [("lost my loan", "loans")])
-    result = fedpriv("agent", "start", "--kit", kits / "sites" / "north", "--data", bad, "--state", tmp_path / "state")
+    result = fedpriv_here(
+        "agent", "start", "--kit", kits / "sites" / "north", "--data", bad, "--state", tmp_path / "state"
+    )
     assert result.returncode == 2
     assert "site.csv, column 'category', row 31: unknown label 'loans'" in result.stderr
     assert "connecting" not in result.stdout and "SuperNode" not in result.stdout + result.stderr
     few = write_csv(tmp_path / "few.csv", easy_rows(4))
-    result = fedpriv("agent", "start", "--kit", kits / "sites" / "north", "--data", few)
+    result = fedpriv_here("agent", "start", "--kit", kits / "sites" / "north", "--data", few)
     assert result.returncode == 2 and "too few rows: 4" in result.stderr
 
 
 def test_agent_without_a_declared_size_refuses_to_join(kits, tmp_path):
     data = write_csv(tmp_path / "site.csv", easy_rows(30))
-    result = fedpriv("agent", "start", "--kit", kits / "sites" / "north", "--data", data, "--state", tmp_path / "s")
+    result = fedpriv_here(
+        "agent", "start", "--kit", kits / "sites" / "north", "--data", data, "--state", tmp_path / "s"
+    )
     assert result.returncode == 2
     assert "north declares no public size: pass --declared-rows N" in result.stderr
     assert "SuperNode" not in result.stdout + result.stderr
@@ -359,7 +352,7 @@ def test_agent_without_a_declared_size_refuses_to_join(kits, tmp_path):
 def test_agent_columns_and_labels_can_be_given_as_options(kits, tmp_path):
     rows = [(text, label) for text, label in easy_rows(30)]
     data = write_csv(tmp_path / "site.csv", rows, header=("body", "queue"))
-    result = fedpriv("agent", "check", "--kit", kits / "sites" / "north", "--data", data)
+    result = fedpriv_here("agent", "check", "--kit", kits / "sites" / "north", "--data", data)
     assert result.returncode == 2 and "column 'text': missing column (found: body, queue)" in result.stderr
     from fedpriv.deploy.agent import Agent
 
@@ -455,11 +448,11 @@ def test_a_budget_reset_needs_a_reason_is_signed_with_the_sites_key_and_shown_by
         budget.record(run_id="q3", server_round=rnd, site="north", mechanism=mechanism, update_sha256="0" * 64)
     written = ledger.path.read_bytes()
 
-    refused = fedpriv("agent", "reset-budget", "--kit", kit)
+    refused = fedpriv_here("agent", "reset-budget", "--kit", kit)
     assert refused.returncode == 2 and "--reason" in refused.stderr, refused.stdout + refused.stderr
     assert ledger.path.read_bytes() == written  # nothing appended
 
-    done = fedpriv("agent", "reset-budget", "--kit", kit, "--reason", "q3 tickets purged (retention policy)")
+    done = fedpriv_here("agent", "reset-budget", "--kit", kit, "--reason", "q3 tickets purged (retention policy)")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 earlier release(s)" in done.stdout
     last = ledger.entries()[-1]
@@ -467,7 +460,7 @@ def test_a_budget_reset_needs_a_reason_is_signed_with_the_sites_key_and_shown_by
     assert last.signer == signing.public_b64(signing.read_private_key(kit / "ledger.key"))
     assert budget.spent() == 0.0
 
-    shown = fedpriv("audit", ledger.path, "--keys", kits / "aggregator" / "public-keys.json", "--json")
+    shown = fedpriv_here("audit", ledger.path, "--keys", kits / "aggregator" / "public-keys.json", "--json")
     report = json.loads(shown.stdout)
     # A lone ledger: no violation, the reset shown, but not "passed" (nothing proves it complete).
     assert shown.returncode == 3 and report["verdict"] == "incomplete" and not report["ok"]

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,9 @@ import pytest
 import tomli_w
 
 from fedpriv.common.rundir import RunDirectory, summarize
-from tests.helpers import easy_rows, write_csv
+from tests.helpers import easy_rows, fedpriv_here, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fedpriv(*args, cwd=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd or ROOT,
-    )
 
 
 def _record_round(line: str) -> int:
@@ -43,7 +34,7 @@ def write_config(tmp_path, config, **changes) -> Path:
 def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, tmp_path):
     changes = {"privacy.target-epsilon": 8.0, "privacy.evaluation": "noised", "privacy.evaluation-noise": 3.0}
     path = write_config(tmp_path, tiny_config, **changes)
-    result = fedpriv("simulate", "--config", str(path), "--rounds", "2")
+    result = fedpriv_here("simulate", "--config", str(path), "--rounds", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     run = RunDirectory(tiny_config.run_dir)
@@ -93,27 +84,27 @@ def test_simulate_three_sites_learns_and_reports_epsilon_per_site(tiny_config, t
     assert (run.path / "ledgers" / "federation.jsonl").exists() and (run.path / "audit.html").exists()
 
     # `fedpriv report` reprints the same table from what was recorded.
-    again = fedpriv("report", str(run.path))
+    again = fedpriv_here("report", str(run.path))
     assert again.returncode == 0 and f"{100 * summary['central-accuracy']:.2f}%" in again.stdout
 
 
 def test_bad_site_data_stops_before_any_training(tiny_config, tmp_path):
     bad = write_csv(tmp_path / "bad.csv", easy_rows(20) + [("lost my loan", "loans")])
     path = write_config(tmp_path, tiny_config, **{"data.path": str(bad)})
-    result = fedpriv("simulate", "--config", str(path))
+    result = fedpriv_here("simulate", "--config", str(path))
     assert result.returncode == 2
     assert "bad.csv, column 'category', row 21: unknown label 'loans'" in result.stderr
 
 
 def test_bad_setting_is_named_on_the_command_line(tmp_path):
-    result = fedpriv("simulate", "--set", "privacy.delta=2", "-o", str(tmp_path / "run"))
+    result = fedpriv_here("simulate", "--set", "privacy.delta=2", "-o", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "privacy.delta" in result.stderr
 
 
 def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_path):
     run = tmp_path / "run"
-    result = fedpriv("simulate", "--set", "model.name=no/such-model", "-o", str(run))
+    result = fedpriv_here("simulate", "--set", "model.name=no/such-model", "-o", str(run))
     assert result.returncode == 2, result.stderr
     assert "model.name: 'no/such-model' is neither a local directory nor in the offline Hugging Face cache" in (
         result.stderr
@@ -121,11 +112,11 @@ def test_an_unloadable_model_is_named_before_anything_is_built_or_written(tmp_pa
     assert "Traceback" not in result.stderr and not run.exists()
     # The settings it would have run with: the default starting point, and the one without DP.
     assert "Settings: preset distributed (the default; --preset to choose)" in result.stdout
-    no_dp = fedpriv("simulate", "--no-dp", "--set", "model.name=no/such-model", "-o", str(run))
+    no_dp = fedpriv_here("simulate", "--no-dp", "--set", "model.name=no/such-model", "-o", str(run))
     assert no_dp.returncode == 2 and "Settings: preset local (DP is off (privacy.enabled = False)" in no_dp.stdout
     empty = tmp_path / "empty-model"
     empty.mkdir()
-    result = fedpriv("simulate", "--set", f"model.name={empty}", "-o", str(run))
+    result = fedpriv_here("simulate", "--set", f"model.name={empty}", "-o", str(run))
     assert result.returncode == 2 and "without a config.json" in result.stderr
 
 
@@ -141,7 +132,7 @@ def test_sites_stop_at_their_caps_and_the_run_ends_when_all_are_spent(tiny_confi
     # site-000 can afford one round, the others two; nobody can afford a third.
     caps = f"site-000={after[0] * 1.01:.6f},site-001={after[1] * 1.01:.6f},site-002={after[1] * 1.01:.6f}"
     path = write_config(tmp_path, config, **{"simulation.site-caps": caps})
-    result = fedpriv("simulate", "--config", str(path))
+    result = fedpriv_here("simulate", "--config", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     run = RunDirectory(config.run_dir)
@@ -172,7 +163,7 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
         tiny_config,
         **{"privacy.site-level-noise": 0.3, "privacy.site-level-clip": 10.0, "strategy.min-sites": 3},
     )
-    result = fedpriv("simulate", "--config", str(path))
+    result = fedpriv_here("simulate", "--config", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = RunDirectory(tiny_config.run_dir)
     releases = run.events("site-level-release")
@@ -191,7 +182,6 @@ def test_site_level_dp_is_recorded_and_audited(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(tiny_config, tmp_path):
-    import os
     import signal
     import time
 
@@ -215,17 +205,17 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
         # same directory while the first holds it is refused, nothing interleaved.
         os.killpg(process.pid, signal.SIGSTOP)
         assert not run.finished(), "the run ended before it could be stopped"
-        second = fedpriv("simulate", "--config", str(path))
+        second = fedpriv_here("simulate", "--config", str(path))
         assert second.returncode == 2 and "in use by fedpriv process" in second.stderr, second.stderr
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
-    audit = fedpriv("audit", str(run.path))
+    audit = fedpriv_here("audit", str(run.path))
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
-    fresh = fedpriv("simulate", "--config", str(path))
+    fresh = fedpriv_here("simulate", "--config", str(path))
     assert fresh.returncode == 2 and f"fedpriv simulate --resume {run.path}" in fresh.stderr
-    assert fedpriv("simulate", "--resume", str(run.path), "--rounds", "9").returncode == 2
+    assert fedpriv_here("simulate", "--resume", str(run.path), "--rounds", "9").returncode == 2
 
     # A round the sites trained in before the kill but that was never checkpointed is trained again, and
     # both releases count: when every site paid such a round, their caps end the run that many rounds early.
@@ -234,7 +224,7 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
         sum(1 for line in ledger.read_text().splitlines() if _record_round(line) > kept)
         for ledger in sorted(run.path.glob("ledgers/site-*.jsonl"))
     )
-    resumed = fedpriv("simulate", "--resume", str(run.path))
+    resumed = fedpriv_here("simulate", "--resume", str(run.path))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Audit passed" in resumed.stdout
     assert run.events("resumed") and run.events("run-end")
@@ -243,7 +233,7 @@ def test_a_killed_simulation_audits_clean_refuses_a_second_writer_and_resumes(ti
     assert sorted(p.name for p in run.checkpoints.glob("*.safetensors"))[-1] == last
     if paid_twice:
         assert {e["round"] for e in run.events("site-budget-exhausted")} == {13 - paid_twice}
-    again = fedpriv("simulate", "--resume", str(run.path))
+    again = fedpriv_here("simulate", "--resume", str(run.path))
     assert again.returncode == 2 and "already finished" in again.stderr
 
 
@@ -253,7 +243,6 @@ def test_sigterm_stops_the_simulation_and_every_process_it_started(tiny_config, 
 
     Run on the Ray backend, the default (the in-process one starts no process to leave behind).
     """
-    import os
     import signal
     import time
 

@@ -128,16 +128,11 @@ def test_a_ledger_on_a_file_system_gone_read_only_refuses_clearly_and_still_veri
 
 
 def test_a_simulation_into_a_read_only_folder_is_refused_by_name_without_a_traceback(mount):
-    import subprocess
-    import sys
+    from tests.helpers import fedpriv_here
 
     folder = mount.read_only()
-    result = subprocess.run(
-        [sys.executable, "-m", "fedpriv.cli", "simulate", "--set", "model.name=builtin:tiny-random-bert"]
-        + ["--rounds", "1", "--output", str(folder / "run")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = fedpriv_here(
+        "simulate", "--set", "model.name=builtin:tiny-random-bert", "--rounds", "1", "--output", folder / "run"
     )
     assert result.returncode == 2
     assert f"{folder / 'run'}: cannot write the run directory: the file system is read-only (EROFS)" in result.stderr
