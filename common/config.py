@@ -225,6 +225,26 @@ class SimulationConfig(_Section):
     gpus_per_site: float = Field(
         0.0, ge=0.0, description="backend ray: GPU share per worker, e.g. 0.25 for four per GPU."
     )
+    ray_address: str = Field(
+        "",
+        description="backend ray: an existing Ray cluster to run on (auto, or its head's HOST:PORT); empty: a "
+        "private Ray on this machine.",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("ray://"):
+            raise ValueError(
+                "fedpriv simulate runs on a node of the cluster (as `flwr run` does): give the head's HOST:PORT "
+                "or auto, not a Ray Client ray:// address"
+            )
+        if value and value != "auto":
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not auto or HOST:PORT")
+        return value
 
     @field_validator("site_caps")
     @classmethod
@@ -291,6 +311,10 @@ class FedprivConfig(_Section):
     def _consistent(self) -> FedprivConfig:
         if self.simulation.partitioner == "column" and not self.simulation.column:
             raise ValueError("simulation.column must name a column when simulation.partitioner is 'column'")
+        if self.simulation.ray_address and self.simulation.backend != "ray":
+            raise ValueError(
+                "simulation.ray-address runs the sites on a Ray cluster: it needs simulation.backend = ray"
+            )
         p, s, t = self.privacy, self.strategy, self.train
         # As accounting.steps_per_round counts them (importing it here would load dp-accounting with every config).
         distributed = p.enabled and p.noise == "distributed"  # one step of the pooled data per round

@@ -20,6 +20,8 @@ SERVER_APP = "fedpriv.server.app:app"
 CLIENT_APP = "fedpriv.client.app:app"  # a site's; the only one a deployed site runs
 # The same handlers, declaring Flower's virtual nodes simulated (`flwr run` of a local simulation).
 SIMULATION_CLIENT_APP = "fedpriv.simulation.flower_clientapp:app"
+# The same handlers, with the site's run files kept on the driver (`fedpriv simulate` on a Ray cluster).
+CLUSTER_CLIENT_APP = "fedpriv.simulation.cluster_clientapp:app"
 APP_NAME = "fedpriv"
 
 

@@ -55,6 +55,13 @@ def simulate(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for partitioning, sampling and noise.")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the sites on an existing Ray cluster: auto, or its head's HOST:PORT; run this command on "
+            "a node of the cluster (sets simulation.ray-address, simulation.backend = ray)."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
     resume: Annotated[
         Path | None,
@@ -82,7 +89,7 @@ def simulate(
     from fedpriv.simulation.harness import resume_config
 
     if resume:
-        given = [config, settings, preset, rounds, sites, mode, epsilon, data, output, seed]
+        given = [config, settings, preset, rounds, sites, mode, epsilon, data, output, seed, ray_address]
         if no_dp or any(v for v in given):
             raise FedprivError("--resume continues a run with its saved settings; give no other settings with it")
         _run_simulation(resume_config(resume), verbose, resume=True)
@@ -96,6 +103,8 @@ def simulate(
         "data.path": data,
         "run-dir": str(output) if output else None,
         "seed": seed,
+        "simulation.ray-address": ray_address,
+        "simulation.backend": "ray" if ray_address else None,
     }
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     if no_dp:

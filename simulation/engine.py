@@ -24,11 +24,19 @@ from pathlib import Path
 from fedpriv.common import flower_compat
 from fedpriv.common import node_config as node_keys
 from fedpriv.common.config import FedprivConfig
-from fedpriv.common.flower_app import CLIENT_APP, SERVER_APP
+from fedpriv.common.flower_app import CLIENT_APP, CLUSTER_CLIENT_APP, SERVER_APP
 
 
-def run(config: FedprivConfig, app_dir: Path, verbose: bool = False, audit_fault: str | None = None) -> None:
-    """Runs the federation; every virtual node is declared a simulated site, `audit_fault` breaks them on purpose."""
+def run(
+    config: FedprivConfig,
+    app_dir: Path,
+    verbose: bool = False,
+    audit_fault: str | None = None,
+    site_names: list[str] | None = None,
+) -> None:
+    """Runs the federation; every virtual node is declared a simulated site, `audit_fault` breaks them on purpose.
+
+    On a Ray cluster (`simulation.ray-address`) the sites are `site_names`, in partition order."""
     from fedpriv.common.environment import apply_quiet_defaults
 
     node_config: dict = {node_keys.SIMULATED: True}
@@ -44,7 +52,19 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False, audit_fault
     ray_dir = None
     workers: contextlib.AbstractContextManager = flower_compat.in_process_workers()
     backend_config: dict = {}
-    if sim.backend == "ray":
+    client_app = CLIENT_APP
+    if sim.ray_address:
+        from fedpriv.simulation import cluster
+
+        if not site_names:
+            raise cluster.ClusterError("a run on a Ray cluster needs its site names (harness.simulate gives them)")
+        cluster.attach(config, verbose)  # Flower's backend then uses this connection
+        # Held for the whole run: a named actor goes when its last handle does.
+        run_files = cluster.start_run_files(config.run_dir, site_names)
+        client_app = CLUSTER_CLIENT_APP
+        workers = contextlib.nullcontext()
+        backend_config = {"client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site}}
+    elif sim.backend == "ray":
         # A private Ray temp dir: a stale cluster file from a killed run can hang Ray.
         ray_dir = tempfile.mkdtemp(prefix="fpray-")
         workers = contextlib.nullcontext()
@@ -63,7 +83,7 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False, audit_fault
             flower_compat.run_simulation(
                 app_dir,
                 server_app_attr=SERVER_APP,
-                client_app_attr=CLIENT_APP,
+                client_app_attr=client_app,
                 num_supernodes=sim.sites,
                 backend_config=backend_config,
                 verbose=verbose,
@@ -71,6 +91,9 @@ def run(config: FedprivConfig, app_dir: Path, verbose: bool = False, audit_fault
     finally:
         if ray_dir:
             shutil.rmtree(ray_dir, ignore_errors=True)
+        if sim.ray_address:
+            del run_files
+            cluster.clean_nodes(sim.ray_address, config.run_dir)
 
 
 # SIGTERM to `fedpriv simulate` must stop its Ray workers too. Ray's own SIGTERM

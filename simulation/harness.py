@@ -125,6 +125,10 @@ def simulate(
     """
     console = console or Console()
     check_model(config.model.name)  # before any site is built or anything is written
+    if config.simulation.ray_address:
+        from fedpriv.simulation import cluster
+
+        cluster.attach(config, verbose)  # every node can run the sites, or nothing is written
     run = RunDirectory.create(config.run_dir)
     with run.lock():
         if run.started() and not resume:
@@ -197,7 +201,7 @@ def _simulate(
     started = time.time()
     try:
         with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
-            engine.run(config, app_dir, verbose=verbose, audit_fault=audit_fault)
+            engine.run(config, app_dir, verbose=verbose, audit_fault=audit_fault, site_names=site_names)
     except FedprivError as error:  # the ServerApp runs in this process: its error arrives here
         _stopped(run, console, str(error))
     if not run.finished():

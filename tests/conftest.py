@@ -22,6 +22,7 @@ LONGEST_FIRST = (
     "test_deploy.py",
     "test_secure_deploy.py",
     "test_load.py",
+    "test_cluster.py",
     "test_deploy_hardening.py",
     "test_simulate.py",
     "test_completeness.py",
