@@ -17,6 +17,7 @@ between nodes but the model and the data, at the same paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -85,8 +86,9 @@ def check_nodes(config: FedprivConfig) -> list[dict]:
 
     needs = {"data.path": config.data.path, "data.labels": config.data.labels, "model.name": config.model.name}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # Named by address and id: nodes of one machine share an address.
     pending = {
-        node["NodeManagerAddress"]: ray.remote(num_cpus=0)(_node_report)
+        f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})": ray.remote(num_cpus=0)(_node_report)
         .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
         .remote(needs)
         for node in nodes
@@ -124,16 +126,18 @@ def clean_nodes(address: str, run_dir: str) -> None:
     if not ray.is_initialized():  # Flower's backend disconnects when the simulation ends
         connect(address, verbose=False)
     try:
-        ray.get(
-            [
-                ray.remote(num_cpus=0)(_remove_node_folders)
-                .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-                .remote(run_dir)
-                for node in ray.nodes()
-                if node.get("Alive")
-            ],
-            timeout=300,
-        )
+        removals = [
+            ray.remote(num_cpus=0)(_remove_node_folders)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+            .remote(run_dir)
+            for node in ray.nodes()
+            if node.get("Alive")
+        ]
+        for removal in removals:
+            # Best effort: a node that cannot run fedpriv ran no site and made no folder; the run's own
+            # error, if any, is the one to see.
+            with contextlib.suppress(Exception):
+                ray.get(removal, timeout=300)
     finally:
         ray.shutdown()
 

@@ -33,36 +33,42 @@ def _ray_processes(temp_dir: str):
                 yield process
 
 
+def start_node(ray: list[str], *args) -> None:
+    """`ray start ARGS` with its own agent ports (nodes of one machine must not share them)."""
+    names = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port")
+    ports = free_ports(4)
+    flags = [x for pair in zip((*names, "--runtime-env-agent-port"), ports, strict=True) for x in pair]
+    command = [*ray, "start", *map(str, args), "--num-cpus", "1", "--disable-usage-stats", *map(str, flags)]
+    started = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+
+
 @pytest.fixture
 def cluster():
-    """A two-node Ray cluster on this machine, one CPU per node; both nodes stopped afterwards.
+    """A two-node Ray cluster on this machine, one CPU per node; every node stopped afterwards.
 
     Never `ray stop`: it stops every Ray on the machine, other tests' simulations included.
     A short private temp folder: Ray's socket paths must fit in 107 bytes, and `ray.init()` elsewhere
     only finds clusters recorded in its own temp folder.
     """
     temp_dir = tempfile.mkdtemp(prefix="fpc-")
-    gcs, *ports = free_ports(10)
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    nodes = [
-        ["start", "--head", "--port", gcs, "--temp-dir", temp_dir, "--include-dashboard", "false"]
-        + ["--ray-client-server-port", ports[8]],
-        ["start", "--address", f"127.0.0.1:{gcs}"],
-    ]
+    gcs, client = free_ports(2)
     try:
-        for node, agent in zip(nodes, (ports[0:4], ports[4:8]), strict=True):
-            names = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port")
-            flags = [x for pair in zip((*names, "--runtime-env-agent-port"), agent, strict=True) for x in pair]
-            started = subprocess.run(
-                [RAY, *map(str, node + common + flags)], capture_output=True, text=True, env=ENV, timeout=300
-            )
-            assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        head = ["--head", "--port", gcs, "--temp-dir", temp_dir, "--include-dashboard", "false"]
+        start_node([RAY], *head, "--ray-client-server-port", client)
+        start_node([RAY], "--address", f"127.0.0.1:{gcs}")
         yield f"127.0.0.1:{gcs}", temp_dir
     finally:
         for process in _ray_processes(temp_dir):
             with contextlib.suppress(Exception):
                 process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def write(folder: Path, config) -> Path:
+    path = folder / f"{Path(config.run_dir).name}.toml"
+    path.write_text(tomli_w.dumps(config.model_dump(by_alias=True)))
+    return path
 
 
 def _raylets(temp_dir: str) -> set[int]:
@@ -89,9 +95,8 @@ def test_a_simulation_runs_on_a_two_node_cluster_with_sites_on_both_and_the_file
     address, temp_dir = cluster
     assert len(_raylets(temp_dir)) == 2, "the head and the worker node each run a raylet"
     config = tiny_config.replace(**{"simulation.backend": "ray", "simulation.cpus-per-site": 1.0})
-    path = tmp_path / "fedpriv.toml"
-    path.write_text(tomli_w.dumps(config.model_dump(by_alias=True)))
-    command = [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", path, "--ray-address", address]
+    command = [sys.executable, "-m", "fedpriv.cli", "simulate", "--config", write(tmp_path, config)]
+    command += ["--ray-address", address]
     with open(tmp_path / "out", "wb") as out:
         process = subprocess.Popen(list(map(str, command)), cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     placed: dict[int, int] = {}
@@ -117,6 +122,18 @@ def test_a_simulation_runs_on_a_two_node_cluster_with_sites_on_both_and_the_file
         assert len(run.ledger_path(name).read_text().splitlines()) == 2
     # The folders where the nodes kept their sites' copies (keys included) are gone with the run.
     assert not node_folders(str(run.path)).exists()
+
+    # A third node whose Python has every library but not fedpriv: named before anything is written.
+    bare = tmp_path / "python-without-fedpriv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True, timeout=300)
+    libraries = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "ray").is_dir())
+    (next(bare.glob("lib/python3*/site-packages")) / "libraries.pth").write_text(f"{libraries}\n")
+    start_node([str(bare / "bin" / "python"), "-m", "ray.scripts.scripts"], "--address", address)
+    command[command.index("--config") + 1] = write(tmp_path, config.replace(**{"run-dir": str(tmp_path / "run-2")}))
+    refused = subprocess.run(list(map(str, command)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "cannot run fedpriv's sites" in refused.stderr and "No module named 'fedpriv" in refused.stderr
+    assert "install fedpriv" in refused.stderr and not (tmp_path / "run-2").exists()
 
 
 def test_a_cluster_that_cannot_be_reached_is_named_before_anything_is_written(tmp_path):
