@@ -136,10 +136,11 @@ def epsilon_plot_png(report: AuditReport) -> bytes:
     return buffer.getvalue()
 
 
-def _headline(report: AuditReport) -> str:
+def headline(report: AuditReport) -> str:
+    """The audit's finding in one sentence (plain text)."""
     files = f"{len(report.ledgers)} ledger file{'s' if len(report.ledgers) != 1 else ''}"
     if not report.sites:
-        return html.escape(f"{files} checked; no site released anything.")
+        return f"{files} checked; no site released anything."
     worst = max(report.sites, key=lambda s: math.inf if s.epsilon is None else s.epsilon)
     cap = f" of its cap {_eps(worst.cap)}" if worst.cap else ""
     verdict = {
@@ -148,7 +149,7 @@ def _headline(report: AuditReport) -> str:
         "incomplete": "no violation found, but the ledgers could not be proven complete (see Completeness)",
         "failed": f"{len(report.violations)} violation(s), listed under Findings",
     }[report.verdict]
-    return html.escape(
+    return (
         f"{len(report.sites)} site(s), {files}: {verdict}. The most any site spent is epsilon "
         f"{_eps(worst.epsilon)} ({worst.site}, delta {worst.delta:g}){cap}."
     )
@@ -194,7 +195,7 @@ def html_report(report: AuditReport) -> str:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
 .bad{{color:#b00}}.note{{color:#a60}}h1 span{{color:{"#080" if report.ok else "#b00"}}}</style></head>
 <body><h1>Privacy audit <span>{status}</span></h1>
-<p><b>In short:</b> {_headline(report)}</p>
+<p><b>In short:</b> {html.escape(headline(report))}</p>
 <p><b>How to read it.</b> <i>Epsilon</i> bounds how much everything a site released (model updates, noised
 evaluation counts) can reveal about any one record of its data: smaller is more private, and it adds up over
 releases. <i>Delta</i> is the small probability with which that bound may fail. The <i>cap</i> is the most

@@ -195,7 +195,7 @@ class WorkerRuntime:
             train=model.prepare(train),
             validation=model.prepare(validation),
             data_id=data_sha256(train.texts, train.labels),
-            policy=site_policy(node, config, simulated),
+            policy=site_policy(node, config, simulated, name),
             model=model,
             config=config,
             run_id=run_id,

@@ -163,8 +163,9 @@ def _positive(value: Any, key: str) -> float:
     return number
 
 
-def site_policy(node: Mapping[str, Any], config: FedprivConfig, simulated: bool) -> SitePolicy:
-    """A real site's policy is its operator's alone (node config); a simulated site's operator is the harness's."""
+def site_policy(node: Mapping[str, Any], config: FedprivConfig, simulated: bool, name: str) -> SitePolicy:
+    """A real site's policy is its operator's alone (node config); a simulated site's operator is the harness's,
+    which can give a site a real site's policy (simulation.site-policies) to see what it would refuse."""
     if simulated:
-        return SitePolicy.simulated(config.privacy.max_colluding_sites)
+        return config.simulation.policies().get(name) or SitePolicy.simulated(config.privacy.max_colluding_sites)
     return SitePolicy.from_node_config(node)

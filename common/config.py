@@ -13,7 +13,7 @@ import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,9 @@ from fedpriv.common import files
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.schema import FrozenKebabModel, kebab
 from fedpriv.common.site_settings import DataFormat, Delta
+
+if TYPE_CHECKING:
+    from fedpriv.common.privacy.site_policy import SitePolicy
 
 
 class ConfigError(FedprivError, ValueError):
@@ -216,6 +219,13 @@ class SimulationConfig(_Section):
     site_caps: str = Field(
         "", description="Per-site epsilon caps, e.g. 'site-001=2.5,site-004=4' (others: privacy.epsilon-cap)."
     )
+    site_policies: str = Field(
+        "",
+        description="Simulated sites that keep a policy of their own, as a deployed site's operator sets it (the "
+        "keys of a federation file's [site-defaults.policy]; keys not named keep a real site's strict defaults), "
+        "e.g. 'site-002: min-colluding-sites=2; site-004: modes=head max-release-epsilon=1'. The other sites "
+        "follow the simulation's settings and refuse nothing.",
+    )
     backend: Literal["ray", "in-process"] = Field(
         "ray",
         description="Where sites train: ray (Ray actors, sized by cpus-per-site and gpus-per-site, sites in "
@@ -254,6 +264,38 @@ class SimulationConfig(_Section):
 
     def caps(self) -> dict[str, float]:
         return _parse_caps(self.site_caps)
+
+    @field_validator("site_policies")
+    @classmethod
+    def _parse_policies(cls, value: str) -> str:
+        _parse_policies(value)
+        return value
+
+    def policies(self) -> dict[str, SitePolicy]:
+        return _parse_policies(self.site_policies)
+
+
+def _parse_policies(text: str) -> dict[str, SitePolicy]:
+    from fedpriv.common.privacy.site_policy import PREFIX, PolicyError, SitePolicy
+
+    known = {name.replace("_", "-") for name in SitePolicy.model_fields}
+    policies = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        site, colon, rest = item.partition(":")
+        site = site.strip()
+        if not colon or not site:
+            raise ValueError(f"'{item}' is not 'SITE: key=value ...'")
+        node: dict[str, str] = {}
+        for setting in rest.split():
+            key, equals, value = setting.partition("=")
+            if not equals or key not in known:
+                raise ValueError(f"{site}: '{setting}' is not key=value with a policy key ({', '.join(sorted(known))})")
+            node[key if key == "allow-non-private" else PREFIX + key] = value
+        try:
+            policies[site] = SitePolicy.from_node_config(node)
+        except PolicyError as error:
+            raise ValueError(f"{site}: {error}".replace("node config ", "").replace(PREFIX, "")) from None
+    return policies
 
 
 def _parse_caps(text: str) -> dict[str, float]:

@@ -206,6 +206,8 @@ class SecureKeys(RunEvent):
     KIND = "secure-keys"
     round: int
     reason: str
+    sites: int | None = None  # the cohort the keys are agreed among
+    threshold: int | None = None  # shares needed to unmask: the round survives sites - threshold dropouts
 
 
 class SecureRoundAbandoned(RunEvent):

@@ -117,11 +117,14 @@ class RunDirectory:
         # for events many times, the file is read again only after it grew.
         self._parsed: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
+    @staticmethod
+    def where(path: str | Path | None) -> Path:
+        """Where a run given `path` (empty: runs/<date>-<time>) is written."""
+        return Path(path or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
+
     @classmethod
     def create(cls, path: str | Path | None) -> RunDirectory:
-        if not path:
-            path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        run = cls(Path(path).expanduser().resolve())
+        run = cls(cls.where(path))
         with storage(run.path, "run directory"):
             run.path.mkdir(parents=True, exist_ok=True)
             (run.path / CHECKPOINTS).mkdir(exist_ok=True)

@@ -6,6 +6,7 @@ site agent never loads aggregator code.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,15 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 register_deploy_commands(app)
+DASHBOARD_PORT = 8765
+DashboardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dashboard",
+        help="Serve a live page of the run on http://127.0.0.1 while it goes on (see fedpriv dashboard).",
+    ),
+]
+DashboardPortOpt = Annotated[int, typer.Option(help="Port of --dashboard.", min=1, max=65535)]
 # Piped output (CI logs, `| tee`) keeps whole tables instead of 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
@@ -67,6 +77,8 @@ def simulate(
         Path | None,
         typer.Option(help="Continue a run that was cut short (killed, crashed) from its last complete round."),
     ] = None,
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = DASHBOARD_PORT,
 ) -> None:
     """Run a federation of simulated sites on this machine (Flower Simulation Engine).
 
@@ -92,7 +104,7 @@ def simulate(
         given = [config, settings, preset, rounds, sites, mode, epsilon, data, output, seed, ray_address]
         if no_dp or any(v for v in given):
             raise FedprivError("--resume continues a run with its saved settings; give no other settings with it")
-        _run_simulation(resume_config(resume), verbose, resume=True)
+        _run_simulation(resume_config(resume), verbose, resume=True, dashboard_port=dashboard_port if dashboard else 0)
         return
 
     shortcuts = {
@@ -113,15 +125,22 @@ def simulate(
         preset, why = simulation_preset({**user_settings(config, settings or []), **overrides})
         console.print(f"Settings: preset {preset} ({why}; --preset to choose)", highlight=False)
     cfg = apply_overrides(load_config(config, settings or [], preset), overrides)
-    _run_simulation(cfg, verbose)
+    _run_simulation(cfg, verbose, dashboard_port=dashboard_port if dashboard else 0)
 
 
-def _run_simulation(cfg, verbose: bool, resume: bool = False) -> None:
-    """Exit 1 when the run's own audit fails, as `fedpriv audit` does."""
+def _run_simulation(cfg, verbose: bool, resume: bool = False, dashboard_port: int = 0) -> None:
+    """Exit 1 when the run's own audit fails, as `fedpriv audit` does; `dashboard_port`: serve the run live."""
+    from fedpriv.common.rundir import RunDirectory
     from fedpriv.simulation.harness import AuditFailedError, simulate
 
     try:
-        simulate(cfg, console=console, verbose=verbose, resume=resume)
+        with contextlib.ExitStack() as stack:
+            if dashboard_port:
+                from fedpriv.dashboard.server import beside
+
+                cfg = cfg.replace(**{"run-dir": str(RunDirectory.where(cfg.run_dir))})
+                stack.enter_context(beside(Path(cfg.run_dir), dashboard_port, console.print))
+            simulate(cfg, console=console, verbose=verbose, resume=resume)
     except AuditFailedError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False)
         raise typer.Exit(1) from None
@@ -277,6 +296,39 @@ def _empirical(
             f"  files: {output}"
         )
     raise typer.Exit(1 if result.refuted else 0)
+
+
+@app.command()
+def dashboard(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory (running or finished), or an aggregator's state folder (its newest run, "
+            "followed as new ones start)."
+        ),
+    ],
+    port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = DASHBOARD_PORT,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to serve on. Anything but loopback (127.0.0.1, ::1, localhost) needs a token: "
+            "$FEDPRIV_DASHBOARD_TOKEN, or one made and printed now."
+        ),
+    ] = "127.0.0.1",
+) -> None:
+    """A live, read-only web page of a run: rounds, accuracy, each site's state and budget, secure aggregation,
+    the audit, and the settings that decide privacy. Built from the run directory's records only."""
+    import os
+
+    from fedpriv.dashboard.server import TOKEN_ENV, Dashboard, is_loopback, new_token
+    from fedpriv.dashboard.view import open_view
+
+    token = None if is_loopback(host) else os.environ.get(TOKEN_ENV) or new_token()
+    served = Dashboard(open_view(path), host=host, port=port, token=token)
+    console.print(f"fedpriv dashboard of {served.view.state or served.view.path}: {served.url}  (Ctrl-C stops it)")
+    if token and not os.environ.get(TOKEN_ENV):
+        console.print(f"Made a token for this address; set {TOKEN_ENV} to choose one.", highlight=False)
+    served.serve()
 
 
 @app.command("app")

@@ -180,27 +180,42 @@ class SecureRound:
             return f"the sites available changed (joined {joined}, left {left})"
         return epoch.stale
 
-    def _agree(self, rnd: int, available: frozenset[int], timeout: float, outcome: SecureOutcome) -> _Epoch:
-        """Key agreement among the available sites: each advertises keys signed by its identity key."""
+    def _agree(self, rnd: int, why: str, available: frozenset[int], timeout: float, outcome: SecureOutcome) -> _Epoch:
+        """Key agreement among the available sites: each advertises keys signed by its identity key.
+
+        A site that declines (its policy refuses the round, or its budget is spent) stays out of the cohort,
+        and the keys are agreed again among the sites that accepted, under the threshold rule for their
+        number. Kept at the threshold for everyone asked, the cohort would tolerate fewer dropouts than the
+        rule gives it, or none: two sites of five that always decline would abandon every round. The epoch
+        still covers every site asked, so the ones that declined are asked again when keys are next agreed.
+        """
         self.epoch = None
         node_of = {self.names[n]: n for n in available}
         sites = sorted(node_of)
         t = self.config.privacy.max_colluding_sites
-        if len(sites) < max(2, t + 1):
-            raise RoundAbandoned(f"round {rnd}: only {len(sites)} site(s) answered; secure aggregation needs more")
-        secagg = SecAggConfig(
-            run_id=self.run_id,
-            round=rnd,
-            sites=tuple(sites),
-            threshold=default_threshold(len(sites), t),
-            max_colluding=t,
-            length=self.length,
-            scale=SCALE,
-            bound=BOUND,
-        )
-        session = AggregatorSession(secagg)
-        request = StageRequest(ADVERTISE, rnd, secagg.to_json())
-        replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request for s in sites}, timeout, outcome)
+        while True:
+            if len(sites) < max(2, t + 1):
+                self.log_event(SecureKeys(round=rnd, reason=why, sites=len(sites)))
+                raise RoundAbandoned(f"round {rnd}: only {len(sites)} site(s) answered; secure aggregation needs more")
+            secagg = SecAggConfig(
+                run_id=self.run_id,
+                round=rnd,
+                sites=tuple(sites),
+                threshold=default_threshold(len(sites), t),
+                max_colluding=t,
+                length=self.length,
+                scale=SCALE,
+                bound=BOUND,
+            )
+            self.log_event(SecureKeys(round=rnd, reason=why, sites=len(sites), threshold=secagg.threshold))
+            session = AggregatorSession(secagg)
+            request = StageRequest(ADVERTISE, rnd, secagg.to_json())
+            replies = self._exchange(rnd, ADVERTISE, {node_of[s]: request for s in sites}, timeout, outcome)
+            declined = sorted(set(sites) & {*outcome.refused, *outcome.exhausted})
+            if not declined or len(replies) == len(sites):
+                break
+            sites = sorted(replies)
+            why = f"{', '.join(declined)} declined; agreeing again among the {len(sites)} that accepted"
         ads = {s: dict(StageReply.from_message(m, ADVERTISE).data) for s, m in replies.items()}
         broadcast = advertisements_to_data(session.collect_advertisements(ads))
         self.epoch = _Epoch(session, available, node_of, broadcast)
@@ -218,8 +233,7 @@ class SecureRound:
         available = frozenset(n for n in nodes if n in self.names)
         why = self._why_agree(available)
         if why:
-            self.log_event(SecureKeys(round=rnd, reason=why))
-            epoch = self._agree(rnd, available, quick, outcome)
+            epoch = self._agree(rnd, why, available, quick, outcome)
         else:
             assert self.epoch is not None
             epoch = self.epoch

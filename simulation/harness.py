@@ -21,6 +21,7 @@ from fedpriv.common.flower_app import write_app_dir
 from fedpriv.common.partition import label_histogram, split_for
 from fedpriv.common.privacy import signing
 from fedpriv.common.privacy.plan import plan_for
+from fedpriv.common.privacy.wording import privacy_in_words
 from fedpriv.common.resources import check_model
 from fedpriv.common.run_events import RoundEnd, RunFailed, SiteError, TrainAggregate
 from fedpriv.common.rundir import AGGREGATOR, CONFIG, RunDirectory, RunDirectoryError
@@ -85,6 +86,13 @@ def plan_sites(config: FedprivConfig, labels: LabelSet) -> tuple[FedprivConfig, 
         config = config.replace(**{"simulation.sites": sites})
     check_sites(config)
     parts, names = split_for(config, dataset, sites)
+    for setting, named in (("site-caps", sim.caps()), ("site-policies", sim.policies())):
+        strangers = sorted(set(named) - set(names))
+        if strangers:
+            raise ConfigError(
+                f"simulation.{setting}: no simulated site is called {', '.join(strangers)} "
+                f"(the sites are {names[0]} ... {names[-1]})"
+            )
     histogram = label_histogram(dataset.labels, parts, len(labels))
     table = Table(title=f"{len(parts)} sites from {dataset.source} ({sim.partitioner})", title_justify="left")
     for column in ("site", "rows", "labels present", "largest label share"):
@@ -172,24 +180,8 @@ def _simulate(
     labels = LabelSet.load(config.data.labels)
     config, sites_table, site_names = plan_sites(config, labels)
     console.print(sites_table)
-    privacy = config.privacy
-    if privacy.enabled:
-        target = (
-            f"noise multiplier {privacy.noise_multiplier}"
-            if privacy.noise_multiplier
-            else f"target epsilon {privacy.target_epsilon:g} per site"
-        )
-        console.print(f"DP-SGD at every site: {target}, delta {privacy.delta:g}, clip {privacy.max_grad_norm:g}")
-        if privacy.noise == "distributed":
-            console.print(
-                "Distributed noise under secure aggregation: each site adds a share of the noise and the "
-                f"aggregator sees only the sum (private while at most {privacy.max_colluding_sites} site(s) "
-                "collude with it)"
-            )
-        elif privacy.secure_aggregation:
-            console.print("Secure aggregation: the aggregator sees only the sum of the updates")
-    else:
-        console.print("[yellow]DP is off: a non-private baseline; no privacy guarantee.[/]")
+    for sentence in privacy_in_words(config):
+        console.print(sentence if config.privacy.enabled else f"[yellow]{sentence}[/]", highlight=False)
     console.print(
         f"{config.rounds} rounds of {config.strategy.name}, mode {config.model.mode}, "
         f"model {config.model.name}; run directory {run.path}"

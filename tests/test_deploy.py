@@ -28,6 +28,7 @@ from tests.local_federation import (
     LocalFederation,
     fedpriv,
     finish,
+    free_ports,
     running,
     wait_for,
 )
@@ -382,10 +383,14 @@ def test_full_run_over_tls_with_node_authentication(fed):
     assert "registered site-a" in log and "registered site-b" in log
 
     run_dir = fed.root / "run-full"
-    process = fed.submit("--run-dir", run_dir, "--set", f"data.test-path={fed.test}")
+    (port,) = free_ports(1)
+    process = fed.submit(
+        "--run-dir", run_dir, "--set", f"data.test-path={fed.test}", "--dashboard", "--dashboard-port", str(port)
+    )
     code, out, err = finish(process)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "Final test accuracy" in out
+    assert f"Dashboard: http://127.0.0.1:{port}/" in out  # served while the run went on (tests/test_dashboard.py)
 
     run = RunDirectory(run_dir)
     summary = run.summary()
@@ -397,6 +402,15 @@ def test_full_run_over_tls_with_node_authentication(fed):
         assert fed.ledger(site).exists()
     report = check_audit(fed, run_dir)
     assert {s["site"] for s in report["sites"]} == set(SITES)
+    # What the dashboard shows of a deployed run: the sites by name, and whose settings decide.
+    from fedpriv.dashboard.view import RunView
+
+    view = RunView(run_dir)
+    view.refresh()
+    state = view.snapshot()
+    assert state["deployed"] and state["status"] == "finished" and state["rounds-done"] == 2
+    assert [s["name"] for s in state["sites"]] == sorted(SITES) and all(s["state"] == "trained" for s in state["sites"])
+    assert any("each site's own policy and budget decide" in p for p in state["privacy"])
 
 
 @pytest.mark.slow

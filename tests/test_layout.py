@@ -19,6 +19,7 @@ ROOMS = {
     "simulation": ROOT / "simulation",
     "audit": ROOT / "audit",
     "deploy": ROOT / "fedpriv" / "deploy",
+    "dashboard": ROOT / "fedpriv" / "dashboard",
 }
 
 
@@ -52,6 +53,8 @@ def _room(module: str) -> str | None:
         ("audit", {"client", "server", "simulation", "deploy", "cli"}),
         ("simulation", {"deploy", "cli"}),
         ("deploy", {"simulation"}),
+        # Operator tooling that reads run directories: what the roles share and the auditor, never a role.
+        ("dashboard", {"client", "server", "simulation", "deploy", "cli"}),
     ],
 )
 def test_rooms_import_only_what_the_layout_allows(room, forbidden):
@@ -189,7 +192,7 @@ def test_only_the_run_directory_knows_its_layout():
     assert {"ledgers", "keys", "progress", "flower-app", "public-keys.json", "metrics.jsonl"} <= names
     offenders = []
     # The deploy tooling keeps its own state folders (an agent's, an aggregator's), which are no run directory.
-    for path, tree in _sources("common", "client", "server", "simulation", "audit").items():
+    for path, tree in _sources("common", "client", "server", "simulation", "audit", "dashboard").items():
         if path == "common/rundir.py":
             continue
         for node in ast.walk(tree):

@@ -96,7 +96,8 @@ def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys
     # site-003 can afford one round. Round 2 runs on round 1's keys: its budget check refuses at the mask
     # stage, before anything is computed, while the others mask with it; it counts as dropped and its masks
     # are removed with the pair keys of round 2 the others reveal. Round 3 agrees keys again, and site-003
-    # refuses at once: the keys are agreed among the other three and nothing of site-003 needs recovering.
+    # refuses at once: the keys are agreed again among the other three, under the threshold for three, and
+    # nothing of site-003 needs recovering.
     config = config.replace(**{"simulation.site-caps": f"site-003={one_round * 1.01:.6f}"})
     run = RunDirectory(_run(config).path)
     aggregates = {e["round"]: e for e in run.events("train-aggregate")}
@@ -106,5 +107,7 @@ def test_a_site_whose_budget_is_spent_leaves_at_the_mask_stage_and_the_next_keys
     assert [(e["round"], e["site"]) for e in run.events("site-budget-exhausted")] == [(2, "site-003"), (3, "site-003")]
     stages = [(e["round"], e["stage"]) for e in run.events("secure-stage")]
     assert [s for r, s in stages if r == 2] == [MASK, UNMASK]  # steady state: two exchanges
-    assert [s for r, s in stages if r == 3] == [ADVERTISE, MASK, UNMASK]
+    assert [s for r, s in stages if r == 3] == [ADVERTISE, ADVERTISE, MASK, UNMASK]
+    keys = [(e["sites"], e["threshold"]) for e in run.events("secure-keys") if e["round"] == 3]
+    assert keys == [(4, 3), (3, 2)]
     assert summarize(run)["rounds-completed"] == 3 and summarize(run)["central-accuracy"] > 0.6

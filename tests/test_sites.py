@@ -203,3 +203,48 @@ def test_a_simulation_whose_sites_all_failed_is_an_error_not_a_finished_run(tmp_
     refused.log(SiteRefused(round=1, site="site-000", reason="below its minimum", phase="train"))
     refused.log(AllSitesRefused(round=1, sites=1, exhausted=0))
     check_someone_trained(refused)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "refused"),
+    [
+        ("site-caps", "site-007=2", "simulation.site-caps: no simulated site is called site-007"),
+        (
+            "site-policies",
+            "site-001: modes=head; site-009: modes=lora",
+            "site-policies: no simulated site is called site-009",
+        ),
+    ],
+)
+def test_per_site_settings_must_name_simulated_sites(tiny_config, setting, value, refused):
+    with pytest.raises(ConfigError, match=refused):
+        plan_sites(tiny_config.replace(**{f"simulation.{setting}": value}), LABEL_SET)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("site-001 modes=head", "'site-001 modes=head' is not 'SITE: key=value ...'"),
+        ("site-001: colluders=2", "site-001: 'colluders=2' is not key=value with a policy key (allow-non-private,"),
+        ("site-001: max-release-epsilon=0", "site-001: max-release-epsilon: Input should be greater than 0"),
+        ("site-001: modes=head,adapters", "site-001: modes"),
+        ("site-001: allow-non-private=perhaps", "site-001: allow-non-private: expected true or false"),
+    ],
+)
+def test_a_simulated_sites_policy_is_read_as_a_real_sites_and_bad_keys_are_named(tiny_config, value, refused):
+    with pytest.raises(ConfigError, match=r"simulation\.site-policies") as caught:
+        tiny_config.replace(**{"simulation.site-policies": value})
+    assert refused in str(caught.value)
+
+
+def test_a_simulated_site_named_in_site_policies_keeps_a_real_sites_policy(tiny_config):
+    from fedpriv.client.site import site_policy
+    from fedpriv.common.privacy.site_policy import SitePolicy
+
+    config = tiny_config.replace(**{"simulation.site-policies": "site-001: min-colluding-sites=2 modes=head"})
+    strict = site_policy({}, config, simulated=True, name="site-001")
+    assert strict.min_colluding_sites == 2 and strict.modes == ("head",)
+    assert strict.max_release_epsilon == SitePolicy().max_release_epsilon  # unnamed keys: a real site's defaults
+    assert not strict.allow_non_private
+    relaxed = site_policy({}, config, simulated=True, name="site-002")
+    assert relaxed == SitePolicy.simulated(config.privacy.max_colluding_sites)

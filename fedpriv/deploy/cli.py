@@ -204,8 +204,17 @@ def aggregator_run(
         Path | None, typer.Option("--app", help="The fedpriv Flower App folder (default: this installation's).")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="The aggregator was started with --insecure.")] = False,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard", help="Serve a live page of the run on http://127.0.0.1 while it goes on (fedpriv dashboard)."
+        ),
+    ] = False,
+    dashboard_port: Annotated[int, typer.Option(help="Port of --dashboard.", min=1, max=65535)] = 8765,
 ) -> None:
     """Submit a fedpriv run to the running aggregator and stream its progress."""
+    import contextlib
+
     from fedpriv.common.rundir import RunDirectory
     from fedpriv.deploy.aggregator import AggregatorError
     from fedpriv.server.report import print_summary
@@ -218,13 +227,18 @@ def aggregator_run(
     else:
         cfg = aggregator.run_config(config, settings or [], run_dir)
     _log(f"run directory {cfg.run_dir}")
-    code = aggregator.submit(cfg, app_dir)
-    run = RunDirectory(cfg.run_dir)
-    if code == 0 and not run.finished():
-        # Flower's log stream can end while the run goes on (seen under load):
-        # the run directory says when it is really over.
-        _log("the log stream ended before the run did; following its run directory")
-        _follow(run, idle=cfg.strategy.round_timeout + 120)
+    with contextlib.ExitStack() as stack:
+        if dashboard:
+            from fedpriv.dashboard.server import beside
+
+            stack.enter_context(beside(Path(cfg.run_dir), dashboard_port, _log))
+        code = aggregator.submit(cfg, app_dir)
+        run = RunDirectory(cfg.run_dir)
+        if code == 0 and not run.finished():
+            # Flower's log stream can end while the run goes on (seen under load):
+            # the run directory says when it is really over.
+            _log("the log stream ended before the run did; following its run directory")
+            _follow(run, idle=cfg.strategy.round_timeout + 120)
     if code == 0 and run.finished():
         print_summary(run, console)
         raise typer.Exit(0)
