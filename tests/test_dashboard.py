@@ -25,6 +25,9 @@ import tomli_w
 from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
 from tests.local_federation import free_ports
 
+# One worker runs them all, so the tiny run they share is made once.
+pytestmark = pytest.mark.xdist_group("test_dashboard")
+
 REFUSER, CAPPED = "site-004", "site-000"
 ROUNDS = 3
 # Bounds a hang, never paces a test: every wait ends as soon as what it waits for is there.
