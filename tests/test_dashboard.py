@@ -124,7 +124,7 @@ def test_the_view_of_a_real_run_shows_each_sites_state_budget_and_the_secure_rou
 
 
 def test_the_view_reads_only_complete_new_lines_and_skips_a_damaged_one(tmp_path):
-    from fedpriv.common.run_events import RoundEnd, RoundStart, RunStart
+    from fedpriv.common.run_events import RoundEnd, RoundStart, RunStart, SiteError, SiteRefused, SiteRejected
     from fedpriv.common.rundir import RunDirectory
     from fedpriv.dashboard.view import RunView
 
@@ -145,9 +145,24 @@ def test_the_view_reads_only_complete_new_lines_and_skips_a_damaged_one(tmp_path
     assert view.refresh()
     state = view.snapshot()
     assert state["rounds-done"] == 1 and state["seconds-per-round"] == [[1, 2.5]] and state["skipped-lines"] == 1
+    # Round 2: one site's reply rejected at admission, one lost, one refused at one stage and lost at the next.
+    run.log(SiteRejected(round=2, site="site-a", reason="update norm 812 exceeds strategy.max-update-norm 100"))
+    run.log(SiteError(round=2, site="site-b", reason="node went away", phase="secagg_mask"))
+    run.log(SiteRefused(round=2, site="site-c", reason="site-c refuses: below its minimum", phase="secagg_advertise"))
+    run.log(SiteError(round=2, site="site-c", reason="timeout", phase="secagg_mask"))
     run.log(RoundEnd(round=2, seconds=1.5))
     view.refresh()
-    assert view.snapshot()["rounds-done"] == 2 and view.snapshot()["mean-round-seconds"] == 2.0
+    state = view.snapshot()
+    assert state["rounds-done"] == 2 and state["mean-round-seconds"] == 2.0
+    sites = {s["name"]: (s["state"], s["reason"]) for s in state["sites"]}
+    assert sites["site-a"] == ("rejected", "update norm 812 exceeds strategy.max-update-norm 100")
+    assert sites["site-b"] == ("dropped", "node went away (at secagg_mask)")
+    assert sites["site-c"][0] == "refused"  # the worse news of the round stays
+    assert {k: state["rounds"][0][k] for k in ("rejected", "dropped", "refused")} == {
+        "rejected": 1,
+        "dropped": 2,
+        "refused": 1,
+    }
 
 
 def test_an_aggregators_state_folder_shows_its_newest_run_and_follows_the_next(tmp_path):
