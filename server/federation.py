@@ -110,6 +110,9 @@ class Federation:
         self.run_id = run_id
         self.history = ReleaseHistory()  # the releases sites sent in this run: a record is accepted once
         self.node_names = run.node_names()  # a deployment's registrations: a site that drops names no one
+        # Nodes whose last answer was a refusal or a spent budget: they will say the same next round. The run
+        # ends for them only once every connected node is one (a round may ask only some of the sites).
+        self.declining: set[int] = set()
         p = config.privacy
         self.secure = (
             SecureRound(grid, config, run_id, model.bundle.trainable_size, self.history, run.log)
@@ -228,6 +231,8 @@ class Federation:
             self.run.log(SiteTrain(round=rnd, site=site, **outcome.metrics.get(site, {})))
         for site in outcome.exhausted:
             self.ledger.append(SiteExhausted(round=rnd, site=site))
+        self.declining -= self.secure.nodes_of(outcome.entries)
+        self.declining |= outcome.declining
         if outcome.total is None:
             exhausted, refused = len(outcome.exhausted), len(outcome.refused)
             return state, self._nobody_trains(rnd, bool(outcome.entries), exhausted, refused)
@@ -251,8 +256,16 @@ class Federation:
         self.run.log(SiteLevelRelease(round=rnd, epsilon=spent.epsilon, delta=spent.delta))
 
     def _nobody_trains(self, rnd: int, accepted: bool, exhausted: int, refused: int) -> bool:
-        """Whether the run must end: no update came, and every site that answered will say the same next round."""
+        """Whether the run must end: no update came, and every connected site will say what it said last.
+
+        Sites that refused or are out of budget say the same next round; a site not asked this round (the
+        strategy samples a fraction of them), or whose reply failed or was rejected, may still train.
+        """
         if accepted or not (exhausted or refused):
+            return False
+        waiting = set(self.grid.get_node_ids()) - self.declining
+        if waiting:
+            log.info("round %d: no update; %d connected site(s) may still train in a later round", rnd, len(waiting))
             return False
         if refused:
             # The same settings meet the same policies next round: say so once and stop.
@@ -277,6 +290,7 @@ class Federation:
                 log.warning("round %d: %s failed: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Exhausted):
                 exhausted += 1
+                self.declining.add(reply.metadata.src_node_id)
                 metrics = dict(verdict.reply.metrics)
                 self.run.log(SiteBudgetExhausted(round=rnd, site=site, **metrics))
                 self.ledger.append(SiteExhausted(round=rnd, site=site, epsilon=metrics.get(EPSILON)))
@@ -284,9 +298,11 @@ class Federation:
                 log.info("round %d: %s has exhausted its privacy budget and did not train", rnd, site)
             elif isinstance(verdict, Refused):
                 refused += 1
+                self.declining.add(reply.metadata.src_node_id)
                 self.run.log(SiteRefused(round=rnd, site=site, reason=verdict.reason, phase="train"))
                 log.warning("round %d: %s refused the round: %s", rnd, site, verdict.reason)
             elif isinstance(verdict, Admitted):
+                self.declining.discard(reply.metadata.src_node_id)
                 if verdict.entry is not None:
                     self.heads.receipt(rnd, site, verdict.entry)
                 self.heads.reported_in(site, dict(verdict.reply.metrics))

@@ -80,6 +80,7 @@ class SecureOutcome:
     metrics: dict[str, dict] = field(default_factory=dict)
     exhausted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # sites whose own policy refused the round
+    declining: set[int] = field(default_factory=set)  # the nodes of the refused and exhausted sites
     rekey: list[str] = field(default_factory=list)  # sites that held no keys of the round's agreement
     abandoned: str = ""
 
@@ -137,10 +138,12 @@ class SecureRound:
                 log.warning("round %d: %s holds no keys of this round: %s", rnd, site, why)
             elif held is not None and held[0] == REFUSED:
                 outcome.refused.append(site)
+                outcome.declining.add(node)
                 self.log_event(SiteRefused(round=rnd, site=site, reason=held[1], phase=stage))
                 log.warning("round %d: %s refused the round at %s: %s", rnd, site, stage, held[1])
             elif held is not None:
                 outcome.exhausted.append(site)
+                outcome.declining.add(node)
                 metrics: dict = dict(reply.content.metric_records.get(METRICS) or {})
                 self.log_event(SiteBudgetExhausted(round=rnd, site=site, **metrics))
             elif stage == SETUP and site in replies:
@@ -148,6 +151,11 @@ class SecureRound:
             elif stage == SETUP or node in self.names:
                 replies[site] = reply
         return replies
+
+    def nodes_of(self, sites) -> set[int]:
+        """The nodes of the named sites (those met at setup)."""
+        wanted = set(sites)
+        return {node for node, site in self.names.items() if site in wanted}
 
     def _nodes(self, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout

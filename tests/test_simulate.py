@@ -1,6 +1,7 @@
 """`fedpriv simulate` end to end, on the real Flower Simulation Engine (Ray)."""
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from rich.console import Console
 
 from fedpriv.common.rundir import RunDirectory, summarize
+from fedpriv.simulation.harness import simulate
 from tests.helpers import easy_rows, fedpriv_here, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,3 +320,41 @@ def test_a_run_whose_own_audit_fails_ends_in_an_error_and_exit_1(tmp_path, monke
     monkeypatch.setattr(harness, "simulate", audit_fails)
     result = CliRunner().invoke(app, ["simulate", "--no-dp", "-o", str(run)])
     assert result.exit_code == 1 and "audit failed" in result.output
+
+
+@pytest.mark.slow
+def test_a_round_that_asks_only_refusing_sites_does_not_end_the_run(tiny_config):
+    # Each round asks one of the two sites (fraction-train 0.5); site-001's own policy refuses every round.
+    # A round that asked only site-001 gets no update, yet site-000 trains when asked: the run goes on.
+    # (It used to end at the first such round, with all-sites-refused: P = 1 - 2^-8 for these rounds.)
+    rounds = 8
+    config = tiny_config.replace(
+        **{
+            "rounds": rounds,
+            "simulation.sites": 2,
+            "strategy.min-sites": 1,
+            "strategy.fraction-train": 0.5,
+            "simulation.site-policies": "site-001: min-noise-multiplier=100",
+        }
+    )
+    simulate(config, console=Console(file=io.StringIO()))
+    run = RunDirectory(config.run_dir)
+    assert summarize(run)["rounds-completed"] == rounds and not run.events("all-sites-refused")
+    assert {e["site"] for e in run.events("site-train")} == {"site-000"}
+    refusals = run.events("site-refused")
+    assert refusals and all("below its minimum 100" in e["reason"] for e in refusals)
+    # Once every connected site has refused, the run ends: at the round by which both had been asked.
+    everyone = config.replace(
+        **{"run-dir": config.run_dir + "-all", "simulation.site-policies": "site-000: modes=lora; site-001: modes=lora"}
+    )
+    simulate(everyone, console=Console(file=io.StringIO()))
+    ended = RunDirectory(everyone.run_dir)
+    assert not ended.events("site-train")
+    first = {}
+    for e in ended.events("site-refused"):
+        first.setdefault(e["site"], e["round"])
+    ends = [e["round"] for e in ended.events("all-sites-refused")]
+    if len(first) == 2:
+        assert ends == [max(first.values())] and summarize(ended)["rounds-completed"] == max(first.values()) - 1
+    else:  # one site asked in every round (P = 2^-7): the other may still train, so it never ended
+        assert not ends and summarize(ended)["rounds-completed"] == rounds
