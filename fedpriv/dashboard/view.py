@@ -133,6 +133,7 @@ class RunView:
         self.path, self.state = Path(path), state
         self._lock = threading.Lock()
         self._audit_lock = threading.Lock()
+        self._made: dict[str, Any] | None = None  # the state of the current version, once made
         self._audit: AuditReport | None = None
         self._audit_for: Path | None = None
         self._reset(self.path)
@@ -142,7 +143,9 @@ class RunView:
         self.run = RunDirectory(path)
         self.offset = 0
         self.skipped = 0
-        self.version = 0
+        # Versions only grow, across runs too: a page or a cached state never mistakes one run for another.
+        self.version = getattr(self, "version", -1) + 1
+        self._made = None
         self.run_id: int | None = None
         self.planned: int | None = None
         self.started: float | None = None
@@ -329,8 +332,11 @@ class RunView:
                     self.version += 1
 
     def snapshot(self) -> dict[str, Any]:
+        """The page's state; made once per version, however many pages ask for it."""
         with self._lock:
-            return self._snapshot()
+            if self._made is None or self._made["version"] != self.version:
+                self._made = self._snapshot()
+            return self._made
 
     def _snapshot(self) -> dict[str, Any]:
         done = sorted(r for r, v in self.rounds.items() if v.seconds is not None)
