@@ -124,7 +124,16 @@ def test_the_view_of_a_real_run_shows_each_sites_state_budget_and_the_secure_rou
 
 
 def test_the_view_reads_only_complete_new_lines_and_skips_a_damaged_one(tmp_path):
-    from fedpriv.common.run_events import RoundEnd, RoundStart, RunStart, SiteError, SiteRefused, SiteRejected
+    from fedpriv.common.run_events import (
+        Resumed,
+        RoundEnd,
+        RoundStart,
+        RunStart,
+        SiteError,
+        SiteRefused,
+        SiteRejected,
+        SiteTrain,
+    )
     from fedpriv.common.rundir import RunDirectory
     from fedpriv.dashboard.view import RunView
 
@@ -145,6 +154,11 @@ def test_the_view_reads_only_complete_new_lines_and_skips_a_damaged_one(tmp_path
     assert view.refresh()
     state = view.snapshot()
     assert state["rounds-done"] == 1 and state["seconds-per-round"] == [[1, 2.5]] and state["skipped-lines"] == 1
+    # Round 2 is cut short (one site trained) and started again when the run resumes: its second start counts.
+    run.log(RoundStart(round=2, rounds=2, global_sha256="1" * 64))
+    run.log(SiteTrain(round=2, site="site-d", epsilon=0.5))
+    run.log(Resumed(round=2))
+    run.log(RoundStart(round=2, rounds=2, global_sha256="1" * 64))
     # Round 2: one site's reply rejected at admission, one lost, one refused at one stage and lost at the next.
     run.log(SiteRejected(round=2, site="site-a", reason="update norm 812 exceeds strategy.max-update-norm 100"))
     run.log(SiteError(round=2, site="site-b", reason="node went away", phase="secagg_mask"))

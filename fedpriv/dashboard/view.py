@@ -233,7 +233,8 @@ class RunView:
             self.started = self.started or event.time
         elif isinstance(event, RoundStart):
             self.current, self.planned = event.round, event.rounds
-            self._round(event.round).started = event.time
+            # A resumed run starts its cut-short round again: the round shows the attempt that counts.
+            self.rounds[event.round] = RoundView(event.round, started=event.time)
         elif isinstance(event, RoundEnd):
             self._round(event.round).seconds = event.seconds
         elif isinstance(event, Resumed):
