@@ -157,9 +157,7 @@ class RunView:
         self.federated: dict[int, float | None] = {}
         self.rounds: dict[int, RoundView] = {}
         self.sites: dict[str, SiteView] = {}
-        self.notes: list[str] = []
         self.threshold: int | None = None
-        self.cohort: int | None = None
         self.config: FedprivConfig | None = None
         self.config_error = ""
         self.last_event: float | None = None
@@ -194,7 +192,7 @@ class RunView:
             for line in data[:end].splitlines():
                 self._fold_line(line)
             self.offset += end
-            if end:
+            if end or changed:
                 self.version += 1
             return bool(end) or changed
 
@@ -273,7 +271,7 @@ class RunView:
             view = self._round(event.round)
             view.keys = event.reason
             if event.threshold is not None:
-                self.threshold, self.cohort = event.threshold, event.sites
+                self.threshold = event.threshold
         elif isinstance(event, SecureStage):
             view = self._round(event.round)
             view.secure = True
@@ -283,7 +281,7 @@ class RunView:
         elif isinstance(event, SecureRoundAbandoned):
             self._round(event.round).abandoned = event.reason
         elif isinstance(event, AllSitesRefused):
-            self._round(event.round).note = f"every site refused or was out of budget ({event.sites})"
+            self._round(event.round).note = "every connected site has refused or spent its budget: the run ends"
         elif isinstance(event, AllBudgetsExhausted):
             self._round(event.round).note = "every site's budget is spent: the run ends"
 
