@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -12,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpriv.client import secure_aggregation
-from fedpriv.client.audit_fault import noise_actually_added
+from fedpriv.client.audit_fault import dp_actually_used
 from fedpriv.client.progress import ProgressWriter
 from fedpriv.client.release import Made, Proposal, Withheld, release
 from fedpriv.client.runtime import WORKER
@@ -82,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
             bundle,
             site.train,
             plan,
-            dp=_audit_fault(dp, site),
+            dp=dp_actually_used(dp, site.name, site.fault),
             seed=site.training_seed(server_round),
             anchor=global_state,
             on_step=progress,
@@ -113,13 +112,6 @@ def train(msg: Message, context: Context) -> Message:
     log.info("%s round %d: loss %.4f, epsilon %.3f", site.name, server_round, metrics[TRAIN_LOSS], outcome.epsilon)
     content = TrainReply.trained(site.name, outcome.payload, metrics, outcome.entry).to_content()
     return Message(content=content, reply_to=msg)
-
-
-def _audit_fault(dp: DpSettings | None, site) -> DpSettings | None:
-    if dp is None:
-        return dp
-    added = noise_actually_added(dp.noise_multiplier, site.name, site.noise_divisor)
-    return dp if added == dp.noise_multiplier else dataclasses.replace(dp, noise_multiplier=added)
 
 
 def _secure_stage(msg: Message, context: Context) -> Message:

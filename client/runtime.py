@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import Context
 
 from fedpriv.client.budget import SiteBudget
@@ -27,8 +29,9 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import DataError, LabelSet, TextDataset, load_configured, load_dataset, split_validation
 from fedpriv.common.logs import CLIENT_LOG
 from fedpriv.common.model.bundle import ModelBundle, Prepared, build_model
+from fedpriv.common.model.canaries import GradientCanaries
 from fedpriv.common.model.features import FeatureCache
-from fedpriv.common.node_config import AUDIT_FAULT, DECLARED_ROWS, audit_fault_divisor
+from fedpriv.common.node_config import AUDIT_CANARIES, AUDIT_FAULT, DECLARED_ROWS, AuditFault, audit_fault
 from fedpriv.common.partition import split_for
 from fedpriv.common.privacy.plan import plan_for
 from fedpriv.common.privacy.records import DistributedNoise, Mechanism, data_sha256
@@ -56,8 +59,8 @@ class SiteRuntime:
     node_config: Mapping[str, Any] = field(default_factory=dict, repr=False)
     # Public: the simulation's partition size, or what a deployed site's operator declared.
     declared_rows: int | None = None
-    # What its noise is divided by: 1, unless the harness broke a simulated run on purpose (audit_fault.py).
-    noise_divisor: float = 1.0
+    # None, unless the harness broke a simulated run on purpose (audit_fault.py).
+    fault: AuditFault = AuditFault()
 
     @property
     def allows_non_private(self) -> bool:
@@ -124,7 +127,7 @@ class WorkerRuntime:
         self._sites: OrderedDict[tuple, SiteRuntime] = OrderedDict()
 
     def resident_model(self, config: FedprivConfig, labels: LabelSet) -> ModelBundle:
-        key = (config.model.model_dump_json(), config.data.max_length, labels.names)
+        key = (config.model.model_dump_json(), config.data.max_length, labels.names, config.simulation.audit_canaries)
         if key != self._model_key:
             # One resident model per worker; sites prepared for the old one go with it.
             self._model = self._model_key = None
@@ -188,21 +191,31 @@ class WorkerRuntime:
         simulated = not isinstance(source, DeployedSource)  # declared by the harness (site.is_simulated)
         train, validation = split_validation(dataset, data.validation_fraction, seed=config.seed + (partition or 0))
         log.info("%s: %d training and %d validation rows", name, len(train), len(validation))
+        fault = audit_fault(node.get(AUDIT_FAULT)) if simulated else AuditFault()
+        canary_site = simulated and config.simulation.audit_canaries > 0 and name == config.simulation.audit_canary_site
+        if fault.at_canary_site and not canary_site:
+            fault = AuditFault()
+        prepared = model.prepare(train)
+        texts = list(train.texts)
+        if canary_site:
+            prepared, canary_names = _with_canaries(prepared, node, name)
+            texts += canary_names
+        train_id = data_sha256(texts, prepared.labels.tolist())
         return SiteRuntime(
             name=name,
             simulated=simulated,
             partition=partition,
-            train=model.prepare(train),
+            train=prepared,
             validation=model.prepare(validation),
-            data_id=data_sha256(train.texts, train.labels),
+            data_id=train_id,
             policy=site_policy(node, config, simulated, name),
             model=model,
             config=config,
             run_id=run_id,
             node_config=node,
             # A simulation's split is its operator's design, public to it.
-            declared_rows=len(train) if simulated else declared_rows(node),
-            noise_divisor=audit_fault_divisor(node.get(AUDIT_FAULT)) if simulated else 1.0,
+            declared_rows=len(prepared) if simulated else declared_rows(node),
+            fault=fault,
         )
 
     def _partitioned(self, config: FedprivConfig, labels: LabelSet, sites: int):
@@ -244,3 +257,18 @@ def declared_rows(node: Mapping[str, Any]) -> int | None:
     if number <= 0 or not number.is_integer():
         raise DataError("node config", f"{DECLARED_ROWS} must be a positive whole number, not {value!r}")
     return int(number)
+
+
+def _with_canaries(prepared: Prepared, node: Mapping[str, Any], site: str) -> tuple[Prepared, list[str]]:
+    """A simulated site's rows plus the white-box audit's included canaries (`common/model/canaries.py`)."""
+    path = node.get(AUDIT_CANARIES)
+    if not path:
+        raise DataError(site, "simulation.audit-canary-site names this site but the harness gave it no canary file")
+    if prepared.features is None:
+        raise DataError(site, "white-box canaries need model.mode = head (they are head inputs)")
+    canaries = GradientCanaries.load(str(path))
+    hidden = prepared.features.shape[1]
+    features, labels = canaries.rows(hidden)
+    padded = torch.cat([prepared.features, prepared.features.new_zeros((len(prepared), len(canaries)))], dim=1)
+    names = [f"fedpriv-canary-{j}" for j in np.flatnonzero(canaries.included)]
+    return Prepared(torch.cat([prepared.labels, labels]), features=torch.cat([padded, features])), names

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedpriv.client.audit_fault import noise_actually_added
+from fedpriv.client.audit_fault import clip_norm_used, dp_actually_used, noise_actually_added
 from fedpriv.client.distributed_dp import NoiseShare, clipped_gradient_sum, noisy_share
 from fedpriv.client.release import Made, Proposal, Withheld, check, release
 from fedpriv.client.runtime import SiteRuntime
@@ -284,21 +284,18 @@ def _mask(
                 bundle,
                 site.train,
                 sample_rate=release_plan.rate,
-                max_grad_norm=privacy.max_grad_norm,
+                max_grad_norm=clip_norm_used(privacy.max_grad_norm, site.name, site.fault),
                 seed=seed,
                 max_physical_batch=config.train.max_physical_batch,
             )
-            added = noise_actually_added(share.noise_multiplier, site.name, site.noise_divisor)
+            added = noise_actually_added(share.noise_multiplier, site.name, site.fault)
             vector = noisy_share(
                 vector, dataclasses.replace(share, noise_multiplier=added), np.random.default_rng(seed)
             )
             loss, taken = math.nan, 1
         else:
             assert release_plan.plan is not None
-            noised = dp
-            if dp is not None:
-                added = noise_actually_added(dp.noise_multiplier, site.name, site.noise_divisor)
-                noised = dataclasses.replace(dp, noise_multiplier=added)
+            noised = dp_actually_used(dp, site.name, site.fault)
             result = train_local(bundle, site.train, release_plan.plan, dp=noised, seed=seed, anchor=global_state)
             trained = bundle.get_state()
             vector = np.concatenate(

@@ -241,6 +241,17 @@ class SimulationConfig(_Section):
         "private Ray on this machine.",
     )
 
+    audit_canaries: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Set by fedpriv audit --empirical: head inputs reserved for white-box canaries (no text fills "
+        "them); 0 in any other run.",
+    )
+    audit_canary_site: str = Field(
+        "", description="Set by fedpriv audit --empirical: the simulated site that holds the canaries."
+    )
+
     @field_validator("ray_address")
     @classmethod
     def _check_address(cls, value: str) -> str:

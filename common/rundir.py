@@ -14,6 +14,8 @@
     plots/                   accuracy and epsilon per round (PNG)
     summary.json             final numbers
     audit.html               the run's own audit (a simulation writes it at the end)
+    canary-observations/     a white-box audit run only: what the aggregator saw of the canary
+                             inputs' weights each round (round-NNNNN.safetensors)
     run.lock                 held by the process writing the run
 
 The aggregator writes it; sites of a simulation write their ledgers, keys and
@@ -64,6 +66,7 @@ PUBLIC_KEYS = "public-keys.json"
 PROGRESS = "progress"
 FLOWER_APP = "flower-app"
 AUDIT_HTML = "audit.html"
+CANARY_OBSERVATIONS = "canary-observations"
 FEDERATION_LEDGER = "federation.jsonl"  # the aggregator's ledger
 AGGREGATOR = "aggregator"  # the aggregator's key (keys/aggregator.key)
 
@@ -157,6 +160,10 @@ class RunDirectory:
     @property
     def ledgers(self) -> Path:
         return self.path / LEDGERS
+
+    @property
+    def canary_observations(self) -> Path:
+        return self.path / CANARY_OBSERVATIONS
 
     def ledger_path(self, owner: str) -> Path:
         """A simulated site's ledger (`ledgers/SITE.jsonl`)."""

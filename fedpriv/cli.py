@@ -183,6 +183,15 @@ def audit(
             rich_help_panel="Empirical audit",
         ),
     ] = False,
+    black_box: Annotated[
+        bool,
+        typer.Option(
+            "--black-box",
+            help="With --empirical: text canaries scored on the final model only (any mode; far weaker than the "
+            "default white-box audit, which scores gradient canaries on every round's release, head mode).",
+            rich_help_panel="Empirical audit",
+        ),
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML config of the run.", rich_help_panel="Empirical audit")
     ] = None,
@@ -193,7 +202,7 @@ def audit(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Start from a preset, e.g. distributed (default: the base settings, local noise).",
+            help="Start from a preset: distributed or local (default: as fedpriv simulate chooses).",
             rich_help_panel="Empirical audit",
         ),
     ] = None,
@@ -206,8 +215,9 @@ def audit(
     fault: Annotated[
         str | None,
         typer.Option(
-            help="Deliberately break the run to see the audit catch it: noise/N trains with the noise "
-            "multiplier divided by N while the ledgers claim the planned one.",
+            help="Deliberately break the run to see the audit catch it, while the ledgers claim the planned "
+            "release: noise/N (every site's noise divided by N), skip-clipping or skip-noise (the canary site "
+            "does not clip / adds no noise).",
             rich_help_panel="Empirical audit",
         ),
     ] = None,
@@ -226,17 +236,22 @@ def audit(
     proven complete (a lone ledger, no run directory or no signed heads).
 
     With --empirical: run the configured simulation with canaries in one
-    site's data (Steinke, Nasr & Jagielski 2023), score them on the released
-    model and report the epsilon lower bound at 95% confidence beside the
-    ledger's claim; exit 1 when the bound exceeds the claim.
+    site's data and test the site's epsilon claim. White-box (default): the
+    canaries are gradient canaries on head inputs no text fills, scored on
+    every round's release as the aggregator saw it; the report gives an
+    epsilon lower bound (Steinke, Nasr & Jagielski 2023), a Gaussian
+    trade-off estimate, the noise actually added and a clipping check.
+    Exit 1 when any of them refutes the claim.
     """
     import json
 
     if empirical:
         if paths:
             raise FedprivError("--empirical runs its own federation; give no run directories or ledgers with it")
-        _empirical(config, settings or [], preset, canaries, site, fault, output, seed, json_out)
+        _empirical(config, settings or [], preset, canaries, site, fault, output, seed, json_out, black_box)
         return
+    if black_box:
+        raise FedprivError("--black-box is a kind of --empirical audit; give --empirical with it")
     if not paths:
         raise FedprivError("audit: give run directories and/or ledger files (or --empirical)")
 
@@ -268,15 +283,25 @@ def _empirical(
     output: Path | None,
     seed: int | None,
     json_out: bool,
+    black_box: bool = False,
 ) -> None:
     import json
     import time
 
-    from fedpriv.common.config import load_config
-    from fedpriv.simulation.canary_audit import empirical_audit
+    from fedpriv.cli_settings import simulation_preset
+    from fedpriv.common.config import load_config, user_settings
 
+    out = err if json_out else console
+    if preset is None:
+        preset, why = simulation_preset(user_settings(config, settings))
+        out.print(f"Settings: preset {preset} ({why}; --preset to choose)", highlight=False)
     cfg = load_config(config, settings, preset)
     output = output or Path("runs") / f"empirical-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not black_box:
+        _white_box(cfg, output, canaries, site, fault, seed, json_out)
+        return
+    from fedpriv.simulation.canary_audit import empirical_audit
+
     result = empirical_audit(
         cfg, output, canaries=canaries, site=site, fault=fault, seed=seed, console=err if json_out else console
     )
@@ -295,6 +320,31 @@ def _empirical(
             f"vs claimed {result.claimed:.3f} (delta {result.delta:g}): {verdict}\n"
             f"  files: {output}"
         )
+    raise typer.Exit(1 if result.refuted else 0)
+
+
+def _white_box(
+    cfg, output: Path, canaries: int, site: int, fault: str | None, seed: int | None, json_out: bool
+) -> None:
+    import json
+
+    from fedpriv.audit.white_box_render import lines, verdict
+    from fedpriv.simulation.gradient_audit import REPORT, white_box_audit
+
+    result = white_box_audit(
+        cfg, output, canaries=canaries, site=site, fault=fault, seed=seed, console=err if json_out else console
+    )
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        console.rule(f"White-box audit of {result.site}")
+        for line in lines(result):
+            console.print(f"  {line}", highlight=False)
+        for problem in result.problems:
+            console.print(f"  [bold red]{problem}[/]", highlight=False)
+        colour = "bold red" if result.refuted else "green"
+        words = "the run leaks more than its ledger claims" if result.refuted else "no evidence against the claim"
+        console.print(f"[{colour}]{verdict(result)}: {words}[/]  report: {output / REPORT}")
     raise typer.Exit(1 if result.refuted else 0)
 
 

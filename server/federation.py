@@ -51,12 +51,14 @@ from fedpriv.common.wire.protocol import (
     REFUSED,
     EvaluateReply,
     ProtocolError,
+    TrainReply,
     from_record,
     sender,
     to_record,
 )
 from fedpriv.server import checkpoint, site_level_dp
 from fedpriv.server.admission import Admitted, Exhausted, Failed, Refused, admit
+from fedpriv.server.canary_observer import WEIGHT, CanaryObserver
 from fedpriv.server.distributed_step import ServerOptimizer
 from fedpriv.server.exchange import exchange
 from fedpriv.server.global_model import GlobalModel
@@ -125,6 +127,7 @@ class Federation:
         self.normaliser = (
             plan_for(config).federation_normaliser(model.training_rows) if p.noise == "distributed" else 1.0
         )
+        self.observer = CanaryObserver.for_run(run, config, model.bundle.model.config.encoder.hidden_size)
         self.evaluation_rounds = set(config.federated_evaluation_rounds())
         self._site_level_releases = 0
         tail_rounds = int(math.floor(config.strategy.tail_average * config.rounds))
@@ -210,6 +213,11 @@ class Federation:
         accepted, exhausted, refused = self._record_train(rnd, replies, context)
         if self._nobody_trains(rnd, bool(accepted), exhausted, refused):
             return state, True
+        if self.observer is not None:
+            replies_by_site = {r.site: r for r in map(TrainReply.from_message, accepted)}
+            canary = replies_by_site.get(self.observer.site)
+            if canary is not None:
+                self.observer.observe_update(rnd, state, canary.update_state())
         new_arrays, aggregated = self.strategy.aggregate_train(rnd, accepted)
         if new_arrays is None:
             log.warning("round %d: no usable site update; the global model is unchanged", rnd)
@@ -238,6 +246,8 @@ class Federation:
             return state, self._nobody_trains(rnd, bool(outcome.entries), exhausted, refused)
         names = self.model.bundle.trainable_names
         summed = unflatten(outcome.total, names, state)
+        if self.observer is not None:
+            self.observer.observe(rnd, state, summed[WEIGHT], "sum", outcome.survivors)
         if self.server_optimizer is not None:
             state = self.server_optimizer.step(state, summed, self.normaliser)
         else:

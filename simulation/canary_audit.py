@@ -40,7 +40,7 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_configured, read_column
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.files import write_atomic
-from fedpriv.common.node_config import audit_fault_divisor
+from fedpriv.common.node_config import audit_fault
 from fedpriv.common.partition import split_for
 from fedpriv.simulation.harness import simulate
 
@@ -211,7 +211,7 @@ def empirical_audit(
     if not config.privacy.enabled:
         raise EmpiricalAuditError("privacy.enabled: the run claims no epsilon; there is nothing to audit")
     try:
-        audit_fault_divisor(fault)
+        audit_fault(fault)
     except ValueError as error:
         raise EmpiricalAuditError(f"--fault: {error}") from None
     output = Path(output).expanduser().resolve()

@@ -33,6 +33,7 @@ def run(
     verbose: bool = False,
     audit_fault: str | None = None,
     site_names: list[str] | None = None,
+    audit_canaries: Path | None = None,
 ) -> None:
     """Runs the federation; every virtual node is declared a simulated site, `audit_fault` breaks them on purpose.
 
@@ -41,8 +42,10 @@ def run(
 
     node_config: dict = {node_keys.SIMULATED: True}
     if audit_fault:
-        node_keys.audit_fault_divisor(audit_fault)  # a bad value fails here, before anything runs
+        node_keys.audit_fault(audit_fault)  # a bad value fails here, before anything runs
         node_config[node_keys.AUDIT_FAULT] = audit_fault
+    if audit_canaries is not None:
+        node_config[node_keys.AUDIT_CANARIES] = str(audit_canaries)
     flower_compat.check()
     apply_quiet_defaults()  # Ray and Flower read these when they start
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

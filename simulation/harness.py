@@ -125,11 +125,13 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     audit_fault: str | None = None,
+    audit_canaries: Path | None = None,
 ) -> RunDirectory:
     """Runs a simulated federation in `config.run_dir`; `resume` continues one cut short there.
 
-    `audit_fault` (`noise/N`, for `fedpriv audit --empirical --fault`) has every site add its noise / N
-    while its ledger claims the planned noise.
+    For `fedpriv audit --empirical`: `audit_fault` (`node_config.audit_fault`) breaks the run on purpose
+    while the ledgers claim the planned release; `audit_canaries` is the canary file that the site named by
+    `simulation.audit-canary-site` adds to its rows.
     """
     console = console or Console()
     check_model(config.model.name)  # before any site is built or anything is written
@@ -146,7 +148,7 @@ def simulate(
             )
         if resume and run.finished():
             raise RunDirectoryError(f"{run.path}: this run already finished; start a new one")
-        return _simulate(run, config, console, verbose, audit_fault)
+        return _simulate(run, config, console, verbose, audit_fault, audit_canaries)
 
 
 def _stopped(run: RunDirectory, console: Console, reason: str | None = None) -> None:
@@ -174,7 +176,12 @@ def resume_config(run_dir: Path) -> FedprivConfig:
 
 
 def _simulate(
-    run: RunDirectory, config: FedprivConfig, console: Console, verbose: bool, audit_fault: str | None = None
+    run: RunDirectory,
+    config: FedprivConfig,
+    console: Console,
+    verbose: bool,
+    audit_fault: str | None = None,
+    audit_canaries: Path | None = None,
 ) -> RunDirectory:
     config = config.replace(**{"run-dir": str(run.path)})
     labels = LabelSet.load(config.data.labels)
@@ -193,7 +200,14 @@ def _simulate(
     started = time.time()
     try:
         with Monitor(run, config.rounds, config.simulation.sites, steps, console=console):
-            engine.run(config, app_dir, verbose=verbose, audit_fault=audit_fault, site_names=site_names)
+            engine.run(
+                config,
+                app_dir,
+                verbose=verbose,
+                audit_fault=audit_fault,
+                audit_canaries=audit_canaries,
+                site_names=site_names,
+            )
     except FedprivError as error:  # the ServerApp runs in this process: its error arrives here
         _stopped(run, console, str(error))
     if not run.finished():

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedpriv.client.app import _audit_fault
+from fedpriv.client.audit_fault import UNCLIPPED, dp_actually_used
 from fedpriv.client.runtime import WORKER, WorkerRuntime
 from fedpriv.client.training import DpSettings
 from fedpriv.common.data import DataError, LabelSet, load_dataset
@@ -22,7 +21,8 @@ from fedpriv.common.node_config import (
     PARTITION_ID,
     SIMULATED,
     SITE_NAME,
-    audit_fault_divisor,
+    AuditFault,
+    audit_fault,
 )
 from fedpriv.common.partition import split_for
 from fedpriv.simulation import canary_audit as empirical
@@ -76,11 +76,13 @@ def test_only_included_canaries_join_and_only_the_chosen_site(tiny_config):
 
 
 def test_the_fault_setting_is_parsed_strictly(tiny_config, tmp_path):
-    assert audit_fault_divisor(None) == audit_fault_divisor("") == 1.0
-    assert audit_fault_divisor("noise/10") == 10.0
-    for bad in ("noise/0.5", "noise/x", "clip/10", "10"):
+    assert audit_fault(None) == audit_fault("") == AuditFault()
+    assert audit_fault("noise/10") == AuditFault(noise_divisor=10.0)
+    assert audit_fault("skip-clipping") == AuditFault(skip_clipping=True)
+    assert audit_fault("skip-noise").at_canary_site
+    for bad in ("noise/0.5", "noise/x", "clip/10", "10", "skip-clip"):
         with pytest.raises(ValueError, match=AUDIT_FAULT):
-            audit_fault_divisor(bad)
+            audit_fault(bad)
     # checked before the audit writes anything
     with pytest.raises(empirical.EmpiricalAuditError, match="--fault"):
         empirical.empirical_audit(tiny_config, tmp_path / "out", fault="noise/zero")
@@ -90,32 +92,39 @@ def test_the_fault_setting_is_parsed_strictly(tiny_config, tmp_path):
 def test_the_fault_is_read_from_the_node_config_of_declared_simulated_sites_only(tiny_config):
     from fedpriv.client.audit_fault import noise_actually_added
 
-    assert noise_actually_added(4.0, "site-000", 1.0) == 4.0
-    assert noise_actually_added(4.0, "site-000", 100.0) == pytest.approx(0.04)
+    assert noise_actually_added(4.0, "site-000", AuditFault()) == 4.0
+    assert noise_actually_added(4.0, "site-000", AuditFault(noise_divisor=100.0)) == pytest.approx(0.04)
+    assert noise_actually_added(4.0, "site-000", AuditFault(skip_noise=True)) == 0.0
     # The harness declares its nodes simulated and sets the fault; a deployed node that names its data
     # ignores a fault in its node config, and so does a node with only Flower's partition keys (refused).
     simulated = {PARTITION_ID: 0, NUM_PARTITIONS: 3, SIMULATED: True, AUDIT_FAULT: "noise/10"}
     site = WorkerRuntime().site(context(tiny_config, simulated), tiny_config)
-    assert site.simulated and site.noise_divisor == 10.0
+    assert site.simulated and site.fault == AuditFault(noise_divisor=10.0)
     deployed = {DATA_PATH: tiny_config.data.path, SITE_NAME: "branch", AUDIT_FAULT: "noise/10"}
     site = WorkerRuntime().site(context(tiny_config, deployed), tiny_config)
-    assert not site.simulated and site.noise_divisor == 1.0
+    assert not site.simulated and site.fault == AuditFault()
     with pytest.raises(DataError, match="partition-id alone does not make a node a simulated site"):
         WorkerRuntime().site(
             context(tiny_config, {PARTITION_ID: 0, NUM_PARTITIONS: 3, AUDIT_FAULT: "noise/10"}), tiny_config
         )
+    # A fault meant for the canary site does nothing at a site without canaries.
+    one_site = {**simulated, AUDIT_FAULT: "skip-clipping"}
+    assert WorkerRuntime().site(context(tiny_config, one_site), tiny_config).fault == AuditFault()
     # Both paths of a secure round (local noise, distributed share) ask it; so does the plain round.
-    for module in ("client/secure_aggregation.py", "client/app.py"):
-        assert "noise_actually_added(" in (ROOT / module).read_text()
+    secure = (ROOT / "client/secure_aggregation.py").read_text()
+    assert "noise_actually_added(" in secure and "clip_norm_used(" in secure and "dp_actually_used(" in secure
+    assert "dp_actually_used(" in (ROOT / "client/app.py").read_text()
 
 
 def test_the_fault_weakens_the_noise_it_is_set_for():
-    dp = DpSettings(1.2, 1.0, normaliser=30)
-    honest = SimpleNamespace(name="site-000", noise_divisor=1.0)
-    broken = SimpleNamespace(name="site-000", noise_divisor=10.0)
-    assert _audit_fault(dp, honest) is dp
-    assert _audit_fault(dp, broken).noise_multiplier == pytest.approx(0.12)
-    assert _audit_fault(None, broken) is None
+    dp = DpSettings(1.2, 0.5, normaliser=30)
+    assert dp_actually_used(dp, "site-000", AuditFault()) is dp
+    assert dp_actually_used(dp, "site-000", AuditFault(noise_divisor=10.0)).noise_multiplier == pytest.approx(0.12)
+    assert dp_actually_used(None, "site-000", AuditFault(noise_divisor=10.0)) is None
+    # Unclipped, Opacus' noise (multiplier x clip norm) stays the planned 1.2 x 0.5.
+    unclipped = dp_actually_used(dp, "site-000", AuditFault(skip_clipping=True))
+    assert unclipped.max_grad_norm == UNCLIPPED
+    assert unclipped.noise_multiplier * unclipped.max_grad_norm == pytest.approx(0.6)
 
 
 def test_an_empirical_audit_refuses_what_it_cannot_test(tiny_config, tmp_path):
@@ -144,7 +153,7 @@ def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(ti
     config = tiny_config.replace(**{"rounds": 1, "privacy.target-epsilon": 4.0})
     if noise == "distributed":  # secure aggregation: the canary site's update is only ever seen in the sum
         config = config.replace(**DISTRIBUTED)
-    result = empirical.empirical_audit(config, tmp_path / "audit", canaries=40, seed=7)
+    result = empirical.empirical_audit(config, tmp_path / "audit", canaries=40, seed=7)  # the black-box audit
 
     assert result.site == "site-000" and result.canaries == 40
     assert result.claimed == pytest.approx(4.0, rel=0.02)  # the ledger's own claim
@@ -161,7 +170,7 @@ def test_an_empirical_audit_runs_the_federation_and_its_bound_is_recomputable(ti
     # The reference run's fault (no noise) reached its sites through Flower's engine, in their node config
     # (the in-process backend serves them from this process's resident runtime).
     reference_sites = [s for s in WORKER._sites.values() if s.config.run_dir == str(tmp_path / "audit" / "reference")]
-    assert reference_sites and all(s.simulated and s.noise_divisor == 1e9 for s in reference_sites)
+    assert reference_sites and all(s.simulated and s.fault.noise_divisor == 1e9 for s in reference_sites)
     again = empirical.recompute(tmp_path / "audit")
     assert (again.lower_bound, again.guesses, again.correct) == (
         result.lower_bound,

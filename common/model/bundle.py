@@ -193,6 +193,7 @@ def build_model(
         id2label=dict(enumerate(labels.names)),
         label2id=labels.index,
         feature_scale=config.model.feature_scale,
+        canary_inputs=config.simulation.audit_canaries,
     )
     model = FedprivForSequenceClassification(hf_config)
     model.encoder = base
@@ -228,7 +229,9 @@ def label_name_state(bundle: ModelBundle, labels: LabelSet) -> dict[str, np.ndar
     center = unit.mean(dim=0)
     bundle.model.norm.center.copy_(center)
     # Rows are the names' features: logits start as scale^2 x cosine similarity.
-    bundle.model.classifier.weight.copy_(bundle.model.norm(pooled))
+    weight = bundle.model.classifier.weight
+    weight.zero_()  # a white-box audit's canary inputs (if any) start at zero
+    weight[:, : pooled.shape[1]].copy_(bundle.model.norm(pooled))
     bundle.model.classifier.bias.zero_()
     return bundle.get_state()
 

@@ -18,6 +18,7 @@ from torch import nn
 from fedpriv.common.config import ModelConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.model.batching import PadCollator, TokenDataset, encode, length_batches
+from fedpriv.common.model.modeling_fedpriv import head_input
 
 if TYPE_CHECKING:
     from fedpriv.common.model.bundle import ModelBundle
@@ -73,9 +74,11 @@ class Head(nn.Module):
     def __init__(self, model: FedprivForSequenceClassification):
         super().__init__()
         self.norm, self.classifier = model.norm, model.classifier
+        self.hidden = model.config.encoder.hidden_size
+        self.canary_inputs = model.config.canary_inputs
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(pooled))
+        return self.classifier(head_input(self.norm, pooled, self.hidden, self.canary_inputs))
 
 
 class FineTuningMode:

@@ -22,6 +22,8 @@ class FedprivClassifierConfig(PreTrainedConfig):
 
     encoder: PreTrainedConfig | dict | None = None
     feature_scale: float = 4.0
+    # Head inputs that no text ever fills: a white-box privacy audit's canaries live there (0 otherwise).
+    canary_inputs: int = 0
 
 
 class FeatureNorm(nn.Module):
@@ -43,6 +45,22 @@ class FeatureNorm(nn.Module):
         return self.scale * centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+def head_input(norm: FeatureNorm, features: torch.Tensor, hidden: int, canary_inputs: int) -> torch.Tensor:
+    """What the classifier reads: the normalised sentence embedding, then the canary inputs.
+
+    A white-box audit (`canary_inputs` > 0) gives the head inputs of its own: zero for every text, and for
+    canary j a row that is zero in the embedding's place and `s` at input j. Real data then leaves no gradient
+    in a canary's weights and a canary none in the data's, so the auditor can score each canary alone.
+    """
+    if not canary_inputs:
+        return norm(features)
+    if features.shape[-1] == hidden:
+        return torch.cat([norm(features), features.new_zeros((*features.shape[:-1], canary_inputs))], dim=-1)
+    pooled, extra = features[..., :hidden], features[..., hidden:]
+    text = (extra == 0).all(dim=-1, keepdim=True)
+    return torch.cat([norm(pooled) * text, extra], dim=-1)
+
+
 class FedprivForSequenceClassification(PreTrainedModel):
     config_class = FedprivClassifierConfig
     base_model_prefix = "encoder"
@@ -54,7 +72,7 @@ class FedprivForSequenceClassification(PreTrainedModel):
         self.encoder = AutoModel.from_config(encoder)
         hidden = encoder.hidden_size
         self.norm = FeatureNorm(hidden, config.feature_scale)
-        self.classifier = nn.Linear(hidden, config.num_labels)
+        self.classifier = nn.Linear(hidden + config.canary_inputs, config.num_labels)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -81,7 +99,8 @@ class FedprivForSequenceClassification(PreTrainedModel):
         return self.mean_pool(hidden, attention_mask)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(pooled))
+        hidden = cast(PreTrainedConfig, self.config.encoder).hidden_size
+        return self.classifier(head_input(self.norm, pooled, hidden, self.config.canary_inputs))
 
     def forward(
         self,
