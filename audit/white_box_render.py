@@ -53,10 +53,12 @@ def tradeoff_png(result: WhiteBoxResult, scores: np.ndarray, included: np.ndarra
     fig, ax = plt.subplots(figsize=(5.5, 5))
     claim = claim_tradeoff(result.claimed, result.delta, alpha)
     ax.plot(alpha, claim, color="#080", label=f"the claim's limit (epsilon {result.claimed:.2f})")
-    ax.plot(alpha, gdp_tradeoff(result.mu, alpha), color="#36c", linestyle="--", label=f"Gaussian fit, mu {result.mu:.2f}")
+    ax.plot(
+        alpha, gdp_tradeoff(result.mu, alpha), color="#36c", linestyle="--", label=f"Gaussian fit, mu {result.mu:.2f}"
+    )
     ax.plot(alpha, 1 - alpha, color="grey", linewidth=0.6, label="guessing")
     shown = (points[:, 0] > 0) & (points[:, 1] > 0)
-    ax.scatter(*points[shown].T, s=10, color="#b00", label="canary scores (thresholds)", zorder=3)
+    ax.scatter(points[shown, 0], points[shown, 1], s=10, color="#b00", label="canary scores (thresholds)", zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("false positive rate (excluded canary called included)")

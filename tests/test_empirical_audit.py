@@ -142,6 +142,8 @@ def test_audit_command_arguments_are_checked(tmp_path):
     assert none.returncode == 2 and "give run directories" in none.stderr
     both = fedpriv_here("audit", "--empirical", tmp_path)
     assert both.returncode == 2 and "--empirical runs its own federation" in both.stderr
+    alone = fedpriv_here("audit", "--black-box", tmp_path)
+    assert alone.returncode == 2 and "give --empirical with it" in alone.stderr
 
 
 DISTRIBUTED = {"privacy.secure-aggregation": True, "privacy.noise": "distributed", "rounds": 3}

@@ -44,7 +44,7 @@ class GradientCanaries:
         return cls(labels=rng.integers(0, num_labels, size=m), included=rng.random(m) < 0.5, scale=scale)
 
     def save(self, path: Path) -> None:
-        tensors = {
+        tensors: dict[str, np.ndarray] = {
             "labels": self.labels.astype(np.int64),
             "included": self.included.astype(np.uint8),
             "scale": np.asarray([self.scale], dtype=np.float64),
