@@ -58,6 +58,10 @@ from fedpriv.common.privacy.records import Mechanism, PrivacyRecord
 from fedpriv.common.rundir import RunDirectory
 
 BOUND_CONFIDENCE = 0.95
+# The score bound guesses on these shares of the canaries (half "included", half "excluded"), fixed before
+# any score is seen: fewer, better-placed tests than the black-box grid lose less to the Bonferroni correction
+# (simulated at this audit's separation: 2.6 against 2.4 on average for 1000 canaries).
+GUESS_FRACTIONS = (0.05, 0.1, 0.2)
 CHECK_LEVEL = 1e-6  # one-sided error of the noise and clip checks
 _Z_CHECK = float(stats.norm.isf(CHECK_LEVEL))
 _Z_95 = float(stats.norm.isf(1 - BOUND_CONFIDENCE))
@@ -252,7 +256,8 @@ def analyse(
         samplings += noise.samplings
         needed_over_recorded.append(noise.needed / noise.recorded)
     included = canaries.included
-    bound, guesses = best_epsilon_lower_bound(scores.tolist(), included.tolist(), delta, BOUND_CONFIDENCE)
+    grid = [(round(f * k / 2), round(f * k / 2)) for f in GUESS_FRACTIONS]
+    bound, guesses = best_epsilon_lower_bound(scores.tolist(), included.tolist(), delta, BOUND_CONFIDENCE, ks=grid)
     inc, exc = scores[included], scores[~included]
     diff = float(inc.mean() - exc.mean())
     se = float(math.sqrt(inc.var(ddof=1) / len(inc) + exc.var(ddof=1) / len(exc)))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import save, table
+from _util import RESULTS, save, table
 
 FEDPRIV = str(Path(sys.executable).with_name("fedpriv"))
 # (fault, target epsilon): the four faults; the noise faults at the claims they name.
@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--presets", default="distributed,local")
     parser.add_argument("--seeds", type=int, default=10, help="honest runs per preset (seeds 0..N-1)")
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--add", action="store_true", help="keep the runs already in the results file")
     args = parser.parse_args()
     runs: list[dict] = []
+    if args.add and (RESULTS / "white_box_audit.json").exists():
+        runs = json.loads((RESULTS / "white_box_audit.json").read_text())["runs"]
     command = "python bench/white_box_audit.py " + " ".join(sys.argv[1:])
     for preset in args.presets.split(","):
         cases = [(seed, 8.0, None) for seed in range(args.seeds)]

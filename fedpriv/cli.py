@@ -207,8 +207,12 @@ def audit(
         ),
     ] = None,
     canaries: Annotated[
-        int, typer.Option(help="Canaries, each included by a fair coin.", rich_help_panel="Empirical audit")
-    ] = 1000,
+        int | None,
+        typer.Option(
+            help="Canaries, each included by a fair coin (default: 2000 white-box, 1000 black-box).",
+            rich_help_panel="Empirical audit",
+        ),
+    ] = None,
     site: Annotated[
         int, typer.Option(help="Index of the simulated site given the canaries.", rich_help_panel="Empirical audit")
     ] = 0,
@@ -277,7 +281,7 @@ def _empirical(
     config: Path | None,
     settings: list[str],
     preset: str | None,
-    canaries: int,
+    canaries: int | None,
     site: int,
     fault: str | None,
     output: Path | None,
@@ -298,12 +302,12 @@ def _empirical(
     cfg = load_config(config, settings, preset)
     output = output or Path("runs") / f"empirical-{time.strftime('%Y%m%d-%H%M%S')}"
     if not black_box:
-        _white_box(cfg, output, canaries, site, fault, seed, json_out)
+        _white_box(cfg, output, canaries or 2000, site, fault, seed, json_out)
         return
     from fedpriv.simulation.canary_audit import empirical_audit
 
     result = empirical_audit(
-        cfg, output, canaries=canaries, site=site, fault=fault, seed=seed, console=err if json_out else console
+        cfg, output, canaries=canaries or 1000, site=site, fault=fault, seed=seed, console=err if json_out else console
     )
     if json_out:
         print(json.dumps(result.to_json(), indent=2))

@@ -42,7 +42,7 @@ def white_box_audit(
     config: FedprivConfig,
     output: Path,
     *,
-    canaries: int = 1000,
+    canaries: int = 2000,
     site: int = 0,
     fault: str | None = None,
     seed: int | None = None,
@@ -75,6 +75,9 @@ def white_box_audit(
             "simulation.audit-canaries": len(made),
             "simulation.audit-canary-site": name,
             "run-dir": str(output / "run"),
+            # The observations hold what the audit reads; every round's checkpoint (the head grows by the
+            # canaries' weights) would double the folder's hundreds of MB for nothing.
+            "keep-checkpoints": config.keep_checkpoints or 3,
         }
     )
     console.print(
