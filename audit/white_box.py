@@ -165,6 +165,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     """Epsilon at delta of mu-Gaussian DP (Dong, Roth & Su 2019): the tight conversion."""
     if mu <= 0:
         return 0.0
+    if math.isinf(mu):
+        return math.inf
 
     def gap(eps: float) -> float:
         return float(stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)) - delta
@@ -262,7 +264,10 @@ def analyse(
     diff = float(inc.mean() - exc.mean())
     se = float(math.sqrt(inc.var(ddof=1) / len(inc) + exc.var(ddof=1) / len(exc)))
     spread = float(exc.std(ddof=1))
-    mu, mu_low = diff / spread, max(0.0, (diff - _Z_95 * se) / spread)
+    if spread > 0:
+        mu, mu_low = diff / spread, max(0.0, (diff - _Z_95 * se) / spread)
+    else:  # no noise at all on the excluded canaries: any move of an included one gives it away
+        mu = mu_low = math.inf if diff > 0 else 0.0
     ratio = residual / numbers
     ratio_se = math.sqrt(2.0 / numbers)
     needed = max(needed_over_recorded)

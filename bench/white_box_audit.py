@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--presets", default="distributed,local")
     parser.add_argument("--seeds", type=int, default=10, help="honest runs per preset (seeds 0..N-1)")
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--faults", default="", help="only these faults (comma-separated; default: all four)")
     parser.add_argument("--add", action="store_true", help="keep the runs already in the results file")
     args = parser.parse_args()
     runs: list[dict] = []
@@ -60,7 +61,10 @@ def main() -> None:
     for preset in args.presets.split(","):
         cases = [(seed, 8.0, None) for seed in range(args.seeds)]
         if not args.no_faults:
-            cases += [(100 + i, epsilon, fault) for i, (fault, epsilon) in enumerate(FAULTS)]
+            chosen = set(filter(None, args.faults.split(",")))
+            cases += [
+                (100 + i, epsilon, fault) for i, (fault, epsilon) in enumerate(FAULTS) if not chosen or fault in chosen
+            ]
         for seed, epsilon, fault in cases:
             run = audit(preset, seed, epsilon, fault)
             runs.append(run)

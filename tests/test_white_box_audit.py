@@ -152,6 +152,7 @@ def test_an_honest_distributed_run_passes_and_every_number_is_recomputed_from_it
         ("distributed", "noise/3", 1.0, "noise check"),
         ("distributed", "skip-noise", 8.0, "a site added less noise than it recorded"),
         ("local", "skip-clipping", 8.0, "clip check"),
+        ("local", "skip-noise", 8.0, "a site added less noise than it recorded"),
     ],
 )
 def test_a_broken_run_is_refuted_by_the_test_that_sees_its_fault(tiny_config, tmp_path, noise, fault, epsilon, finding):
