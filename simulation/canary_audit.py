@@ -196,6 +196,18 @@ def _claimed_epsilon(run_dir: Path, site: str) -> tuple[float, float]:
     raise EmpiricalAuditError(f"{run_dir}: no ledger of {site}, the canary site; did it ever train?")
 
 
+def checked_output(output: Path, fault: str | None, error: type[Exception]) -> Path:
+    """An empirical audit's --fault and --output, checked before anything is written: the folder, resolved."""
+    try:
+        audit_fault(fault)
+    except ValueError as problem:
+        raise error(f"--fault: {problem}") from None
+    output = Path(output).expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise error(f"--output: {output} is not empty; an audit never writes over an earlier one")
+    return output
+
+
 def empirical_audit(
     config: FedprivConfig,
     output: Path,
@@ -210,13 +222,7 @@ def empirical_audit(
     console = console or Console()
     if not config.privacy.enabled:
         raise EmpiricalAuditError("privacy.enabled: the run claims no epsilon; there is nothing to audit")
-    try:
-        audit_fault(fault)
-    except ValueError as error:
-        raise EmpiricalAuditError(f"--fault: {error}") from None
-    output = Path(output).expanduser().resolve()
-    if output.exists() and any(output.iterdir()):
-        raise EmpiricalAuditError(f"--output: {output} is not empty; an audit never writes over an earlier one")
+    output = checked_output(output, fault, EmpiricalAuditError)
     output.mkdir(parents=True, exist_ok=True)
     seed = secrets.randbits(63) if seed is None else seed
     labels = LabelSet.load(config.data.labels)

@@ -25,9 +25,9 @@ from fedpriv.common.config import FedprivConfig
 from fedpriv.common.data import LabelSet, load_configured
 from fedpriv.common.files import write_atomic
 from fedpriv.common.model.canaries import GradientCanaries
-from fedpriv.common.node_config import audit_fault
 from fedpriv.common.partition import split_for
 from fedpriv.common.privacy.plan import plan_for
+from fedpriv.simulation.canary_audit import checked_output
 from fedpriv.simulation.harness import plan_sites, simulate
 
 CANARIES = "canaries.safetensors"
@@ -51,13 +51,7 @@ def white_box_audit(
     """Runs the federation of `config` with gradient canaries at simulated site `site`; returns the audit."""
     console = console or Console()
     check_auditable(config)
-    try:
-        audit_fault(fault)
-    except ValueError as error:
-        raise WhiteBoxError(f"--fault: {error}") from None
-    output = Path(output).expanduser().resolve()
-    if output.exists() and any(output.iterdir()):
-        raise WhiteBoxError(f"--output: {output} is not empty; an audit never writes over an earlier one")
+    output = checked_output(output, fault, WhiteBoxError)
     labels = LabelSet.load(config.data.labels)
     config, _, names = plan_sites(config, labels)
     if not 0 <= site < len(names):
