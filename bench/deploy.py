@@ -9,10 +9,10 @@ rounds) on Banking77 split over three sites.
 
 Reported per side: median round time, the whole job's wall time (from
 submission to the run's end), CPU seconds per site per round (each agent's
-process tree: agent, SuperNode, SuperExec, worker and forwarders; for the
-simulation, its whole process tree divided by the sites), bytes per site per
-round (deployed: the messages each site's worker received and sent, as
-Flower serialises them), final accuracy, and the audit's verdict.
+process tree: agent, SuperNode and worker; for the simulation, its whole
+process tree divided by the sites), bytes per site per round (deployed: the
+messages each site's worker received and sent, serialised as Flower's
+protobuf), final accuracy, and the audit's verdict.
 
     python bench/deploy.py [--rounds 240] [--sites 3] [--noise distributed|local]
 

@@ -16,10 +16,10 @@ fedpriv uses Flower's public message API (`flwr.app`, `flwr.clientapp`,
   (`flwr.supercore.privacy_accounting`);
 - FedAdam's moments, which a resumed run must restore;
 - the SuperNode's error numbers, which appear only in its log;
-- the ClientApp process's bundle installer, which a site wraps to refuse a
-  bundle that carries code (`run_clientapp_checking_bundles`);
-- what a deployed round waits on: `flwr-clientapp`'s task calls (run inside
-  the resident site worker), the SuperNode's polling sleeps, heartbeat
+- the SuperNode's message loop, NodeState and ObjectStore, through which the
+  agent's SuperNode hands each message straight to the site's resident
+  worker instead of starting a ClientApp process (`_answering_in_place`);
+- what a deployed round waits on: the SuperNode's polling sleeps, heartbeat
   interval and retries (it exits when a restarted aggregator no longer knows
   its node id), and the retries of object pulls.
 
@@ -33,11 +33,10 @@ import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from queue import Queue
-from typing import Any
+from typing import Any, cast
 
 from fedpriv.common.errors import FedprivError
 
@@ -125,27 +124,28 @@ def check() -> None:
     probe("Flower's SuperNode exit and API error codes", exit_codes)
     probe("the simulation grid's pull_interval", grid_poll)
 
-    def bundle_installer() -> bool:
-        from flwr.supernode.cli import flwr_clientapp  # noqa: F401
-        from flwr.supernode.runtime import run_clientapp
+    def answering_in_place() -> bool:
+        from flwr.common.constant import Status, SubStatus  # noqa: F401
+        from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto  # noqa: F401
+        from flwr.supercore.inflatable.inflatable_object import iterate_object_tree  # noqa: F401
+        from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: F401
+        from flwr.supernode import start_client_internal as loop
+        from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-        return callable(getattr(run_clientapp, "install_from_fab", None))
-
-    probe("flwr.supernode.runtime.run_clientapp.install_from_fab", bundle_installer)
-
-    def clientapp_task() -> bool:
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # noqa: F401
-        from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
-        from flwr.supernode.runtime import run_clientapp
-
-        parser = _parse_args_run_flwr_clientapp()
-        wanted = ("pull_task_input", "push_message", "push_task_output")
+        wanted = (
+            "get_tasks claim_task activate_task finish_task get_messages record_message_processing_start "
+            "record_message_processing_end get_run get_run_series_context set_run_series_context get_fab"
+        ).split()
+        source = inspect.getsource(loop.start_client_internal)
         return (
-            callable(parser.parse_args)
-            and all(callable(getattr(run_clientapp, n, None)) for n in wanted)
-            and callable(getattr(RuntimeHttpClient, "SendTaskHeartbeat", None))
+            all(callable(getattr(InMemoryNodeState, name, None)) for name in wanted)
+            and callable(getattr(loop, "_insert_message", None))
+            and "state=state," in source
+            and "object_store=store," in source
+            and "order_by" in inspect.signature(InMemoryNodeState.get_tasks).parameters
         )
+
+    probe("what the SuperNode answering in place uses (its NodeState, ObjectStore and serde)", answering_in_place)
 
     def supernode_loop() -> bool:
         from flwr.supernode import start_client_internal as loop
@@ -157,21 +157,6 @@ def check() -> None:
             and "time.sleep(0.5)" in source
             and "run_id = _pull_and_store_message(" in source
         )
-
-    probe("flwr-clientapp's argument parser and runtime calls (the resident site worker)", clientapp_task)
-
-    def superexec_loop() -> bool:
-        from flwr.supercore.cli import flower_superexec  # noqa: F401
-        from flwr.supercore.superexec import run_superexec as loop
-
-        source = inspect.getsource(loop.run_superexec)
-        return (
-            loop.time is __import__("time")
-            and "time.sleep(task_poll_interval)" in source
-            and "_handle_launch_result(launch_result" in source
-        )
-
-    probe("SuperExec's task loop (run_superexec: time.sleep, _handle_launch_result)", superexec_loop)
 
     def object_pulls() -> bool:
         from flwr.supercore.inflatable import inflatable_utils
@@ -490,157 +475,113 @@ def supernode_error_marks() -> tuple[str, str]:
     )
 
 
-# --- The ClientApp process ---------------------------------------------------------
+# --- The SuperNode answering through the resident worker ----------------------------
+
+# Flower 1.39's SuperNode stores each message it pulls and waits for a
+# ClientApp process to take it through the runtime API: SuperExec asks for
+# the task, starts `flwr-clientapp`, which asks for the task's input, the
+# message's head and each of its objects, pushes the reply's head and each
+# of its objects, then the task's output (about twenty HTTP calls a message,
+# each parsed by the SuperNode's uvicorn and FastAPI; a steady deployed
+# round spent more CPU there than in training). The agent's SuperNode instead
+# hands the stored message, with its run's context and app bundle, straight
+# to a callable (`answer`, the resident worker's socket) and stores what
+# comes back as the ClientApp's reply and the run's new context. Flower's
+# loop then pushes the reply as it would have. The task Flower created for
+# the message is finished here, so no ClientApp process is ever started.
+Answer = Callable[[Any, Any, bytes], tuple[Any, Any]]
 
 
-def run_clientapp_checking_bundles(check_bundle: Callable[[bytes], None]) -> None:
-    """Runs Flower's `flwr-clientapp`, calling `check_bundle(fab bytes)` before it installs any app bundle.
+def message_to_wire(message: Any) -> bytes:
+    """A whole message (head and content) as one protobuf string."""
+    from flwr.common.serde import message_to_proto
 
-    Flower's ClientApp process installs the submitted bundle with
-    `install_from_fab` (a module global of its runtime); wrapping it is the
-    one place a site can look at the bundle before its code could be loaded.
-    """
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
-
-    install = runtime.install_from_fab
-
-    def checked_install(fab_file, *args, **kwargs):
-        check_bundle(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
-        return install(fab_file, *args, **kwargs)
-
-    runtime.install_from_fab = checked_install
-    flwr_clientapp()
+    return message_to_proto(message).SerializeToString()
 
 
-def clientapp_arguments(argv: Sequence[str]) -> tuple[str, str, bool, bytes | None]:
-    """`flwr-clientapp`'s command line, read as Flower reads it: (runtime API address, token, insecure, CA)."""
-    from flwr.common.args import try_obtain_flwr_app_token
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
+def message_from_wire(data: bytes) -> Any:
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
 
-    args = _parse_args_run_flwr_clientapp().parse_args(list(argv))
-    token = try_obtain_flwr_app_token(args)
-    certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
-    return args.runtime_api_address, token, bool(args.insecure), certificates
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto)
 
 
-def message_bytes(message: Any) -> int:
-    """The size of a message as Flower sends it: its serialised objects (metadata, records, arrays)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+def context_to_wire(context: Any) -> bytes:
+    from flwr.common.serde import context_to_proto
 
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-@dataclass
-class TaskOutcome:
-    """What one ClientApp task came to: the exit status Flower's process would have had, and the bytes moved."""
-
-    code: int
-    received: int = 0
-    sent: int = 0
+    return context_to_proto(context).SerializeToString()
 
 
-def run_clientapp_task(
-    argv: Sequence[str], client_app: Any, check_bundle: Callable[[bytes], None], on_error: Callable[[str], None]
-) -> TaskOutcome:
-    """One ClientApp task, as Flower's `flwr-clientapp` process runs it, inside a process that stays.
+def context_from_wire(data: bytes) -> Any:
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
 
-    Flower 1.39 starts a fresh `flwr-clientapp` for every message; a site's
-    resident worker instead receives that command line and does its work
-    here: pull the message, context and app bundle from the SuperNode's
-    runtime API, check the bundle (it is never installed: the site runs only
-    its installed ClientApp), call `client_app`, push the reply and the
-    task's outcome. What Flower's process does to itself (signal handlers,
-    exiting, watching its parent) is left out.
-    """
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
+
+
+def error_reply(message: Any, reason: str) -> Any:
+    """The reply Flower's ClientApp process sends when the ClientApp raised: an error that names why."""
     from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.exit import ExitCode
-    from flwr.supercore.heartbeat import HeartbeatSender
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime import run_clientapp as runtime
+    from flwr.common.constant import ErrorCode
 
-    address, token, insecure, certificates = clientapp_arguments(argv)
-    retry = make_simple_http_retry_invoker()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=insecure,
-        root_certificates=certificates,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
-        retry_invoker=retry,
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def _answer_stored_message(state: Any, store: Any, run_id: int, answer: Answer) -> None:
+    """Answers the message `_pull_and_store_message` just stored for `run_id`, as its ClientApp task would."""
+    from flwr.app import Message
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+    from flwr.supernode.start_client_internal import _insert_message
+
+    tasks = state.get_tasks(run_ids=[run_id], statuses=[Status.PENDING], order_by="pending_at")
+    messages = state.get_messages(run_ids=[run_id], is_reply=False, limit=1)
+    if not tasks or not messages:  # Flower stored an error reply instead (an unverifiable bundle)
+        return
+    task, message = tasks[0], messages[0]
+    message_id = message.metadata.message_id
+    state.record_message_processing_start(message_id=message_id)
+    tree = store.get_object_tree(message_id)
+    contents = {node.object_id: store.get(node.object_id) for node in iterate_object_tree(tree)}
+    message = cast(Message, inflate_object_from_contents(message_id, contents))
+    message.metadata.__dict__["_message_id"] = message_id  # a deflated message does not carry its own id
+    store.delete(message_id)
+    run = state.get_run(run_id)
+    context, fab = state.get_run_series_context(run.series_id), state.get_fab(run.fab_hash)
+    try:
+        reply, new_context = answer(message, context, fab.content if fab else b"")
+    except Exception as error:  # the answer's own failure still becomes a reply, never a stuck round
+        reply, new_context = error_reply(message, f"{type(error).__name__}: {error}"), None
+    state.record_message_processing_end(message_id=message_id)
+    _insert_message(reply, state, store)
+    if new_context is not None:
+        state.set_run_series_context(run.series_id, new_context)
+    failed = isinstance(reply, Message) and reply.has_error()
+    # The task was never handed out: claim, start and finish it at once, so no token can expire under it.
+    state.claim_task(task.task_id)
+    state.activate_task(task.task_id)
+    state.finish_task(
+        task.task_id,
+        sub_status=SubStatus.FAILED if failed else SubStatus.COMPLETED,
+        details=reply.error.reason if failed else "",
     )
-    heartbeat = HeartbeatSender(_task_heartbeat(client, on_error))
-    outcome = TaskOutcome(int(ExitCode.SUCCESS))
-    message = context = reply = None
-    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
-    try:
-        heartbeat.start()
-        message, context, _run, fab = runtime.pull_task_input(client)
-        outcome.received = message_bytes(message)
-        check_bundle(fab.content)
-        reply = client_app(message=message, context=context)
-        status, details = SubStatus.COMPLETED, ""
-    except Exception as error:  # every failure becomes the error reply Flower's own process would send
-        reason = f"{type(error)}:<'{error}'>"
-        on_error(reason)
-        details, outcome.code = reason, int(ExitCode.TASK_PROC_EXCEPTION)
-        if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-    try:
-        if reply is not None and context is not None:
-            outcome.sent = message_bytes(reply)
-            runtime.push_message(client, reply, context)
-    except Exception as error:
-        on_error(f"could not push the reply: {error}")
-        outcome.code = int(ExitCode.CLIENTAPP_COMMUNICATION_ERROR)
-    finally:
-        retry.max_tries = 1
-        if heartbeat.is_running:  # before the task ends: a heartbeat for an ended task is refused
-            heartbeat.stop()
-        runtime.push_task_output(client=client, context=context, sub_status=status, details=details)
-        client.close()
-    return outcome
 
 
-def _task_heartbeat(client: Any, on_error: Callable[[str], None]) -> Callable[[], bool]:
-    """Flower's task heartbeat, for a process that outlives the task.
+def _answering_in_place(pull_and_store: Callable[..., Any], answer: Answer) -> Callable[..., Any]:
+    """The SuperNode's `_pull_and_store_message`, answering each stored message through `answer`."""
 
-    Flower's own (`make_task_heartbeat_fn_http`) raises SIGINT in its process
-    when the SuperNode no longer knows the task: a stopped run, a restarted
-    SuperNode, or a heartbeat that crossed the task's end. In the resident
-    worker that stopped the worker itself, and the site refused messages until
-    another had loaded. Here it ends that task's heartbeats only; the
-    SuperNode refuses the task's reply as it would refuse the process's.
-    """
-    import httpx
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+    def pulled_and_answered(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull_and_store(*args, **kwargs)
+        if run_id is not None:
+            _answer_stored_message(kwargs["state"], kwargs["object_store"], run_id, answer)
+        return run_id
 
-    request = SendTaskHeartbeatRequest()
-    abandoned = threading.Event()
-
-    def beat() -> bool:
-        if abandoned.is_set():
-            return True
-        try:
-            response = client.SendTaskHeartbeat(request)
-        except httpx.TransportError:
-            return False  # retried
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
-                return False  # retried
-            response = None
-        if response is None or not response.success:
-            abandoned.set()
-            on_error("the SuperNode no longer knows this task (its run stopped, or the SuperNode restarted)")
-        return True
-
-    return beat
+    return pulled_and_answered
 
 
 # --- The SuperNode's polling -------------------------------------------------------
@@ -666,135 +607,18 @@ class _PollingClock:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)
 
+    def message_came(self) -> None:
+        """A message was answered: the next one comes soon."""
+        self._pause, self._last_message = FIRST_POLL, self._clock.monotonic()
+
     def sleep(self, seconds: float) -> None:
         if seconds >= 1.0:  # no message came: back off
             idle = self._clock.monotonic() - self._last_message > IDLE_AFTER
             self._clock.sleep(IDLE_POLL if idle else self._pause)
             self._pause = min(self._pause * 1.5, LAST_POLL)
-        else:  # a message is being answered: the reply, and the next message, come soon
-            self._pause, self._last_message = FIRST_POLL, self._clock.monotonic()
+        else:  # waiting on a reply's objects
+            self.message_came()
             self._clock.sleep(min(seconds, FIRST_POLL))
-
-
-# SuperExec, the SuperNode's launcher of ClientApp processes, asks it for a
-# task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's: 1 s, so each
-# exchange of a secure round waited up to a second). Polling faster made
-# those calls most of a deployed round's CPU: twenty HTTP requests a second
-# per site, each parsed by the SuperNode's runtime API (a steady round cost a
-# site's SuperExec and SuperNode more CPU than its training). Flower has no
-# push for tasks, so the agent's SuperNode sends a datagram to a Unix socket
-# the agent names (TASK_WAKE_ENV, in its private state folder) whenever it
-# has stored a message, and SuperExec sleeps on that socket: a task is
-# launched as soon as it exists, and no call is made while there is none. A
-# lost datagram costs at most WAKE_FALLBACK (IDLE_POLL once no task came for
-# IDLE_AFTER), which is also how often an agent without the socket polls.
-TASK_WAKE_ENV = "FEDPRIV_TASK_WAKE"
-WAKE_FALLBACK = 0.5
-
-
-def task_wake_sender() -> Callable[[], None]:
-    """The SuperNode's side: a call that tells SuperExec a task is waiting (never raises; nothing when unset)."""
-    import os
-    import socket
-
-    path = os.environ.get(TASK_WAKE_ENV)
-    if not path:
-        return lambda: None
-    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sender.setblocking(False)
-
-    def wake() -> None:
-        try:
-            sender.sendto(b"t", path)
-        except OSError:  # SuperExec not (yet) listening, or its queue full: it polls anyway
-            pass
-
-    return wake
-
-
-def _waking_superexec(pull_and_store: Callable[..., Any], wake: Callable[[], None]) -> Callable[..., Any]:
-    """The SuperNode's `_pull_and_store_message`, waking SuperExec once a message (and its task) is stored."""
-
-    def pulled_and_stored(*args: Any, **kwargs: Any) -> Any:
-        run_id = pull_and_store(*args, **kwargs)
-        if run_id is not None:
-            wake()
-        return run_id
-
-    return pulled_and_stored
-
-
-class _TaskClock:
-    """`time` as SuperExec's loop sees it: between tasks it sleeps until woken (see above)."""
-
-    def __init__(self, clock: Any, wake_path: str | None) -> None:
-        import socket
-
-        self._clock = clock
-        self.last_task = clock.monotonic()
-        self.launched = False
-        self._wake: socket.socket | None = None
-        if wake_path:
-            import os
-            import sys
-
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(wake_path)
-            self._wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            old = os.umask(0o177)
-            try:
-                self._wake.bind(wake_path)
-            except OSError as error:  # e.g. a path beyond AF_UNIX's ~100 bytes: poll as Flower does
-                print(f"fedpriv: SuperExec polls for tasks: cannot listen on {wake_path} ({error})", file=sys.stderr)
-                self._wake.close()
-                self._wake = None
-            finally:
-                os.umask(old)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._clock, name)
-
-    def task_launched(self) -> None:
-        self.last_task, self.launched = self._clock.monotonic(), True
-
-    def sleep(self, seconds: float) -> None:
-        idle = self._clock.monotonic() - self.last_task > IDLE_AFTER
-        if self._wake is None:
-            self._clock.sleep(max(seconds, IDLE_POLL) if idle else seconds)
-            return
-        if self.launched:  # one task taken: another may be waiting, asked for after the usual interval
-            self.launched = False
-            self._clock.sleep(seconds)
-            return
-        self._wake.settimeout(IDLE_POLL if idle else WAKE_FALLBACK)
-        try:
-            self._wake.recv(64)
-        except TimeoutError:
-            return
-        self._wake.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:  # one call takes what several wakes announced
-                self._wake.recv(64)
-
-
-def run_superexec_polling_adaptively() -> None:
-    """Runs Flower's `flower-superexec` (its command line is this process's), sleeping until a task is stored."""
-    import os
-    import time
-
-    from flwr.supercore.cli import flower_superexec
-    from flwr.supercore.superexec import run_superexec as loop
-
-    clock = _TaskClock(time, os.environ.get(TASK_WAKE_ENV))
-    launched = loop._handle_launch_result
-
-    def handled(result: Any, task: Any) -> None:
-        clock.task_launched()
-        launched(result, task)
-
-    loop.time = clock  # type: ignore[assignment]
-    loop._handle_launch_result = handled
-    flower_superexec()
 
 
 # The interval the SuperNode promises its heartbeats at (Flower's: 30 s); the
@@ -856,12 +680,15 @@ def _exit_when_the_node_is_forgotten(make_invoker: Callable[[], Any]) -> Callabl
     return make
 
 
-def run_supernode_polling_often() -> None:
-    """Runs Flower's `flower-supernode` (its command line is this process's), with quicker polling.
+def run_supernode_polling_often(answer: Answer) -> None:
+    """Runs Flower's `flower-supernode` (its command line is this process's), answering through `answer`.
 
-    It also promises heartbeats every `HEARTBEAT_SECONDS`, and exits with
-    `EXIT_NODE_FORGOTTEN` when the aggregator no longer knows its node id, so
-    that the agent starts it again.
+    Each message is answered in this process by `answer` (see
+    `_answering_in_place`); run it with `--isolation process`, so that Flower
+    starts no SuperExec. It polls the SuperLink more often, promises
+    heartbeats every `HEARTBEAT_SECONDS`, and exits with `EXIT_NODE_FORGOTTEN`
+    when the aggregator no longer knows its node id, so that the agent starts
+    it again.
     """
     import time
 
@@ -870,8 +697,17 @@ def run_supernode_polling_often() -> None:
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    loop.time = _PollingClock(time)  # type: ignore[assignment]
-    loop._pull_and_store_message = _waking_superexec(loop._pull_and_store_message, task_wake_sender())
+    clock = _PollingClock(time)
+    loop.time = clock  # type: ignore[assignment]
+    answered = _answering_in_place(loop._pull_and_store_message, answer)
+
+    def pulled(*args: Any, **kwargs: Any) -> Any:
+        run_id = answered(*args, **kwargs)
+        if run_id is not None:
+            clock.message_came()
+        return run_id
+
+    loop._pull_and_store_message = pulled
     connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
     loop.make_simple_grpc_retry_invoker = _exit_when_the_node_is_forgotten(loop.make_simple_grpc_retry_invoker)
     quicken_object_pulls()

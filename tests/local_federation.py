@@ -285,18 +285,18 @@ round-timeout = 120.0
                 continue
         return None
 
-    def clientapp_running(self, site: str, since: float = 0.0) -> bool:
-        """Whether the site's SuperNode runs a ClientApp started after `since` (Flower starts one per message).
+    def message_at_worker(self, site: str) -> bool:
+        """Whether the site's SuperNode has handed a message to its worker that is not answered yet.
 
-        The agent's flwr-clientapp forwards to the site's resident worker (or falls back to `python -m
-        fedpriv.deploy.clientapp_guard` when none listens). To catch a site mid-message, freeze its worker first
+        The SuperNode opens one connection to the worker's socket per message and closes it with the answer;
+        the kernel lists each connection under the socket's path (/proc/net/unix) beside the listening one,
+        even while the worker has not accepted it. To catch a site mid-message, freeze its worker first
         (`worker(site, suspend=True)`): the message then waits for it, however fast the machine.
         """
-        marks = ("flwr-clientapp", "forward-to-worker", "clientapp_guard")
-        return (
-            self._find(site, lambda command, p: any(m in command for m in marks) and p.create_time() >= since)
-            is not None
-        )
+        path = str(self.root / f"{site}-state" / "worker" / "socket")
+        with open("/proc/net/unix", encoding="utf-8") as table:
+            entries = [line.split() for line in table if line.rstrip().endswith(" " + path)]
+        return any(entry[5] != "01" for entry in entries)  # 01: the listening socket; 02/03: a connection
 
     def process_named(self, name: str, mark: str):
         """The first process started by `name` whose command line has `mark` (psutil)."""

@@ -214,3 +214,25 @@ def test_a_reset_is_an_explicit_signed_recorded_act_that_the_audit_shows(tmp_pat
     text = console.export_text()
     assert "budget reset" in text and "retention policy" in text
     assert "Budget resets" in html_report(report) and "retention policy" in html_report(report)
+
+
+@pytest.mark.parametrize(
+    "releases",
+    [
+        {(4.73, 0.5): 1},
+        {(4.73, 0.5): 240},  # the default demo's whole run
+        {(1.1, 0.02): 60, (4.73, 0.5): 17},  # two plans in one history
+    ],
+)
+def test_the_kept_step_distribution_gives_the_accountants_epsilon_to_the_last_bit(releases):
+    """Ledgers written before keep their numbers: the budget check's shortcut is dp-accounting's own arithmetic."""
+    from fedpriv.common.privacy import accounting
+
+    events = [poisson_gaussian(sigma, rate, 1) for (sigma, rate), times in releases.items() for _ in range(times)]
+    key = accounting.history(events)
+    reference = accounting.new_accountant("pld")
+    for event, times in key:
+        reference.compose(event, times)
+    for _ in range(2):  # built, then kept
+        assert accounting._pld_of_subsampled_gaussians(key, 1e-5) == reference.get_epsilon(1e-5)
+    assert accounting._compute(key, 1e-5, "pld") == reference.get_epsilon(1e-5)

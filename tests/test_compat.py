@@ -127,30 +127,6 @@ def test_in_process_workers_run_the_clientapp_on_a_copy_of_its_message_and_are_u
     assert vce_api.run_api is original
 
 
-@pytest.mark.parametrize("refusal", ["unknown task", "401"])
-def test_a_refused_task_heartbeat_ends_that_tasks_heartbeats_not_the_worker(refusal):
-    """Flower's own heartbeat raises SIGINT in its process here: in the resident worker, that stopped it."""
-    from types import SimpleNamespace
-
-    import httpx
-
-    calls = []
-
-    class Client:
-        def SendTaskHeartbeat(self, request):
-            calls.append(request)
-            if refusal == "401":
-                response = httpx.Response(401, request=httpx.Request("POST", "http://127.0.0.1/heartbeat"))
-                raise httpx.HTTPStatusError("401 Unauthorized", request=response.request, response=response)
-            return SimpleNamespace(success=False)
-
-    errors: list[str] = []
-    beat = flower_compat._task_heartbeat(Client(), errors.append)
-    assert beat() is True and beat() is True  # no retry, no signal (pytest would stop on a SIGINT)
-    assert len(calls) == 1
-    assert len(errors) == 1 and "no longer knows this task" in errors[0]
-
-
 def test_fedadam_moments_survive_a_round_trip():
     from flwr.serverapp.strategy import FedAdam
 
@@ -208,83 +184,101 @@ def test_only_the_compat_module_imports_a_library_internal(library):
     assert not offenders, "\n".join(offenders)
 
 
-def test_superexec_sleeps_until_the_supernode_stores_a_message(tmp_path, monkeypatch):
-    import stat
-    import threading
-    import time
+def _supernode_with_a_message(content, monkeypatch):
+    """A SuperNode's real NodeState and ObjectStore holding one pulled message and its task, as Flower leaves them."""
+    import hashlib
 
-    wake_path = tmp_path / "task-wake"
-    monkeypatch.setenv(flower_compat.TASK_WAKE_ENV, str(wake_path))
-    monkeypatch.setattr(flower_compat, "WAKE_FALLBACK", 600.0)  # only a wake can end the sleep in this test
-    clock = flower_compat._TaskClock(time, str(wake_path))
-    assert stat.S_IMODE(wake_path.stat().st_mode) == 0o600
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.start_client_internal import _insert_message
 
-    calls = []
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    state.set_node_id(7)
+    run = Run.create_empty(run_id=11)
+    run.fab_hash, run.series_id = hashlib.sha256(b"the bundle").hexdigest(), 5
+    state.store_run(run)
+    state.store_fab(Fab(run.fab_hash, b"the bundle", {}))
+    state.set_run_series_context(5, Context(11, 7, {}, RecordDict(), {}, series_id=5))
+    for name, value in (("_task_id", 1), ("_run_id", 11), ("_node_id", 1)):  # the aggregator's ServerApp, run 11
+        monkeypatch.setattr(TaskIdentity, name, value)
+    message = Message(content, dst_node_id=7, message_type="train")
+    _insert_message(message, state, store)
+    task = state.create_task(task_type=TaskType.CLIENT_APP, run_id=11, fab_hash=run.fab_hash)
+    assert state.get_tasks(task_ids=[task])[0].status.status == Status.PENDING
+    return state, store, task, message
 
-    def pull_and_store(found):
-        calls.append(found)
-        return 7 if found else None
 
-    pulled = flower_compat._waking_superexec(pull_and_store, flower_compat.task_wake_sender())
-    woke = threading.Event()
-    sleeper = threading.Thread(target=lambda: (clock.sleep(0.05), woke.set()), daemon=True)
-    sleeper.start()
-    assert pulled(False) is None  # nothing stored: no wake
-    assert not woke.wait(0.2)
-    assert pulled(True) == 7
-    assert woke.wait(60)
-    assert calls == [False, True]
+def test_the_supernode_answers_a_stored_message_in_place_and_finishes_its_task(monkeypatch):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.common.constant import Status, SubStatus
 
-    # Several wakes before SuperExec asks are taken by one call.
+    sent = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(6.0))}), "config": ConfigRecord({"round": 3})})
+    state, store, task, message = _supernode_with_a_message(sent, monkeypatch)
+    seen = {}
+
+    def answer(msg, context, bundle):
+        # What the worker receives crosses a socket: the round trip through the wire format is part of the path.
+        msg = flower_compat.message_from_wire(flower_compat.message_to_wire(msg))
+        context = flower_compat.context_from_wire(flower_compat.context_to_wire(context))
+        seen.update(bundle=bundle, round=msg.content["config"]["round"], w=msg.content["arrays"]["w"].numpy())
+        context.state["seen"] = ConfigRecord({"messages": 1})
+        return Message(RecordDict({"config": ConfigRecord({"ok": True})}), reply_to=msg), context
+
+    flower_compat._answer_stored_message(state, store, 11, answer)
+    assert seen["bundle"] == b"the bundle" and seen["round"] == 3
+    assert seen["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    (reply,) = state.get_messages(is_reply=True)
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert store.get_object_tree(reply.metadata.message_id) is not None  # its objects are there to push
+    assert state.get_run_series_context(5).state["seen"]["messages"] == 1  # the context as the worker left it
+    (finished,) = state.get_tasks(task_ids=[task])
+    assert (finished.status.status, finished.status.sub_status) == (Status.FINISHED, SubStatus.COMPLETED)
+    assert store.get(message.metadata.message_id) is None  # the message itself is gone, as once confirmed
+
+
+def test_an_answer_that_fails_becomes_an_error_reply_and_the_context_stays(monkeypatch):
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.constant import Status, SubStatus
+
+    state, store, task, _ = _supernode_with_a_message(RecordDict({"config": ConfigRecord({"round": 1})}), monkeypatch)
+
+    def answer(msg, context, bundle):
+        raise ConnectionResetError("the worker went away")
+
+    flower_compat._answer_stored_message(state, store, 11, answer)
+    (reply,) = state.get_messages(is_reply=True)
+    assert reply.has_error() and "the worker went away" in reply.error.reason
+    assert "seen" not in state.get_run_series_context(5).state
+    (finished,) = state.get_tasks(task_ids=[task])
+    assert (finished.status.status, finished.status.sub_status) == (Status.FINISHED, SubStatus.FAILED)
+
+
+def test_the_supernode_asks_sooner_after_a_message_and_backs_off_while_none_comes():
+    class Clock:
+        def __init__(self):
+            self.now, self.slept = 0.0, []
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.slept.append(seconds)
+
+    fake = Clock()
+    clock = flower_compat._PollingClock(fake)
     for _ in range(3):
-        pulled(True)
-    clock.sleep(0.05)
-    clock._wake.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        clock._wake.recv(64)
-
-
-class _Clock:
-    """`time` for SuperExec's loop: it records the sleeps asked for, and its clock moves only when told."""
-
-    def __init__(self):
-        self.now, self.slept = 0.0, []
-
-    def monotonic(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-
-
-def test_superexec_asks_again_at_its_interval_after_a_task_and_polls_slowly_without_its_socket():
-    fake = _Clock()
-    clock = flower_compat._TaskClock(fake, None)
-    clock.sleep(0.05)
+        clock.sleep(3)  # Flower's loop found no message
+    clock.message_came()
+    clock.sleep(3)
     fake.now = flower_compat.IDLE_AFTER + 1
-    clock.sleep(0.05)
-    assert fake.slept == [0.05, flower_compat.IDLE_POLL]  # an agent without the socket: Flower's polling, idling
-
-
-def test_superexec_after_a_task_asks_again_without_waiting_for_a_wake(tmp_path):
-    fake = _Clock()
-    clock = flower_compat._TaskClock(fake, str(tmp_path / "task-wake"))
-    clock.task_launched()
-    clock.sleep(0.05)  # another task may be waiting
-    assert fake.slept == [0.05]
-
-
-def test_a_supernode_without_superexecs_socket_loses_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv(flower_compat.TASK_WAKE_ENV, str(tmp_path / "nobody-listens"))
-    flower_compat.task_wake_sender()()  # SuperExec not started yet: the wake is dropped, SuperExec polls
-    monkeypatch.delenv(flower_compat.TASK_WAKE_ENV)
-    flower_compat.task_wake_sender()()
-
-
-def test_superexec_that_cannot_listen_polls_instead(tmp_path):
-    fake = _Clock()
-    too_long = tmp_path / ("x" * 120) / "task-wake"  # beyond AF_UNIX's path limit
-    too_long.parent.mkdir()
-    clock = flower_compat._TaskClock(fake, str(too_long))
-    clock.sleep(0.05)
-    assert fake.slept == [0.05]
+    clock.sleep(3)
+    first = flower_compat.FIRST_POLL
+    assert fake.slept == pytest.approx([first, first * 1.5, first * 2.25, first, flower_compat.IDLE_POLL])

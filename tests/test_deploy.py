@@ -431,7 +431,7 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     # Frozen while idle, site-b's worker cannot answer round 1 before the test kills the whole site.
     assert fed.worker("site-b", suspend=True) is not None
     process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
-    wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's round-1 message", interval=0.1, alive=process)
+    wait_for(lambda: fed.message_at_worker("site-b"), what="site-b's round-1 message", interval=0.1, alive=process)
     fed.kill("site-b")  # mid-round (Flower then reports it unavailable)
     # Straight back. Flower holds its old session for two missed heartbeats: the agent is refused and retries
     # while the hold lasts, or (restarting slower than that, under load) gets in at once. Either way it
@@ -456,11 +456,11 @@ def test_a_site_worker_killed_mid_message_is_restarted_and_the_run_completes(fed
     worker = fed.worker("site-b", suspend=True)  # frozen while idle: site-b's first message waits on it
     assert worker is not None
     process = fed.submit("--run-dir", run_dir, "--set", "strategy.round-timeout=180")
-    wait_for(lambda: fed.clientapp_running("site-b"), what="site-b's first message", interval=0.1, alive=process)
+    wait_for(lambda: fed.message_at_worker("site-b"), what="site-b's first message", interval=0.1, alive=process)
     # The aggregator waits (frozen) until site-b has a new worker, so round 2 finds one; round 1 does not.
     server_app = fed.process_named("aggregator", "flwr-serverapp")
     server_app.suspend()
-    worker.kill()  # mid-message: the forwarder has handed it over and waits for the answer
+    worker.kill()  # mid-message: the SuperNode has handed it over and waits for the answer
     ready = fed.root / "site-b-state" / "worker" / "ready.json"
 
     def restarted() -> bool:
@@ -477,8 +477,7 @@ def test_a_site_worker_killed_mid_message_is_restarted_and_the_run_completes(fed
     assert code == 0, out[-3000:] + err[-3000:]
     run = RunDirectory(run_dir)
     failed = [e for e in run.events("site-error") if e["site"] == "site-b"]
-    # The message it was handed fails at once, saying why (killed before or after the forwarder got through);
-    # no other does.
+    # The message it was handed fails at once, saying why; no other does.
     assert [e["round"] for e in failed] == [1], failed
     reason = failed[0]["reason"]
     assert "site worker stopped while it answered this message" in reason or "site worker is not running" in reason
@@ -539,7 +538,7 @@ def test_agents_stop_cleanly_on_sigterm(fed):
     for site in SITES:
         process = fed.processes.pop(site)
         since = fed.log_size(site)
-        started = psutil.Process(process.pid).children(recursive=True)  # SuperNode, SuperExec, ClientApps
+        started = psutil.Process(process.pid).children(recursive=True)  # SuperNode and site worker
         assert started, "the agent runs a SuperNode"
         process.send_signal(signal.SIGTERM)  # to the agent only, as `docker stop` or systemd (KillMode=mixed) do
         assert process.wait(60) == 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedpriv.common.flower_app import CLIENT_APP
 from fedpriv.deploy import clientapp_guard, processes, site_worker
 from fedpriv.deploy.kit import KitError
 from tests.helpers import LABELS, easy_rows, fedpriv_here, write_csv
@@ -312,42 +313,88 @@ def test_fedpriv_bundles_pass_and_bundles_with_code_or_another_clientapp_are_ref
         clientapp_guard.check_fab(_fab(tmp_path, {"pyproject.toml": _pyproject("os:system")}))
 
 
-def test_the_agent_puts_its_forwarder_first_and_without_a_worker_it_is_flowers_guarded_clientapp(tmp_path):
-    folder = clientapp_guard.write_launcher(tmp_path / "bin", tmp_path / "worker")
-    launcher = folder / "flwr-clientapp"
-    assert os.access(launcher, os.X_OK) and "forward-to-worker" in launcher.read_text()
-    # No worker listens: the forwarder becomes Flower's ClientApp process (its argument parser answers).
-    result = subprocess.run([launcher, "--help"], capture_output=True, text=True, timeout=120, env=ENV)
-    assert result.returncode == 0 and "--runtime-api-address" in result.stdout + result.stderr
+@pytest.fixture
+def messages(monkeypatch):
+    """Messages can be made here as the aggregator's ServerApp makes them (run 11)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 11), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def test_the_forwarder_hands_its_command_line_and_the_secret_to_the_worker_and_exits_with_its_status(tmp_path):
-    import json
-    import socket
+@pytest.fixture
+def worker_at(tmp_path, messages):
+    """A real SiteWorker serving in a thread, with a stand-in ClientApp; yields (its folder, the messages it got)."""
     import threading
 
-    worker = tmp_path / "worker"
-    site_worker.prepare(worker)
-    (worker / site_worker.SECRET).write_text("s3cret")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(worker / site_worker.SOCKET))
-    server.listen(1)
-    got: list[dict] = []
+    from flwr.app import ConfigRecord, Message, RecordDict
 
-    def answer() -> None:
-        conn, _ = server.accept()
-        with conn:
-            got.append(json.loads(site_worker._read_line(conn)))
-            conn.sendall(b'{"exit": 7}\n')
+    got: list = []
 
-    thread = threading.Thread(target=answer)
+    def app(message, context):
+        got.append(message)
+        if message.content["config"]["fail"]:
+            raise RuntimeError("no such round")
+        context.state["answered"] = ConfigRecord({"n": len(got)})
+        return Message(RecordDict({"config": ConfigRecord({"echo": message.content["config"]["x"]})}), reply_to=message)
+
+    worker = site_worker.SiteWorker(tmp_path / "worker")
+    worker.listen()
+    worker.app = app
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
     thread.start()
-    launcher = clientapp_guard.write_launcher(tmp_path / "bin", worker) / "flwr-clientapp"
-    result = subprocess.run([launcher, "--token", "t0k"], capture_output=True, text=True, timeout=60, env=ENV)
+    yield worker.folder, got
+    stop.set()
     thread.join(10)
-    server.close()
-    assert result.returncode == 7, result.stderr
-    assert got[0]["secret"] == "s3cret" and got[0]["argv"] == ["--token", "t0k"]
+
+
+def _message(x: int, fail: bool = False):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    message = Message(RecordDict({"config": ConfigRecord({"x": x, "fail": fail})}), dst_node_id=7, message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperNode stores it
+    return message, Context(11, 7, {}, RecordDict(), {})
+
+
+def test_the_supernode_hands_a_message_to_the_worker_and_gets_its_reply_and_context(tmp_path, worker_at):
+    folder, got = worker_at
+    channel = site_worker.WorkerChannel(folder)
+    bundle = _fab(tmp_path, {"pyproject.toml": _pyproject(CLIENT_APP)})
+    message, context = _message(42)
+    reply, new_context = channel(message, context, bundle)
+    assert not reply.has_error() and reply.content["config"]["echo"] == 42
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert new_context.state["answered"]["n"] == 1
+    # The ClientApp raised: the worker answers with Flower's error reply and keeps serving.
+    reply, _ = channel(*_message(1, fail=True), bundle)
+    assert reply.has_error() and "no such round" in reply.error.reason
+    reply, _ = channel(*_message(2), bundle)
+    assert reply.content["config"]["echo"] == 2
+    stats = json.loads((folder / site_worker.STATS).read_text())
+    assert (stats["messages"], stats["failed"]) == (3, 1) and stats["bytes-received"] > 0
+
+
+def test_a_foreign_bundle_never_reaches_the_worker_and_a_wrong_secret_is_refused(tmp_path, worker_at):
+    import socket
+
+    folder, got = worker_at
+    evil = _fab(tmp_path, {"pyproject.toml": _pyproject(CLIENT_APP, exclude=False), "evil.py": "import os"})
+    reply, context = site_worker.WorkerChannel(folder)(*_message(1), evil)
+    assert reply.has_error() and "carries files (evil.py)" in reply.error.reason and context is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(folder / site_worker.SOCKET))
+        conn.sendall(b'{"secret": "guess", "message": 0, "context": 0}\n')
+        assert conn.recv(64) == b""  # closed without an answer
+    assert got == []
+
+
+def test_a_message_while_no_worker_listens_is_refused_at_once_naming_why(tmp_path, messages):
+    folder = tmp_path / "worker"
+    site_worker.prepare(folder)
+    bundle = _fab(tmp_path, {"pyproject.toml": _pyproject(CLIENT_APP)})
+    reply, context = site_worker.WorkerChannel(folder)(*_message(1), bundle)
+    assert reply.has_error() and "the site worker is not running" in reply.error.reason and context is None
 
 
 # -- one agent per state directory; a killed one's leftovers are ended -----------------
@@ -387,8 +434,8 @@ def test_taking_over_a_state_ends_the_flower_processes_a_killed_agent_left(tmp_p
 
 
 @pytest.mark.slow
-def test_kill_9_of_an_agent_takes_its_supernode_superexec_and_worker_with_it(kits, tmp_path):
-    """No aggregator needed: a SuperNode starts its SuperExec at once and keeps retrying the connection."""
+def test_kill_9_of_an_agent_takes_its_supernode_and_worker_with_it(kits, tmp_path):
+    """No aggregator needed: the agent starts its worker and SuperNode at once; the SuperNode keeps retrying."""
     data = write_csv(tmp_path / "north.csv", easy_rows(30, seed=1))
     [closed] = free_ports(1)
 
@@ -415,19 +462,18 @@ def test_kill_9_of_an_agent_takes_its_supernode_superexec_and_worker_with_it(kit
             with contextlib.suppress(psutil.Error):
                 names[p.pid] = " ".join(p.cmdline())
         found = [p for p in family if "fedpriv.deploy.supernode" in names.get(p.pid, "")]
-        found += [p for p in family if "fedpriv.deploy.superexec" in names.get(p.pid, "")]
         found += [p for p in family if "fedpriv.deploy.site_worker" in names.get(p.pid, "")]
-        return found if len(found) == 3 else []
+        return found if len(found) == 2 else []
 
     agent = start()
     try:
-        supernode, superexec, worker = wait_for(lambda: flower(agent), 300, "the SuperNode, SuperExec and worker")
+        supernode, worker = wait_for(lambda: flower(agent), 300, "the SuperNode and worker")
         agent.kill()  # kill -9: no handler runs
         agent.wait(10)
-        left = {"SuperNode": supernode, "SuperExec": superexec, "site worker": worker}
+        left = {"SuperNode": supernode, "site worker": worker}
         wait_for(
             lambda: all(_gone(p.pid) for p in left.values()),
-            what="the SuperNode, SuperExec and site worker to end",
+            what="the SuperNode and site worker to end",
             explain=lambda: "still running: " + ", ".join(n for n, p in left.items() if not _gone(p.pid)),
         )
 

@@ -118,10 +118,46 @@ def _compute(key: History, delta: float, accountant: str) -> float:
         return math.inf
     if accountant == "prv":
         return _opacus_prv(key, delta)
+    if accountant == "pld" and all(_is_subsampled_gaussian(event) for event, _ in key):
+        return _pld_of_subsampled_gaussians(key, delta)
     acc = new_accountant(accountant)
     for event, times in key:
         acc.compose(event, times)
     return float(acc.get_epsilon(delta))
+
+
+# A site's budget check asks, every round, for the epsilon of the same
+# Poisson-sampled Gaussian step composed one more time. dp-accounting's
+# PLDAccountant builds that step's distribution afresh on each call, which
+# was two thirds of the check and a third of a deployed site's CPU in a
+# round. `_pld_of_subsampled_gaussians` makes exactly the calls the
+# accountant makes for these events (same arguments, same order), with the
+# step's distribution kept; the results are the same to the last bit
+# (tests/test_budget.py compares them).
+def _is_subsampled_gaussian(event: dpa.DpEvent) -> bool:
+    return (
+        isinstance(event, dpa.PoissonSampledDpEvent)
+        and isinstance(event.event, dpa.GaussianDpEvent)
+        and event.sampling_probability > 0
+        and event.event.noise_multiplier > 0
+    )
+
+
+@lru_cache(maxsize=64)
+def _subsampled_gaussian_pld(event: dpa.PoissonSampledDpEvent):
+    return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=event.event.noise_multiplier,
+        value_discretization_interval=PLD_INTERVAL,
+        sampling_prob=event.sampling_probability,
+        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
+
+
+def _pld_of_subsampled_gaussians(key: History, delta: float) -> float:
+    pld = dpa.pld.privacy_loss_distribution.identity(value_discretization_interval=PLD_INTERVAL)
+    for event, times in key:
+        pld = pld.compose(_subsampled_gaussian_pld(event).self_compose(times))
+    return float(pld.get_epsilon_for_delta(delta))
 
 
 def new_accountant(accountant: str) -> dpa.PrivacyAccountant:

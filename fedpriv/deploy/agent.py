@@ -12,9 +12,9 @@ agent dies without a word (`kill -9`), the kernel stops the SuperNode for it
 (`processes.die_with_parent`), and the next agent on the same state
 directory ends anything still left (`processes.StateLock`). Beside the SuperNode
 runs the site's resident worker (`site_worker`), which answers every
-message in one long-lived process; the per-message ClientApp process Flower
-starts is a forwarder to it (`clientapp_guard`), and the app bundle the
-aggregator submits can carry settings, never code. If the worker dies, the
+message in one long-lived process: the SuperNode hands each message to it
+and starts no ClientApp process, and the app bundle the aggregator submits
+can carry settings, never code (`clientapp_guard`). If the worker dies, the
 agent starts another. The SuperNode runs with quicker polling
 (`flower_compat.run_supernode_polling_often`). Its
 ledger (the site's privacy budget) lives in the state directory and must be
@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.privacy import signing
 from fedpriv.common.privacy.ledger import Ledger
 from fedpriv.common.privacy.records import LedgerEntry, PrivacyRecord
-from fedpriv.deploy import clientapp_guard, kit_checks, processes, site_worker
+from fedpriv.deploy import kit_checks, processes, site_worker
 from fedpriv.deploy.kit import CA_CERT, NODE_KEY, SiteKit, load_site_kit, require
 from fedpriv.deploy.kit import LEDGER_KEY as KIT_LEDGER_KEY
 from fedpriv.deploy.kit import PUBLIC_KEYS as KIT_PUBLIC_KEYS
@@ -50,10 +51,7 @@ SUPERNODE = (sys.executable, "-m", "fedpriv.deploy.supernode")
 DEFAULT_PORT = 9094
 GRACE_SECONDS = 30.0
 WORKER_DIR = "worker"
-# Flower's SuperExec looks for a new message to start a ClientApp for every second by default. The agent's
-# is woken by its SuperNode through TASK_WAKE (see `flower_compat.TASK_WAKE_ENV`) and polls only after a task.
-SUPEREXEC_POLL = "0.05"
-TASK_WAKE = "task-wake"
+RUNTIME_SECRET = "runtime-secret"
 ACTIVATION_RETRY_SECONDS = 10.0
 # The agent's status when its SuperNode fails. Flower's own codes (305: no connection, ...) are above 255,
 # which no process status can carry, so they are named in the agent's last line instead.
@@ -85,6 +83,10 @@ class Agent:
             kit_checks.check_public_keys(kit_dir / KIT_PUBLIC_KEYS)
         state = Path(state_dir).expanduser().resolve() if state_dir else kit_dir.parent / f"{kit.site}-state"
         return cls(kit_dir, kit, state)
+
+    @property
+    def runtime_secret_path(self) -> Path:
+        return self.state / FLWR_HOME / RUNTIME_SECRET
 
     @property
     def ledger_path(self) -> Path:
@@ -158,6 +160,12 @@ class Agent:
             str(port),
             "--node-config",
             format_node_config(node_config),
+            # The SuperNode answers each message through the resident worker: no SuperExec, no ClientApp process.
+            "--isolation",
+            "process",
+            # Nobody may take a task from its runtime API (it serves none; this secret is never handed out).
+            "--superexec-auth-secret-file",
+            str(self.runtime_secret_path),
         ]
         if insecure:
             command.append("--insecure")
@@ -203,18 +211,18 @@ class Agent:
     def _supervise(
         self, command: list[str], max_retries: int | None, log: Callable[[str], None], retry_seconds: float
     ) -> int:
+        self.runtime_secret_path.unlink(missing_ok=True)
+        fd = os.open(self.runtime_secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(secrets.token_hex(32))
         env = processes.flower_env(self.state / FLWR_HOME)
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL
-        env[flower_compat.TASK_WAKE_ENV] = str(self.state / FLWR_HOME / TASK_WAKE)
+        env[site_worker.WORKER_ENV] = str(self.state / WORKER_DIR)
         stop = processes.StopSignals()
         resident = site_worker.Resident(self.state / WORKER_DIR, env, log, self.kit.site).start()
         try:
             # The SuperNode connects while the worker loads the model runtime: a bad kit or address is told
             # in seconds, and a message that comes before the worker is ready waits for it.
             log(f"{self.kit.site}: the site worker loads the model runtime; messages wait for it")
-            # SuperExec starts `flwr-clientapp` by name: ours first, a forwarder to the resident worker.
-            guard = clientapp_guard.write_launcher(self.state / "bin", self.state / WORKER_DIR)
-            env["PATH"] = f"{guard}{os.pathsep}{env['PATH']}"
             return self._run_supernode(command, env, stop, max_retries, log, retry_seconds)
         finally:
             resident.stop(GRACE_SECONDS)
@@ -232,8 +240,7 @@ class Agent:
         attempt = 0
         while True:
             log(f"{self.kit.site}: connecting to {superlink}")
-            # Its own process group: the SuperNode starts SuperExec and a
-            # ClientApp process per message, and a stop must take them all.
+            # Its own process group: a stop takes the SuperNode and anything it started.
             process = stop.watch(
                 subprocess.Popen(
                     command,

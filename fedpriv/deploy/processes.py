@@ -32,7 +32,7 @@ FLOWER_SERVICES = frozenset(
     {"flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp"}
 )
 # fedpriv's own long-running processes beside them (`python -m <module>`), found the same way.
-FEDPRIV_SERVICES = frozenset({"fedpriv.deploy.supernode", "fedpriv.deploy.superexec", "fedpriv.deploy.site_worker"})
+FEDPRIV_SERVICES = frozenset({"fedpriv.deploy.supernode", "fedpriv.deploy.site_worker"})
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 

@@ -3,34 +3,34 @@
 Flower 1.39's SuperNode starts a fresh `flwr-clientapp` process for every
 message, and fedpriv's ClientApp needs torch, transformers and the site's
 model, features and budget: seconds of imports and loading per message,
-five messages a secure round. The agent instead runs this worker beside the
-SuperNode. The `flwr-clientapp` the SuperNode starts is a forwarder
-(`clientapp_guard.write_launcher`): a few lines of the standard library
-that hand their command line (the runtime API address and the task's
-token) to this worker over a Unix socket in the worker folder, which only
-the agent's user can enter (0700), with a secret the worker writes anew at
-each start. The worker then does what Flower's ClientApp process would
-(`flower_compat.run_clientapp_task`): it pulls the message, checks the app
-bundle, runs fedpriv's ClientApp in this process (its model and prepared
-data stay resident between messages, `client.runtime.WORKER`), and pushes
-the reply. The forwarder exits with the status Flower's process would have.
+several messages a secure round. The agent instead runs this worker beside
+the SuperNode, and its SuperNode (`fedpriv.deploy.supernode`) starts no
+ClientApp process: for each message it pulls, it checks the run's app
+bundle and hands the message and the run's context to this worker
+(`WorkerChannel`) over a Unix socket in the worker folder, which only the
+agent's user can enter (0700), with a secret the worker writes anew at each
+start. The worker runs fedpriv's ClientApp in this process (its model and
+prepared data stay resident between messages, `client.runtime.WORKER`) and
+sends back the reply and the context; the SuperNode stores them as
+Flower's ClientApp process would have, and pushes the reply.
 
 Nothing that must survive the worker lives only in it: the ledger is
 written before a release leaves, and the secure-aggregation session is in
 Flower's per-node context, which the SuperNode keeps. If the worker dies,
-the agent starts another; a message that comes while none listens is
-answered at once with an error naming why (the forwarder falls back to the
-guarded Flower process, which refuses the task). The worker listens before
-it loads the runtime, and the agent starts the SuperNode beside it: an agent
-with a bad kit or address fails in seconds, not after the imports, and a
-message that comes while the worker loads waits in the socket's queue.
+the agent starts another; a message that comes while none listens, or
+whose worker dies while answering it, is answered at once with an error
+naming why. The worker listens before it loads the runtime, and the agent
+starts the SuperNode beside it: an agent with a bad kit or address fails in
+seconds, not after the imports, and a message that comes while the worker
+loads waits in the socket's queue.
 
 The folder holds:
 
     socket     the Unix socket (0600)
     secret     this start's secret (0600); a connection without it is closed
     ready.json {"pid", "started"}: written once the ClientApp is imported and connections are answered
-    stats.json what this worker has answered: messages, failed, bytes received and sent, busy seconds
+    stats.json what this worker has answered: messages, failed, bytes received and sent (as serialised
+               protobuf), busy seconds
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from fedpriv.common.files import write_atomic
 from fedpriv.common.flower_app import CLIENT_APP
 
 SOCKET, SECRET, READY, STATS = "socket", "secret", "ready.json", "stats.json"
+WORKER_ENV = "FEDPRIV_SITE_WORKER"  # the worker folder, for the agent's SuperNode
 MAX_REQUEST = 1 << 16  # a command line, never more
 
 
@@ -102,102 +103,138 @@ class SiteWorker:
 
     def load(self) -> None:
         """fedpriv's ClientApp, with torch and transformers: the seconds a worker's start costs."""
-        from fedpriv.common.flower_compat import quicken_object_pulls
-
-        quicken_object_pulls()
         self.app = load_client_app()
 
     def serve(self, stop: threading.Event) -> None:
-        from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
-
         server = self.server
         server.settimeout(0.5)
         write_atomic(self.folder / READY, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
         print(f"fedpriv site worker: ready (pid {os.getpid()})", flush=True)
-
-        def check(content: bytes) -> None:
-            try:
-                check_fab(content)
-            except ForeignAppError as error:
-                print(f"fedpriv: {error}", file=sys.stderr, flush=True)
-                raise
-
         while not stop.is_set():
             try:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
-            threading.Thread(target=self._answer_and_close, args=(conn, check), daemon=True).start()
+            threading.Thread(target=self._answer_and_close, args=(conn,), daemon=True).start()
         server.close()
 
-    def _answer_and_close(self, conn: socket.socket, check) -> None:
+    def _answer_and_close(self, conn: socket.socket) -> None:
         with conn:
-            self._answer(conn, check)
+            self._answer(conn)
 
-    def _run_app(self, message, context):
-        assert self.app is not None, "serve() before load()"
-        with self.app_lock:
-            return self.app(message=message, context=context)
+    def _answer(self, conn: socket.socket) -> None:
+        from fedpriv.common import flower_compat
 
-    def _answer(self, conn: socket.socket, check) -> None:
-        from fedpriv.common.flower_compat import TaskOutcome, run_clientapp_task
-
-        conn.settimeout(10.0)  # the forwarder writes its one line at once
+        conn.settimeout(10.0)  # the SuperNode writes its request at once
+        stream = conn.makefile("rwb")
         try:
-            request = json.loads(_read_line(conn))
-            if not hmac.compare_digest(str(request.get("secret", "")), self.secret):
+            header = json.loads(stream.readline(MAX_REQUEST))
+            if not hmac.compare_digest(str(header.get("secret", "")), self.secret):
                 raise ValueError("wrong secret")
-            argv = _absolute_paths([str(a) for a in request["argv"]], str(request.get("cwd") or "."))
+            message_data, context_data = (_read_exactly(stream, int(header[k])) for k in ("message", "context"))
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f"fedpriv site worker: refused a connection ({error})", file=sys.stderr, flush=True)
             return
         conn.settimeout(None)
         started = time.monotonic()
+        message = flower_compat.message_from_wire(message_data)
+        context = flower_compat.context_from_wire(context_data)
+        assert self.app is not None, "serve() before load()"
         try:
-            outcome = run_clientapp_task(
-                argv,
-                self._run_app,
-                check,
-                on_error=lambda reason: print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True),
-            )
-        except (Exception, SystemExit) as error:  # a bad command line (argparse exits): that task fails, not us
-            print(f"fedpriv site worker: could not run the task ({error!r})", file=sys.stderr, flush=True)
-            outcome = TaskOutcome(code=1)
-        self._count(outcome, time.monotonic() - started)
-        with contextlib.suppress(OSError):  # a forwarder that went away needs no answer
-            conn.sendall(json.dumps({"exit": outcome.code}).encode() + b"\n")
+            with self.app_lock:  # one resident model: one message at a time
+                reply = self.app(message=message, context=context)
+        except Exception as error:  # the reply Flower's ClientApp process would send; the worker carries on
+            reason = f"{type(error)}:<'{error}'>"
+            print(f"fedpriv site worker: {reason}", file=sys.stderr, flush=True)
+            reply = flower_compat.error_reply(message, reason)
+        reply_data, context_data = flower_compat.message_to_wire(reply), flower_compat.context_to_wire(context)
+        self._count(len(message_data), len(reply_data), reply.has_error(), time.monotonic() - started)
+        with contextlib.suppress(OSError):  # a SuperNode that went away needs no answer
+            stream.write(json.dumps({"message": len(reply_data), "context": len(context_data)}).encode() + b"\n")
+            stream.write(reply_data)
+            stream.write(context_data)
+            stream.flush()
 
-    def _count(self, outcome, seconds: float) -> None:
+    def _count(self, received: int, sent: int, failed: bool, seconds: float) -> None:
         with self.stats_lock:
             stats = self.stats
             stats["messages"] += 1
-            stats["failed"] += int(outcome.code != 0)
-            stats["bytes-received"] += outcome.received
-            stats["bytes-sent"] += outcome.sent
+            stats["failed"] += int(failed)
+            stats["bytes-received"] += received
+            stats["bytes-sent"] += sent
             stats["busy-seconds"] = round(stats["busy-seconds"] + seconds, 3)
             with contextlib.suppress(Exception):  # counters for the operator; never a reason to fail a message
                 write_atomic(self.folder / STATS, json.dumps(stats) + "\n")
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
+def _read_exactly(stream: Any, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ValueError(f"the connection ended after {len(data)} of {size} bytes")
     return data
 
 
-def _absolute_paths(argv: list[str], cwd: str) -> list[str]:
-    """The forwarder's command line with its file arguments made absolute (the worker does not share its cwd)."""
-    out = list(argv)
-    for i, arg in enumerate(out[:-1]):
-        if arg in ("--root-certificates", "--token-file") and not os.path.isabs(out[i + 1]):
-            out[i + 1] = os.path.join(cwd, out[i + 1])
-    return out
+class WorkerChannel:
+    """The SuperNode's side: hands each message to the resident worker and returns its reply (`flower_compat.Answer`).
+
+    The app bundle is checked here (`clientapp_guard.check_fab`), before the
+    message goes anywhere. Whatever goes wrong (no worker listening, a worker
+    that dies mid-message) becomes an error reply naming why, at once: the
+    round carries on without this site, and the agent restarts the worker.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._checked: dict[bytes, str] = {}  # bundle -> "" (fedpriv's) or why it was refused
+
+    def __call__(self, message: Any, context: Any, bundle: bytes) -> tuple[Any, Any]:
+        from fedpriv.common import flower_compat
+        from fedpriv.deploy.clientapp_guard import WorkerUnavailable
+
+        refused = self._refusal(bundle)
+        if refused:
+            return flower_compat.error_reply(message, refused), None
+        try:
+            secret = (self.folder / SECRET).read_text(encoding="utf-8").strip()
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(self.folder / SOCKET))
+        except OSError as error:
+            why = f"the site worker is not running ({error.strerror or error}); its agent restarts it"
+            return self._unavailable(message, WorkerUnavailable(why)), None
+        message_data, context_data = flower_compat.message_to_wire(message), flower_compat.context_to_wire(context)
+        with conn:
+            stream = conn.makefile("rwb")
+            try:
+                header = {"secret": secret, "message": len(message_data), "context": len(context_data)}
+                stream.write(json.dumps(header).encode() + b"\n")
+                stream.write(message_data)
+                stream.write(context_data)
+                stream.flush()
+                answer = json.loads(stream.readline(MAX_REQUEST))
+                reply_data, context_data = (_read_exactly(stream, int(answer[k])) for k in ("message", "context"))
+            except (OSError, ValueError, KeyError, TypeError):
+                why = "the site worker stopped while it answered this message; its agent restarts it"
+                return self._unavailable(message, WorkerUnavailable(why)), None
+        return flower_compat.message_from_wire(reply_data), flower_compat.context_from_wire(context_data)
+
+    def _refusal(self, bundle: bytes) -> str:
+        from fedpriv.deploy.clientapp_guard import ForeignAppError, check_fab
+
+        if bundle not in self._checked:
+            try:
+                check_fab(bundle)
+                self._checked[bundle] = ""
+            except ForeignAppError as error:
+                print(f"fedpriv: {error}", file=sys.stderr, flush=True)  # the site's log; the reply carries it too
+                self._checked[bundle] = f"{type(error)}:<'{error}'>"
+        return self._checked[bundle]
+
+    @staticmethod
+    def _unavailable(message: Any, error: Exception) -> Any:
+        from fedpriv.common import flower_compat
+
+        print(f"fedpriv: refused a message: {error}", file=sys.stderr, flush=True)
+        return flower_compat.error_reply(message, f"{type(error)}:<'{error}'>")
 
 
 class Resident:
