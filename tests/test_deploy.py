@@ -449,6 +449,17 @@ def test_agent_killed_mid_round_the_round_completes_and_the_site_rejoins(fed):
     check_audit(fed, run_dir)
 
 
+def test_no_other_process_can_take_a_task_from_a_sites_supernode(fed):
+    """Flower still serves the SuperNode's runtime API; asking it for tasks needs the agent's secret."""
+    import httpx
+
+    fed.wait_online()
+    url = f"http://127.0.0.1:{fed.ports['site-a']}/v1/runtime/pull-pending-tasks"
+    headers = {"content-type": "application/protobuf", "accept": "application/protobuf"}
+    response = httpx.post(url, content=b"", headers=headers, timeout=30)
+    assert response.status_code == httpx.codes.UNAUTHORIZED, response.text
+
+
 @pytest.mark.slow
 def test_a_site_worker_killed_mid_message_is_restarted_and_the_run_completes(fed):
     fed.wait_online()
