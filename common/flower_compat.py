@@ -503,9 +503,7 @@ def message_from_wire(data: bytes) -> Any:
     from flwr.common.serde import message_from_proto
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
-    proto = ProtoMessage()
-    proto.ParseFromString(data)
-    return message_from_proto(proto)
+    return message_from_proto(_parsed(ProtoMessage, data))
 
 
 def context_to_wire(context: Any) -> bytes:
@@ -518,9 +516,13 @@ def context_from_wire(data: bytes) -> Any:
     from flwr.common.serde import context_from_proto
     from flwr.proto.message_pb2 import Context as ProtoContext
 
-    proto = ProtoContext()
+    return context_from_proto(_parsed(ProtoContext, data))
+
+
+def _parsed(proto_type: Any, data: bytes) -> Any:
+    proto = proto_type()
     proto.ParseFromString(data)
-    return context_from_proto(proto)
+    return proto
 
 
 def error_reply(message: Any, reason: str) -> Any:
